@@ -1,0 +1,4 @@
+"""bombkd I/O: datasets, frame sampling, video decoding, feature shards and loaders.
+
+Never imports bombkd_train.
+"""

@@ -1,0 +1,1 @@
+"""bombkd training: backbones, featurize, converters, the fusion head and the one trainer."""
