@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import typer
 
-from bombkd_train.cli import cache, data, train
+from bombkd_train.cli import cache, data, featurize, train
 
 app = typer.Typer(
     name="bombkd",
@@ -12,7 +12,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for group in (data, cache, train):
+for group in (data, featurize, cache, train):
     group.register(app)
 
 if __name__ == "__main__":
