@@ -1,0 +1,80 @@
+"""The frame-index rule and the epoch-order plan (bombkd_io.sampling)."""
+import numpy as np
+import pytest
+
+from bombkd_io.sampling import (batch_sizes, epoch_batches, sample_indices, shard_ranges,
+                                stream_samples)
+
+
+def test_uniform_indices_are_segment_centres():
+    assert sample_indices(32, 4).tolist() == [4, 12, 20, 28]
+    assert sample_indices(16, 16).tolist() == list(range(16))
+
+
+def test_short_clip_repeats_frames_in_order():
+    idx = sample_indices(5, 16)
+    assert len(idx) == 16 and idx.min() == 0 and idx.max() == 4
+    assert np.all(np.diff(idx) >= 0)
+    assert set(idx.tolist()) == set(range(5))
+
+
+@pytest.mark.parametrize("n,t", [(1, 16), (7, 3), (300, 16), (17, 16)])
+def test_indices_in_range_and_deterministic(n, t):
+    idx = sample_indices(n, t)
+    assert idx.dtype == np.int64 and idx.shape == (t,)
+    assert 0 <= idx.min() and idx.max() < n
+    assert np.array_equal(idx, sample_indices(n, t))
+
+
+@pytest.mark.parametrize("bad", [dict(num_frames=0, frames=4), dict(num_frames=4, frames=0),
+                                 dict(num_frames=4, frames=4, mode="random")])
+def test_bad_arguments_are_refused(bad):
+    with pytest.raises(ValueError):
+        sample_indices(**bad)
+
+
+def test_shards_hold_consecutive_samples():
+    assert shard_ranges(7, 3) == [range(0, 3), range(3, 6), range(6, 7)]
+
+
+def test_batch_sizes_fill_then_shrink():
+    assert batch_sizes(10, 4, 3) == [4, 4, 2]
+    assert batch_sizes(5, 4, 3) == [3, 1, 1]
+    assert sum(batch_sizes(9, 8, 5)) == 9
+
+
+def test_same_seed_same_batches_other_seed_other_order():
+    a = epoch_batches(3, 0, 50, 10, 8)
+    b = epoch_batches(3, 0, 50, 10, 8)
+    c = epoch_batches(4, 0, 50, 10, 8)
+    d = epoch_batches(3, 1, 50, 10, 8)
+    flat = lambda bs: np.concatenate(bs).tolist()
+    assert flat(a) == flat(b)
+    assert flat(a) != flat(c) and flat(a) != flat(d)
+    assert sorted(flat(a)) == list(range(50))
+
+
+@pytest.mark.parametrize("world,workers", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)])
+def test_ranks_and_workers_cover_every_sample_once_with_equal_steps(world, workers):
+    n, shard, batch = 97, 8, 5
+    per_rank = [epoch_batches(0, 2, n, shard, batch, rank=r, world_size=world,
+                              num_workers=workers) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1, "every rank takes the same number of steps"
+    seen = np.concatenate([np.concatenate(b) for b in per_rank])
+    assert sorted(seen.tolist()) == list(range(n))
+    assert all(1 <= len(x) <= batch for b in per_rank for x in b)
+
+
+def test_workers_interleave_round_robin():
+    # Each worker batches its own stream; batches alternate worker 0, worker 1, ...
+    batches = epoch_batches(0, 0, 40, 10, 5, num_workers=2)
+    w0 = stream_samples(0, 0, 40, 10, worker=0, num_workers=2)
+    w1 = stream_samples(0, 0, 40, 10, worker=1, num_workers=2)
+    assert batches[0].tolist() == w0[:5].tolist()
+    assert batches[1].tolist() == w1[:5].tolist()
+    assert batches[2].tolist() == w0[5:10].tolist()
+
+
+def test_too_few_shards_for_the_streams_is_a_clear_error():
+    with pytest.raises(ValueError, match="shard-size"):
+        epoch_batches(0, 0, 10, 10, 4, world_size=2)
