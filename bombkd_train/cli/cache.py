@@ -1,8 +1,88 @@
-"""Commands of this group (filled in by the issue that owns them)."""
+"""``bombkd inspect`` and ``bombkd import-cache``: look into and convert feature caches."""
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from bombkd_train.cli._common import fail, user_errors
+
+IMPORT_HELP = """Convert a TC-BombKD feature cache (polyspace.data.featurize) into a bombkd cache.
+
+SRC is a features_{dataset}_{split}.index.json (or a directory holding one), a single
+features_{dataset}_{split}.pkl, a directory of features_*_shard_*.pkl, or an npy_dir
+(student.npy, <teacher>.npy, labels.npy, paths.json; or per-sample .npz files). Records are
+{"student": [T, D], "<teacher>": [T, D] | "teachers": {...}, "label": int, "path": str}.
+See bombkd_io/shards/FORMAT.md. Pickle files run arbitrary code when loaded: they are read
+only with --trust-pickle."""
+
+
+def inspect(
+    root: Annotated[Path, typer.Argument(help="cache directory (holds *.index.json)")],
+    split: Annotated[Optional[str], typer.Option(
+        "--split", help="split; default: every split")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="dataset name, if several")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="re-hash every shard and decode every "
+                                         "sample; exit 2 naming any bad shard")] = False,
+) -> None:
+    """Summarise a feature cache: models, shapes, dtype, counts, bytes, failed videos."""
+    from bombkd_io.shards.manifest import MANIFEST_SUFFIX, load_manifest, summarize
+    from bombkd_io.shards.reader import verify_cache
+
+    with user_errors():
+        splits = [split] if split else _splits(root, MANIFEST_SUFFIX)
+        manifests = [load_manifest(root, s, dataset) for s in splits]
+    bad = []
+    for m in manifests:
+        typer.echo(summarize(m, root))
+        if verify:
+            problems = verify_cache(root, m)
+            bad += problems
+            typer.echo(f"  verify: {'ok' if not problems else f'{len(problems)} problem(s)'}")
+    if bad:
+        raise fail("bad shards:\n" + "\n".join(f"  {p}" for p in bad))
+
+
+def _splits(root: Path, suffix: str) -> list[str]:
+    """Every split with a manifest in ``root`` (``{dataset}-{split}.index.json``)."""
+    from bombkd_io.shards.manifest import load_manifest
+
+    found = sorted({p.name[:-len(suffix)].rsplit("-", 1)[-1] for p in root.glob(f"*-*{suffix}")})
+    if not found:
+        load_manifest(root, "<split>")  # raises the error listing what the directory holds
+    return found
+
+
+def import_cache(
+    src: Annotated[Path, typer.Argument(help="TC-BombKD index .json, .pkl, or directory")],
+    out: Annotated[Path, typer.Option("--out", help="bombkd cache directory to write")],
+    split: Annotated[Optional[str], typer.Option("--split", help="split name (default: from "
+                                                 "the index or file name)")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="dataset name (default: "
+                                                   "from the index or file name)")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", "--trust_pickle", help="allow "
+                                               "reading .pkl files; pickle can run arbitrary "
+                                               "code, use only on caches you trust")] = False,
+    shard_size: Annotated[int, typer.Option("--shard-size", "--shard_size",
+                                            help="samples per output shard")] = 1000,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16|float32 (default: "
+                                                 "the source's)")] = None,
+) -> None:
+    from bombkd_io.import_cache import import_tc_cache
+    from bombkd_io.shards.manifest import summarize
+
+    with user_errors():
+        manifest = import_tc_cache(src, out, split=split, dataset=dataset,
+                                   trust_pickle=trust_pickle, shard_size=shard_size, dtype=dtype)
+    typer.echo(summarize(manifest, out))
+
+
+import_cache.__doc__ = IMPORT_HELP
 
 
 def register(app: typer.Typer) -> None:
     """Add this group's commands to ``app``."""
+    app.command("inspect")(inspect)
+    app.command("import-cache", help=IMPORT_HELP)(import_cache)

@@ -1,0 +1,290 @@
+"""Cached mode: stream feature shards into training batches, in the order of ``epoch_batches``.
+
+Worker ``w`` of rank ``r`` reads the shards ``stream_shards`` gives it, permutes each shard with
+``shard_order`` and cuts its stream into ``batch_sizes`` batches, so the batches equal
+``bombkd_io.sampling.epoch_batches`` exactly (and so equal the video loader's). Batches are
+gathered in the worker into one byte buffer per model and sent in groups (the DataLoader runs
+with ``batch_size=None`` and only carries them); the loader casts them to float32 tensors.
+Memory is bounded by a shard or two per model, whatever the split's size.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from bombkd_io.errors import ConfigError, DatasetError
+from bombkd_io.sampling import batch_sizes, epoch_batches, shard_order, stream_shards
+from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
+from bombkd_io.shards.reader import ON_ERROR, ShardData, ShardError, SkipLog, read_shard
+
+_TORCH = {"float16": torch.float16, "float32": torch.float32}
+GROUP = 8  # batches per worker-to-loader transfer: amortises the DataLoader's per-item cost
+_GRAIN = 32768  # at::internal::GRAIN_SIZE: elements below which torch runs an op on one thread
+Piece = tuple[int, dict[str, ShardData], np.ndarray]  # (shard k, data per model, positions)
+
+
+def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values win; else torch.distributed's when it is initialised; else (0, 1)."""
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            rank = dist.get_rank() if rank is None else rank
+            world_size = dist.get_world_size() if world_size is None else world_size
+    return (0 if rank is None else rank), (1 if world_size is None else world_size)
+
+
+class CachedFeatureDataset(IterableDataset):
+    """Yields ready batches ``{"student": float32 [B,T',D], "label": int64 [B], "key": [str],
+    "index": int64 [B]}`` (+ one entry per teacher in ``models``) from a format-1 cache."""
+
+    def __init__(self, root, split: str, *, models: Sequence[str] = ("student",),
+                 batch_size: int = 8, seed: int = 0, dataset: str | None = None,
+                 rank: int | None = None, world_size: int | None = None,
+                 on_error: str = "raise"):
+        rank, world_size = _dist_rank_world(rank, world_size)
+        models = list(models)
+        problems = []
+        if batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            problems.append(f"rank {rank} is not in [0, world_size={world_size})")
+        if on_error not in ON_ERROR:
+            problems.append(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if "student" not in models or len(set(models)) != len(models):
+            problems.append(f"models must name 'student' (it carries keys and labels) once, "
+                            f"plus any teachers; got {models}")
+        if problems:
+            raise ConfigError(problems)
+        self.root, self.manifest = Path(root), load_manifest(root, split, dataset)
+        if not self.manifest.labels:
+            path = manifest_path(root, self.manifest.dataset, split)
+            raise DatasetError(f"{path}: Cached features do not contain labels; re-run "
+                               "`bombkd featurize` to write a cache with labels")
+        self.entries = {m: self.manifest.model(m) for m in models}
+        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.rank, self.world_size, self.on_error = rank, world_size, on_error
+        self.skips, self.worker = SkipLog(), 0  # samples left out this epoch (on_error="skip")
+        self.group = 0  # > 0: yield lists of `group` packed batches, the loader unpacks them
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.entries["student"].shards)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def check_streams(self, num_workers: int) -> None:
+        streams = self.world_size * max(1, num_workers)
+        if self.num_shards < streams:
+            raise ConfigError(
+                f"{self.root}: the cache has {self.num_shards} shard(s), too few for "
+                f"{self.world_size} rank(s) x {max(1, num_workers)} worker(s); use fewer "
+                "workers, or re-run featurize with a smaller --shard-size")
+
+    def plan(self, worker: int, num_workers: int) -> tuple[list[int], list[int]]:
+        """(shards this stream reads, in order; its batch sizes) — as ``epoch_batches`` plans."""
+        self.check_streams(num_workers)
+        counts = [s.count for s in self.entries["student"].shards]
+        split = dict(world_size=self.world_size, worker=worker, num_workers=num_workers)
+        streams = [stream_shards(self.seed, self.epoch, len(counts), rank=r, **split)
+                   for r in range(self.world_size)]
+        lengths = [sum(counts[k] for k in s) for s in streams]
+        steps = max(-(-n // self.batch_size) for n in lengths)  # the longest rank's count
+        return streams[self.rank], batch_sizes(lengths[self.rank], self.batch_size, steps)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        shards, sizes = self.plan(worker, num_workers)
+        self.skips, self.worker = SkipLog(), worker  # per epoch
+        stream = self._read(shards)              # (k, {model: ShardData}) per shard, in order
+        stream = self._permute(stream)           # (k, data, positions in shard_order)
+        batches = _cut(stream, sizes)            # [(k, data, positions), ...] per batch
+        packed = map(self._pack, batches)        # raw bytes per batch (None: all skipped)
+        if self.group:
+            return _groups(packed, self.group)   # lists of `group` packed batches
+        return (self.unpack(p) for p in packed if p is not None)  # batch dicts
+
+    def _read(self, shards: list[int]) -> Iterator[tuple[int, dict[str, ShardData]]]:
+        for k in shards:
+            data = {name: read_shard(self._url(entry.shards[k].name), entry.shards[k], entry,
+                                     labels=name == "student", on_error=self.on_error,
+                                     skips=self.skips)
+                    for name, entry in self.entries.items()}
+            _check_keys(data, {n: self._url(e.shards[k].name) for n, e in self.entries.items()})
+            yield k, data
+
+    def _permute(self, stream) -> Iterator[Piece]:
+        for k, data in stream:
+            size = len(data["student"].keys)
+            yield k, data, shard_order(self.seed, self.epoch, k, size)
+
+    def _url(self, name: str) -> str:
+        return str(self.root / name)
+
+    def _pack(self, pieces: list[Piece]) -> dict | None:
+        """One batch as raw bytes: each model's rows gathered into one buffer in the cache dtype.
+
+        Workers send this rather than tensors: a tensor crosses processes through a shared-memory
+        segment of its own (about a millisecond per batch here), bytes go through the pipe in one
+        pickle, half the size in fp16. ``unpack`` casts to float32 in the receiving process.
+        """
+        if self.on_error == "skip":
+            pieces = [(k, d, p[_present(d)[p]]) for k, d, p in pieces]
+        if sum(len(p) for _, _, p in pieces) == 0:
+            return None  # only with on_error="skip": every sample of the batch was skipped
+        size = self.manifest.shard_size
+        return {
+            "features": {name: b"".join(d[name].features[p].tobytes() for _, d, p in pieces)
+                         for name in self.entries},
+            "label": np.concatenate([d["student"].labels[p] for _, d, p in pieces]).tobytes(),
+            "index": np.concatenate([k * size + p for k, _, p in pieces]).tobytes(),
+            "key": [d["student"].keys[i] for _, d, p in pieces for i in p],
+            "skipped": (self.worker, self.skips.samples)}  # this worker's count so far
+
+    def unpack(self, packed: dict, pin_memory: bool = False) -> dict:
+        """The batch dict of a packed batch: features float32 ``[B, T', D]`` (pinned if asked)."""
+        b = len(packed["key"])
+        batch = {}
+        with warnings.catch_warnings():  # read-only bytes: copied at once, never written
+            warnings.simplefilter("ignore", UserWarning)
+            for name, entry in self.entries.items():
+                rows = torch.frombuffer(packed["features"][name], dtype=_TORCH[entry.dtype])
+                rows = rows.view(b, entry.tokens, entry.dim)  # [B, T', D]
+                out = torch.empty(rows.shape, dtype=torch.float32, pin_memory=pin_memory)
+                # Cast in slices under torch's parallel grain: a small cast handed to the
+                # intra-op thread pool costs far more in thread wake-ups than it saves (~100x
+                # on a busy 2-core machine).
+                step = max(1, _GRAIN // (entry.tokens * entry.dim))
+                for i in range(0, b, step):
+                    out[i:i + step].copy_(rows[i:i + step])
+                batch[name] = out
+            batch["label"] = torch.frombuffer(packed["label"], dtype=torch.int64).clone()
+            batch["index"] = torch.frombuffer(packed["index"], dtype=torch.int64).clone()
+        batch["key"] = packed["key"]
+        return batch
+
+
+def _groups(items: Iterator, size: int) -> Iterator[list]:
+    """Consecutive items in lists of ``size`` (the last may be shorter)."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
+def _present(data: dict[str, ShardData]) -> np.ndarray:
+    return np.logical_and.reduce([d.present for d in data.values()])
+
+
+def _check_keys(data: dict[str, ShardData], urls: dict[str, str]) -> None:
+    """Shard k of every model must hold the same keys in the same order."""
+    keys = data["student"].keys
+    for name, d in data.items():
+        for pos, (a, b) in enumerate(zip(keys, d.keys)):
+            if a is not None and b is not None and a != b:
+                raise ShardError(urls[name], f"sample {pos} has key {b!r} but the student "
+                                 f"shard {urls['student']} has {a!r}; the shard sets do not "
+                                 "line up", sample=b, fix="re-run `bombkd featurize` for "
+                                 f"{name}")
+
+
+def _cut(stream: Iterator[Piece], sizes: list[int]) -> Iterator[list[Piece]]:
+    """Cut the stream of permuted shards into batches of ``sizes`` (batches may span shards)."""
+    pieces, j = [], 0
+    need = sizes[0] if sizes else 0
+    for k, data, order in stream:
+        start = 0
+        while start < len(order):
+            take = min(need, len(order) - start)
+            pieces.append((k, data, order[start:start + take]))
+            start, need = start + take, need - take
+            if need == 0:
+                yield pieces
+                pieces, j = [], j + 1
+                if j == len(sizes):
+                    return
+                need = sizes[j]
+
+
+class CachedLoader:
+    """A DataLoader over ``CachedFeatureDataset`` with ``set_epoch`` and ``num_batches``."""
+
+    def __init__(self, dataset: CachedFeatureDataset, *, num_workers: int, pin_memory: bool):
+        dataset.check_streams(num_workers)
+        dataset.group = GROUP
+        self.dataset, self.num_workers = dataset, num_workers
+        self.manifest: Manifest = dataset.manifest
+        if pin_memory and not torch.cuda.is_available():
+            warnings.warn("pin_memory=True but CUDA is not available; not pinning", stacklevel=3)
+            pin_memory = False
+        self.unpack = functools.partial(dataset.unpack, pin_memory=pin_memory)
+        self._skipped: dict[int, int] = {}
+        # Batches are made whole in the workers; the DataLoader only carries them.
+        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                 prefetch_factor=2 if num_workers else None)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def num_batches(self, epoch: int | None = None) -> int:
+        d = self.dataset
+        return len(epoch_batches(d.seed, d.epoch if epoch is None else epoch, self.manifest.count,
+                                 self.manifest.shard_size, d.batch_size, rank=d.rank,
+                                 world_size=d.world_size, num_workers=self.num_workers))
+
+    def __len__(self) -> int:
+        return self.num_batches()
+
+    def __iter__(self) -> Iterator[dict]:
+        """Batches in ``epoch_batches`` order: batch j of each worker in turn.
+
+        Each worker sends its batches in groups of ``GROUP`` (one transfer per group), and the
+        DataLoader delivers the groups round-robin over the workers that still have batches;
+        group r of every worker holds batches [r*G, (r+1)*G) of its stream, so taking batch j
+        of each group in turn restores the one-batch round-robin order.
+        """
+        self._skipped = {}
+        workers = max(1, self.num_workers)
+        planned = [len(self.dataset.plan(w, workers)[1]) for w in range(workers)]
+        groups = iter(self.loader)
+        for r in range(-(-max(planned) // GROUP)):
+            round_ = [next(groups) for w in range(workers) if planned[w] > r * GROUP]
+            for j in range(GROUP):
+                for packed in (g[j] for g in round_ if j < len(g) and g[j] is not None):
+                    worker, count = packed["skipped"]
+                    self._skipped[worker] = count
+                    yield self.unpack(packed)  # bytes -> float32 tensors, in this process
+
+    @property
+    def skipped(self) -> int:
+        """Samples left out so far this epoch with ``on_error="skip"`` (all workers)."""
+        return sum(self._skipped.values())
+
+
+def make_cached_loader(root, split: str, *, models: Sequence[str] = ("student",),
+                       batch_size: int = 8, seed: int = 0, num_workers: int = 1,
+                       rank: int | None = None, world_size: int | None = None,
+                       pin_memory: bool | None = None, on_error: str = "raise",
+                       dataset: str | None = None) -> CachedLoader:
+    """The cached-mode loader: ``loader.set_epoch(e)``, then iterate batch dicts.
+
+    ``pin_memory`` defaults to ``torch.cuda.is_available()``; ``rank``/``world_size`` default to
+    torch.distributed's when it is initialised.
+    """
+    ds = CachedFeatureDataset(root, split, models=models, batch_size=batch_size, seed=seed,
+                              dataset=dataset, rank=rank, world_size=world_size,
+                              on_error=on_error)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    return CachedLoader(ds, num_workers=num_workers, pin_memory=pin_memory)

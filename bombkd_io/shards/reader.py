@@ -1,0 +1,354 @@
+"""Read shards back: a lean tar parser over any URL webdataset can open (the hot path).
+
+The mirror image of writer.py. ``webdataset.gopen`` opens the shard (local path, ``file:``,
+``pipe:``, ``http(s)`` through curl, ...); the tar stream is then parsed here, in big reads,
+without webdataset's per-sample dict pipeline.
+
+Stages (each a generator):
+  _Stream -> iter_members   yields (key, suffix, payload view) per tar member
+          -> iter_samples   yields (key, {suffix: payload view}) for consecutive members of a key
+          -> iter_shard     yields (key, {model: array, "cls": int, "json": dict}), decoded
+``read_shard`` (the cached loader's) reads a whole shard into one ``[N, T', D]`` array: with
+``tarfmt.read_regular`` in a few array operations when the shard is regular (as written by
+``ShardSetWriter``), by the member walk otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from bombkd_io.errors import FormatError, ShardError
+from bombkd_io.shards.codec import DTYPES, decode_tensor
+from bombkd_io.shards.manifest import ModelEntry, ShardEntry
+from bombkd_io.shards.tarfmt import BLOCK, padded, parse_header, read_regular, split_name
+
+CHUNK = 8 << 20  # bytes per read: big reads keep syscalls and Python calls per sample low
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass
+class SkipLog:
+    """What ``on_error="skip"`` left out: sample count and one line per problem."""
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def add(self, error: ShardError, samples: int) -> None:
+        self.samples += samples
+        self.problems.append(f"{error} ({samples} sample(s) skipped)")
+        warnings.warn(f"skipped {samples} sample(s): {error}", RuntimeWarning, stacklevel=3)
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+
+
+class _Stream:
+    """Big reads from a file object; ``take(n)`` returns a view of the next ``n`` bytes."""
+
+    def __init__(self, fileobj, shard: str, chunk: int = CHUNK):
+        self.file, self.shard, self.chunk = fileobj, shard, chunk
+        self.buf, self.pos, self.offset = memoryview(b""), 0, 0  # offset: of buf[0] in the file
+        self.member = ""  # name of the member being read, for errors
+
+    def error(self, reason: str) -> ShardError:
+        return ShardError(self.shard, reason, split_name(self.member)[0] if self.member else None)
+
+    def take(self, n: int) -> memoryview | None:
+        """The next ``n`` bytes; ``None`` at a clean end of file; ShardError if cut short."""
+        end = self.pos + n
+        if end > len(self.buf):
+            self._refill(n)
+            end = self.pos + n
+            if end > len(self.buf):
+                if self.pos == len(self.buf):
+                    return None
+                raise self.error(f"truncated at byte {self.offset + len(self.buf)}: {n} bytes "
+                                 f"wanted, {len(self.buf) - self.pos} left")
+        view = self.buf[self.pos:end]
+        self.pos = end
+        return view
+
+    def _refill(self, need: int) -> None:
+        rest = self.buf[self.pos:]
+        buf = bytearray(max(self.chunk, need))  # fresh buffer: views already handed out stay valid
+        buf[:len(rest)] = rest
+        filled = len(rest) + _read_into(self.file, memoryview(buf)[len(rest):])
+        self.offset += self.pos
+        self.buf, self.pos = memoryview(buf)[:filled], 0
+
+
+def _read_into(fileobj, view: memoryview) -> int:
+    got = 0
+    readinto = getattr(fileobj, "readinto", None)
+    while got < len(view):
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:  # webdataset's Pipe objects only have read()
+            data = fileobj.read(len(view) - got)
+            n = len(data)
+            view[got:got + n] = data
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _header(block: memoryview, stream: _Stream):
+    try:
+        return parse_header(bytes(block))
+    except ValueError as exc:
+        raise stream.error(f"corrupt tar header at byte {stream.offset + stream.pos - BLOCK} "
+                           f"({exc})") from exc
+
+
+def iter_members(fileobj, shard: str) -> Iterator[tuple[str, str, memoryview]]:
+    """Yields (key, suffix, payload) of each regular file member, in tar order.
+
+    ``KEY.a.b`` gives (``KEY``, ``a.b``); pax and GNU long names are followed.
+    """
+    stream, long_name = _Stream(fileobj, shard), None
+    while True:
+        block = stream.take(BLOCK)
+        head = None if block is None else _header(block, stream)
+        if head is None:
+            return
+        name, size, kind = head
+        stream.member = long_name or name
+        block = stream.take(padded(size)) if size else memoryview(b"")
+        if block is None:
+            raise stream.error(f"truncated: member {name} has no data")
+        if kind in (b"L", b"x"):  # GNU long name / pax header: names the next member
+            long_name = _long_name(bytes(block[:size]), kind) or long_name
+            continue
+        if kind in (b"0", b"\0", b"7"):  # not directories, links, global pax headers
+            long_name = None
+            yield *split_name(stream.member), block[:size]
+
+
+def _long_name(payload: bytes, kind: bytes) -> str | None:
+    if kind == b"L":
+        return payload.split(b"\0", 1)[0].decode("utf-8", "replace")
+    for record in payload.decode("utf-8", "replace").splitlines():
+        _, _, keyval = record.partition(" ")
+        if keyval.startswith("path="):
+            return keyval[5:]
+    return None
+
+
+def iter_samples(fileobj, shard: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
+    """Yields (key, {suffix: payload}) for each run of consecutive members sharing a key."""
+    key, fields = None, {}
+    for k, suffix, payload in iter_members(fileobj, shard):
+        if k != key:
+            if fields:
+                yield key, fields
+            key, fields = k, {}
+        if suffix in fields:
+            raise ShardError(shard, f"member {k}.{suffix} appears twice", key)
+        fields[suffix] = payload
+    if fields:
+        yield key, fields
+
+
+@contextlib.contextmanager
+def open_shard(url: str) -> Iterator:
+    """A shard opened through ``webdataset.gopen``; I/O errors become ShardError naming it."""
+    try:
+        with wds.gopen(str(url), "rb") as f:
+            yield f
+    except ShardError:
+        raise
+    except (OSError, ValueError) as exc:  # missing file, failing pipe, unknown URL scheme
+        raise ShardError(url, f"cannot read ({exc})") from exc
+
+
+def decode_sample(shard: str, key: str, fields: dict[str, memoryview]) -> dict:
+    """{model: array for each ``<model>.mp``, "cls": int, "json": dict} of one sample."""
+    out = {}
+    for suffix, payload in fields.items():
+        try:
+            if suffix.endswith(".mp"):
+                out[suffix[:-3]] = decode_tensor(payload, where=f"{shard} sample {key}")
+            elif suffix == "cls":
+                out["cls"] = int(bytes(payload).decode("ascii"))
+            elif suffix == "json":
+                out["json"] = json.loads(bytes(payload).decode("utf-8"))
+        except (FormatError, ValueError, UnicodeDecodeError) as exc:
+            raise ShardError(shard, f"member {key}.{suffix}: {exc}", key) from exc
+    return out
+
+
+def iter_shard(url: str, *, on_error: str = "raise",
+               skips: SkipLog | None = None) -> Iterator[tuple[str, dict]]:
+    """Yields (key, decoded sample) of every sample of one shard, in tar order.
+
+    ``on_error="skip"``: a bad sample is left out, a truncated or corrupt stream ends the shard;
+    each is counted in ``skips`` and warned about. ``"raise"``: ShardError naming shard + sample.
+    """
+    check_on_error(on_error)
+    skips = skips if skips is not None else SkipLog()
+    try:
+        with open_shard(url) as f:
+            for key, fields in iter_samples(f, str(url)):
+                try:
+                    yield key, decode_sample(str(url), key, fields)
+                except ShardError as exc:
+                    if on_error == "raise":
+                        raise
+                    skips.add(exc, 1)
+    except ShardError as exc:
+        if on_error == "raise":
+            raise
+        skips.add(exc, 0)
+
+
+@dataclass
+class ShardData:
+    """One shard of one model, decoded: rows in tar order (position p is sample k*S + p)."""
+    keys: list[str | None]    # None where a sample was skipped
+    features: np.ndarray      # [N, T', D] in the cache dtype
+    labels: np.ndarray | None  # int64 [N] (student set), -1 where skipped
+    present: np.ndarray       # bool [N]
+
+
+def read_shard(url: str, entry: ShardEntry, model: ModelEntry, *, labels: bool,
+               on_error: str = "raise", skips: SkipLog | None = None) -> ShardData:
+    """Read one shard whole into ``[count, T', D]`` (the hot path of the cached loader)."""
+    check_on_error(on_error)
+    skips = skips if skips is not None else SkipLog()
+    shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
+    try:
+        with open_shard(url) as f:
+            buf = np.empty(entry.bytes, np.uint8)  # the manifest's size: normally exact
+            filled = _read_into(f, memoryview(buf))
+            rest = f.read()
+    except ShardError as exc:
+        if on_error == "raise":
+            raise
+        skips.add(exc, entry.count)
+        return _empty(entry.count, shape, dtype, labels)
+    if filled == len(buf) and not rest:
+        fast = read_regular(buf, entry.count, member, shape, dtype, labels)
+        if fast is not None:
+            keys, features, cls = fast
+            return ShardData(keys, features, cls, np.ones(entry.count, bool))
+    stream = io.BytesIO(buf[:filled].tobytes() + rest)  # irregular: walk member by member
+    return _walk(stream, str(url), entry.count, member, _empty(entry.count, shape, dtype, labels),
+                 on_error, skips)
+
+
+def _empty(n: int, shape: tuple[int, int], dtype, labels: bool) -> ShardData:
+    return ShardData([None] * n, np.empty((n, *shape), dtype),
+                     np.full(n, -1, np.int64) if labels else None, np.zeros(n, bool))
+
+
+def _walk(stream, shard: str, n: int, member: str, data: ShardData, on_error: str,
+          skips: SkipLog) -> ShardData:
+    """Fill ``data`` sample by sample; errors name the sample (or are skipped and counted)."""
+    done, labels = 0, data.labels is not None
+    try:
+        for key, fields in iter_samples(stream, shard):
+            if done == n:
+                raise ShardError(shard, f"holds more than the {n} samples the manifest "
+                                 "lists", key)
+            try:
+                _fill(data, done, shard, key, fields, member, labels)
+            except ShardError as exc:
+                if on_error == "raise":
+                    raise
+                skips.add(exc, 1)
+            done += 1
+        if done < n:
+            raise ShardError(shard, f"holds {done} samples, the manifest lists {n} (truncated?)")
+    except ShardError as exc:
+        if on_error == "raise":
+            raise
+        skips.add(exc, n - done)
+    return data
+
+
+def _fill(data: ShardData, pos: int, shard: str, key: str, fields: dict, member: str,
+          labels: bool) -> None:
+    payload = fields.get(member)
+    if payload is None:
+        raise ShardError(shard, f"sample has no {member} member (has {sorted(fields)})", key)
+    try:
+        array = decode_tensor(payload, where=f"{shard} sample {key}")
+    except FormatError as exc:
+        raise ShardError(shard, str(exc), key) from exc
+    if array.shape != data.features.shape[1:] or array.dtype != data.features.dtype:
+        raise ShardError(shard, f"features {array.dtype}{list(array.shape)}; the manifest says "
+                         f"{data.features.dtype}{list(data.features.shape[1:])}", key)
+    if labels:
+        cls = fields.get("cls")
+        if cls is None:
+            raise ShardError(shard, "Cached features do not contain labels (no .cls member)",
+                             key, fix="re-run `bombkd featurize` to write them")
+        data.labels[pos] = int(bytes(cls))
+    data.features[pos] = array
+    data.keys[pos] = key
+    data.present[pos] = True
+
+
+def hash_file(url: str) -> tuple[int, str]:
+    """(bytes, sha256 hex) of a whole file, read in big chunks."""
+    digest, size = hashlib.sha256(), 0
+    with open_shard(url) as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def verify_shard(path: str, entry: ShardEntry, keys: list[str] | None = None) -> bool:
+    """True when ``path`` is exactly ``entry``: size, sha256 (when recorded), sample count and,
+    if given, the keys in order. For ``featurize --resume`` and ``bombkd inspect --verify``."""
+    try:
+        size, digest = hash_file(path)
+        if size != entry.bytes or (entry.sha256 and digest != entry.sha256):
+            return False
+        with open_shard(path) as f:
+            found = [key for key, _ in iter_samples(f, str(path))]
+    except (ShardError, OSError):
+        return False
+    return len(found) == entry.count and (keys is None or found == list(keys))
+
+
+def verify_cache(root, manifest, *, progress: bool = True) -> list[str]:
+    """Re-hash every shard and decode every sample; one line per problem (empty: all good).
+
+    Memory: one shard per model at a time.
+    """
+    root, problems = Path(root), []
+    student = manifest.models["student"]
+    for k in tqdm(range(len(student.shards)), desc="verify shards", unit="shard",
+                  disable=not progress):
+        keys = None
+        for name, model in manifest.models.items():
+            entry = model.shards[k]
+            path = str(root / entry.name)
+            try:
+                size, digest = hash_file(path)
+                if (size, digest) != (entry.bytes, entry.sha256):
+                    problems.append(f"{path}: {size} bytes, sha256 {digest[:12]}...; the "
+                                    f"manifest lists {entry.bytes} bytes, {entry.sha256[:12]}...")
+                data = read_shard(path, entry, model, labels=name == "student" and manifest.labels)
+            except ShardError as exc:
+                problems.append(str(exc))
+                continue
+            if keys is None:
+                keys = data.keys
+            elif data.keys != keys:
+                problems.append(f"{path}: keys do not line up with the student shard {k}")
+    return problems

@@ -1,0 +1,159 @@
+"""Write one model's shard set: ``{dataset}-{split}-{model}-{k:06d}.tar`` through webdataset.
+
+The mirror image of reader.py. Each shard goes to ``NAME.tmp`` and is renamed when complete, so
+a finished name is always a whole shard; its size and sha256 are taken while writing. Tar bytes
+are deterministic (fixed mtime, owner and mode): the same features give the same sha256.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from bombkd_io.errors import ConfigError, ShardError
+from bombkd_io.shards.codec import DTYPES, encode_tensor
+from bombkd_io.shards.manifest import NAME_RE, RESERVED_MODELS, ShardEntry
+
+TAR_NAME_MAX = 100  # ustar name field; longer member names would need a prefix split at "/"
+
+
+def shard_name(dataset: str, split: str, model: str, k: int) -> str:
+    return f"{dataset}-{split}-{model}-{k:06d}.tar"
+
+
+def check_key(key: str, model: str) -> None:
+    """Keys are ``[A-Za-z0-9_-]+`` (no dots: webdataset splits the member name at the first one)."""
+    if not isinstance(key, str) or not NAME_RE.match(key):
+        raise ShardError(model, f"sample key {key!r} must match {NAME_RE.pattern} (no dots)",
+                         fix="sanitise the key (bombkd_io.datasets.item_key does)")
+    if len(f"{key}.{model}.mp") > TAR_NAME_MAX:
+        raise ShardError(model, f"sample key {key!r} is too long for a tar member name "
+                                f"({TAR_NAME_MAX} characters with '.{model}.mp')",
+                         fix="use a shorter key")
+
+
+class _HashingFile:
+    """File wrapper that counts and hashes the bytes written through it."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "wb")
+        self.sha256, self.bytes = hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
+class ShardSetWriter:
+    """Streams one model's samples into shards of ``shard_size`` samples.
+
+    ``write(key, features, extra)``: ``features`` ``[T', D]`` is cast to ``dtype``; ``extra`` for
+    the student set is ``{"cls": int, "json": {...}}``. ``close()`` returns the finished
+    ``ShardEntry`` list for the manifest. ``start_shard`` continues a set (``--resume``).
+    """
+
+    def __init__(self, root, dataset: str, split: str, model: str, shard_size: int,
+                 dtype: str = "float16", *, start_shard: int = 0):
+        problems = []
+        if not NAME_RE.match(model) or model in RESERVED_MODELS:
+            problems.append(f"model name {model!r} must match {NAME_RE.pattern} and not be one "
+                            f"of {RESERVED_MODELS}")
+        if dtype not in DTYPES:
+            problems.append(f"dtype {dtype!r} must be one of {sorted(DTYPES)}")
+        if shard_size < 1:
+            problems.append(f"shard_size must be >= 1, got {shard_size}")
+        if problems:
+            raise ConfigError(problems)
+        self.root, self.model, self.shard_size, self.dtype = Path(root), model, shard_size, dtype
+        self.prefix = (dataset, split)
+        self.shape: tuple[int, ...] | None = None
+        self.entries: list[ShardEntry] = []
+        self._next, self._tar, self._file, self._count = start_shard, None, None, 0
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write(self, key: str, features, extra: dict | None = None) -> None:
+        check_key(key, self.model)
+        source = np.asarray(features)
+        with np.errstate(over="ignore"):  # overflow is checked just below, naming the sample
+            array = source.astype(DTYPES[self.dtype], copy=False)
+        if array.dtype != source.dtype and not np.isfinite(array).all() \
+                and np.isfinite(source).all():
+            raise ShardError(self._path(self._next), f"features overflow {self.dtype} (largest "
+                             f"magnitude {np.abs(source).max():.3g})", sample=key,
+                             fix="store float32 features (featurize without --fp16)")
+        if self.shape is None:
+            self.shape = array.shape
+        elif array.shape != self.shape:
+            raise ShardError(self._path(self._next), f"features of shape {array.shape}; this "
+                             f"set holds {self.shape}", sample=key, fix="check the backbone")
+        sample = {"__key__": key, f"{self.model}.mp": encode_tensor(array)}
+        for name, value in (extra or {}).items():
+            sample[name] = _encode_extra(name, value)
+        if self._tar is None:
+            self._open()
+        self._tar.write(sample)
+        self._count += 1
+        if self._count == self.shard_size:
+            self._finish()
+
+    def close(self) -> list[ShardEntry]:
+        """Finish the last (partial) shard; the entries of every shard this writer made."""
+        if self._tar is not None:
+            self._finish()
+        return list(self.entries)
+
+    def abort(self) -> None:
+        """Drop the shard being written (its temp file); finished shards stay."""
+        if self._tar is not None:
+            self._tar.close()
+            self._file.close()
+            os.unlink(self._tmp)
+            self._tar = None
+
+    def __enter__(self) -> ShardSetWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _path(self, k: int) -> Path:
+        return self.root / shard_name(*self.prefix, self.model, k)
+
+    def _open(self) -> None:
+        self._tmp = self._path(self._next).with_suffix(".tar.tmp")
+        self._file = _HashingFile(self._tmp)
+        # mtime/owner/mode fixed so identical features give identical bytes (and sha256).
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0, user="bombkd",
+                                  group="bombkd", mode=0o444)
+        self._count = 0
+
+    def _finish(self) -> None:
+        self._tar.close()
+        self._file.close()
+        path = self._path(self._next)
+        os.replace(self._tmp, path)
+        self.entries.append(ShardEntry(path.name, self._count, self._file.bytes,
+                                       self._file.sha256.hexdigest()))
+        self._tar, self._next = None, self._next + 1
+
+
+def _encode_extra(name: str, value) -> bytes:
+    if name == "cls":
+        return str(int(value)).encode("ascii")
+    if name == "json":
+        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    raise ShardError(name, f"unknown extra member {name!r}; a sample carries 'cls' and 'json'",
+                     fix="pass extra={'cls': label, 'json': {...}}")

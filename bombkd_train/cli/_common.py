@@ -1,0 +1,31 @@
+"""What every command does with a bad input: one line on stderr and exit code 2."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+
+import typer
+
+from bombkd_io.errors import BombkdError
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> typer.Exit:
+    """Print ``error: <message>`` to stderr and return the Exit to raise (``raise fail(...)``)."""
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(code=EXIT_BAD_INPUT)
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn a ``BombkdError`` raised inside the block into ``error: <message>`` and exit code 2.
+
+    Use as ``with user_errors(): library_call(...)`` in a command body; other exceptions (bugs)
+    keep their traceback.
+    """
+    try:
+        yield
+    except BombkdError as exc:
+        raise fail(str(exc)) from exc

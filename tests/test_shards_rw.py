@@ -1,0 +1,383 @@
+"""Shard writer, reader and manifest: mirror images; the committed golden cache stays readable."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import webdataset as wds
+
+from bombkd_io.errors import ConfigError, DatasetError, FormatError, ShardError
+from bombkd_io.shards.codec import decode_tensor
+from bombkd_io.shards.manifest import (Manifest, ModelEntry, load_manifest, manifest_path,
+                                       read_manifest, save_manifest)
+from bombkd_io.shards.reader import SkipLog, iter_shard, read_shard, verify_cache, verify_shard
+from bombkd_io.shards.tarfmt import read_regular
+from bombkd_io.shards.writer import ShardSetWriter
+
+GOLDEN = Path(__file__).parent / "assets" / "golden"
+GOLDEN_KEYS = ["000000_v_jump_g01_c01", "000001_v_run_g01_c01", "000002_v_jump_g02_c01"]
+
+
+def golden_student(i: int) -> np.ndarray:
+    return ((np.arange(8, dtype=np.float32).reshape(2, 4) - 3) * 0.5 + i).astype(np.float16)
+
+
+def golden_teacher(i: int) -> np.ndarray:
+    return (np.array([[-1, -0.5, 0, 0.25, 1, 2]], np.float32) * (i + 1)).astype(np.float16)
+
+
+def write_set(root, n=5, shard_size=2, model="student", dtype="float16", shape=(3, 4)):
+    w = ShardSetWriter(root, "ds", "train", model, shard_size, dtype)
+    for i in range(n):
+        extra = {"cls": i % 3, "json": {"path": f"v{i}.avi"}} if model == "student" else None
+        w.write(f"{i:06d}_v{i}", np.full(shape, i, np.float32) + np.arange(shape[-1]), extra)
+    return w.close()
+
+
+# ---- golden ------------------------------------------------------------------------------------
+
+def test_golden_manifest_and_committed_bytes():
+    m = load_manifest(GOLDEN, "train")
+    assert (m.dataset, m.count, m.shard_size, m.classes) == ("golden", 3, 2, ["jump", "run"])
+    assert list(m.models) == ["student", "videomae"]
+    assert (m.models["student"].tokens, m.models["student"].dim) == (2, 4)
+    assert m.failed == [{"path": "videos/v_run_g02_c01.avi", "reason": "no decodable frame"}]
+    for model in m.models.values():
+        for s in model.shards:
+            data = (GOLDEN / s.name).read_bytes()
+            assert len(data) == s.bytes and hashlib.sha256(data).hexdigest() == s.sha256
+
+
+def test_golden_tar_member_names_and_values():
+    with tarfile.open(GOLDEN / "golden-train-student-000000.tar") as tar:
+        assert tar.getnames() == [f"{k}.{s}" for k in GOLDEN_KEYS[:2]
+                                  for s in ("cls", "json", "student.mp")]
+        assert tar.extractfile("000001_v_run_g01_c01.cls").read() == b"1"
+    samples = [s for k in (0, 1) for s in iter_shard(GOLDEN / f"golden-train-student-00000{k}.tar")]
+    assert [k for k, _ in samples] == GOLDEN_KEYS
+    for i, (_, sample) in enumerate(samples):
+        np.testing.assert_array_equal(sample["student"], golden_student(i))
+        assert sample["cls"] == [0, 1, 0][i]
+        assert sample["json"]["frame_indices"] == [0, 2, 4, 6]
+    teacher = [s["videomae"] for k in (0, 1)
+               for _, s in iter_shard(GOLDEN / f"golden-train-videomae-00000{k}.tar")]
+    for i, t in enumerate(teacher):
+        np.testing.assert_array_equal(t, golden_teacher(i))
+
+
+def test_writer_still_reproduces_the_golden_bytes(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    try:
+        from make_golden import make_golden
+    finally:
+        sys.path.pop(0)
+    make_golden(tmp_path)
+    for f in GOLDEN.iterdir():
+        assert (tmp_path / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_golden_reads_with_webdataset():
+    urls = [str(GOLDEN / f"golden-train-student-00000{k}.tar") for k in (0, 1)]
+    samples = list(wds.WebDataset(urls, shardshuffle=False))
+    assert [s["__key__"] for s in samples] == GOLDEN_KEYS
+    for i, s in enumerate(samples):
+        np.testing.assert_array_equal(decode_tensor(s["student.mp"]), golden_student(i))
+        assert int(s["cls"]) == [0, 1, 0][i]
+
+
+# ---- writer --------------------------------------------------------------------------------------
+
+def test_writer_shards_counts_hashes(tmp_path):
+    entries = write_set(tmp_path, n=5, shard_size=2)
+    assert [e.name for e in entries] == [f"ds-train-student-00000{k}.tar" for k in range(3)]
+    assert [e.count for e in entries] == [2, 2, 1]
+    for e in entries:
+        data = (tmp_path / e.name).read_bytes()
+        assert (len(data), hashlib.sha256(data).hexdigest()) == (e.bytes, e.sha256)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_writer_is_deterministic(tmp_path):
+    a, b = write_set(tmp_path / "a"), write_set(tmp_path / "b")
+    assert [e.sha256 for e in a] == [e.sha256 for e in b]
+
+
+def test_writer_casts_to_the_set_dtype(tmp_path):
+    (e,) = write_set(tmp_path, n=1, dtype="float32", model="videomae")
+    ((_, sample),) = iter_shard(tmp_path / e.name)
+    assert sample["videomae"].dtype == np.float32
+
+
+@pytest.mark.parametrize("key", ["a.b", "dir/key", "", "k y", "x" * 95])
+def test_writer_refuses_bad_keys(tmp_path, key):
+    w = ShardSetWriter(tmp_path, "ds", "train", "student", 2)
+    with pytest.raises(ShardError, match="key"):
+        w.write(key, np.zeros((1, 2)), {"cls": 0, "json": {}})
+
+
+def test_writer_refuses_shape_change_and_bad_config(tmp_path):
+    with ShardSetWriter(tmp_path, "ds", "train", "student", 2) as w:
+        w.write("a", np.zeros((1, 2)))
+        with pytest.raises(ShardError, match=r"shape \(1, 3\)"):
+            w.write("b", np.zeros((1, 3)))
+    with pytest.raises(ConfigError) as info:
+        ShardSetWriter(tmp_path, "ds", "train", "bad.name", 0, "float64")
+    assert len(info.value.problems) == 3
+
+
+def test_writer_refuses_fp16_overflow(tmp_path):
+    with ShardSetWriter(tmp_path, "ds", "train", "student", 2) as w:
+        with pytest.raises(ShardError, match="overflow float16.*float32"):
+            w.write("a", np.full((1, 2), 1e6, np.float32))
+
+
+def test_abort_leaves_no_partial_shard(tmp_path):
+    with pytest.raises(RuntimeError):
+        with ShardSetWriter(tmp_path, "ds", "train", "student", 2) as w:
+            for i in range(3):
+                w.write(f"k{i}", np.zeros((1, 2)))
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds-train-student-000000.tar"]
+
+
+# ---- reader ------------------------------------------------------------------------------------
+
+def model_entry(entries, model="student", shape=(3, 4), dtype="float16"):
+    return ModelEntry(model, "tiny", shape[1], shape[0], 4, 32, "time", dtype, entries)
+
+
+def test_read_shard_and_urls(tmp_path):
+    entries = write_set(tmp_path, n=3, shard_size=3)
+    path = tmp_path / entries[0].name
+    for url in (str(path), f"file:{path}", f"pipe:cat {path}"):
+        data = read_shard(url, entries[0], model_entry(entries), labels=True)
+        assert data.keys == ["000000_v0", "000001_v1", "000002_v2"]
+        assert data.labels.tolist() == [0, 1, 2] and data.present.all()
+        np.testing.assert_array_equal(data.features[:, 0, :], [np.arange(4) + i for i in range(3)])
+
+
+def test_reader_handles_pax_and_long_names(tmp_path):
+    """Tars from other writers (pax headers, names > 100 chars) still read."""
+    path, key = tmp_path / "pax.tar", "k" * 120
+    payload = msgpack.packb({"dtype": "float16", "shape": [1], "data": b"\x00\x3c"})
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo(f"{key}.student.mp")
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+    ((k, sample),) = iter_shard(path)
+    assert k == key and sample["student"].tolist() == [1.0]
+
+
+def corrupt(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset:offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+def test_truncated_shard_names_shard_and_sample(tmp_path):
+    (e,) = write_set(tmp_path, n=3, shard_size=3)
+    path = tmp_path / e.name
+    path.write_bytes(path.read_bytes()[:4000])
+    with pytest.raises(ShardError, match="truncated") as info:
+        read_shard(str(path), e, model_entry([e]), labels=True)
+    assert info.value.shard == str(path) and info.value.sample is not None
+
+
+def test_corrupt_member_and_header(tmp_path):
+    (e,) = write_set(tmp_path, n=3, shard_size=3)
+    path = tmp_path / e.name
+    good = path.read_bytes()
+    # payload of the first sample's .student.mp member: header at 2048, data at 2560
+    corrupt(path, 2560, b"\xc1\xc1")
+    with pytest.raises(ShardError, match="msgpack") as info:
+        read_shard(str(path), e, model_entry([e]), labels=True)
+    assert info.value.sample == "000000_v0"
+    path.write_bytes(good)
+    corrupt(path, 0, b"X")  # first header's name: checksum no longer matches
+    with pytest.raises(ShardError, match="checksum"):
+        read_shard(str(path), e, model_entry([e]), labels=True)
+
+
+def test_skip_counts_and_warns(tmp_path):
+    (e,) = write_set(tmp_path, n=3, shard_size=3)
+    path = tmp_path / e.name
+    corrupt(path, 2560, b"\xc1\xc1")
+    skips = SkipLog()
+    with pytest.warns(RuntimeWarning, match="skipped 1 sample"):
+        data = read_shard(str(path), e, model_entry([e]), labels=True, on_error="skip",
+                          skips=skips)
+    assert data.present.tolist() == [False, True, True] and skips.samples == 1
+    path.write_bytes(path.read_bytes()[:4000])  # truncated in sample 1: 2 lost
+    with pytest.warns(RuntimeWarning):
+        data = read_shard(str(path), e, model_entry([e]), labels=True, on_error="skip",
+                          skips=skips)
+    # the stream ends inside sample 1, before sample 0 is complete: both lost, and sample 2
+    assert data.present.tolist() == [False, False, False] and skips.samples == 4
+    assert len(skips.problems) == 2 and "000001_v1" in skips.problems[1]
+
+
+def test_missing_labels_and_count_mismatch(tmp_path):
+    (e,) = write_set(tmp_path, n=2, shard_size=2, model="videomae")
+    with pytest.raises(ShardError, match="Cached features do not contain labels"):
+        read_shard(str(tmp_path / e.name), e, model_entry([e], "videomae"), labels=True)
+    wrong = type(e)(e.name, 3, e.bytes, e.sha256)
+    with pytest.raises(ShardError, match="holds 2 samples, the manifest lists 3"):
+        read_shard(str(tmp_path / e.name), wrong, model_entry([wrong], "videomae"), labels=False)
+
+
+def test_verify_shard(tmp_path):
+    (e,) = write_set(tmp_path, n=2, shard_size=2)
+    path = str(tmp_path / e.name)
+    assert verify_shard(path, e) and verify_shard(path, e, keys=["000000_v0", "000001_v1"])
+    assert not verify_shard(path, e, keys=["x", "y"])
+    assert not verify_shard(path, type(e)(e.name, 3, e.bytes, e.sha256))
+    assert verify_shard(path, type(e)(e.name, 2, e.bytes, ""))  # sha256 not recorded yet
+    assert not verify_shard(str(tmp_path / "missing.tar"), e)
+    corrupt(tmp_path / e.name, 2600, b"\x01")
+    assert not verify_shard(path, e)
+
+
+# ---- manifest ----------------------------------------------------------------------------------
+
+def copy_golden(tmp_path) -> Path:
+    root = tmp_path / "golden"
+    shutil.copytree(GOLDEN, root)
+    return root
+
+
+def test_manifest_round_trip_and_atomic_write(tmp_path):
+    m = load_manifest(GOLDEN, "train")
+    path = save_manifest(m, tmp_path)
+    assert path == manifest_path(tmp_path, "golden", "train")
+    assert read_manifest(path) == m and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("format", "webdataset", "expected 'bombkd-features'"),
+    ("version", 2, "expected version 1"),
+    ("count", 4, "do not split count=4"),
+])
+def test_manifest_refuses_other_format_version_and_inconsistency(tmp_path, field, value, message):
+    root = copy_golden(tmp_path)
+    path = root / "golden-train.index.json"
+    data = json.loads(path.read_text())
+    data[field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=message) as info:
+        load_manifest(root, "train")
+    assert str(path) in str(info.value)
+
+
+def test_missing_manifest_lists_the_directory(tmp_path):
+    (tmp_path / "features_ucf101_train.index.json").write_text("{}")
+    with pytest.raises(DatasetError) as info:
+        load_manifest(tmp_path, "train")
+    message = str(info.value)
+    assert "features_ucf101_train.index.json" in message and "bombkd import-cache" in message
+    with pytest.raises(DatasetError, match="no such cache directory"):
+        load_manifest(tmp_path / "nope", "train")
+
+
+def test_model_lookup_lists_available():
+    m = load_manifest(GOLDEN, "train")
+    with pytest.raises(DatasetError, match=r"'vivit'.*\['student', 'videomae'\]"):
+        m.model("vivit")
+
+
+def test_verify_cache_names_the_bad_shard(tmp_path):
+    root = copy_golden(tmp_path)
+    m = load_manifest(root, "train")
+    assert verify_cache(root, m, progress=False) == []
+    corrupt(root / "golden-train-videomae-000001.tar", 600, b"\xff")
+    problems = verify_cache(root, m, progress=False)
+    assert problems and all("golden-train-videomae-000001.tar" in p for p in problems)
+
+
+def test_save_refuses_inconsistent_manifest(tmp_path):
+    m = Manifest("ds", "train", [], 2, {"student": model_entry([], shape=(1, 2))}, 1)
+    with pytest.raises(FormatError, match="inconsistent"):
+        save_manifest(m, tmp_path)
+
+
+# ---- the vectorised path for regular shards ----------------------------------------------------
+
+def read_both(path: Path, entry, model):
+    """read_shard (fast path when regular) and the member walk, for comparison."""
+    data = read_shard(str(path), entry, model, labels=True)
+    walked = [(k, s) for k, s in iter_shard(str(path))]
+    return data, walked
+
+
+def test_regular_path_equals_member_walk(tmp_path):
+    w = ShardSetWriter(tmp_path, "ds", "train", "student", 10)
+    labels = [0, 7, 123, 45, 9, 1000, 3, 0, 12, 5]
+    for i, label in enumerate(labels):
+        w.write(f"{i:06d}_{'x' * i}", np.full((3, 4), i * 0.5), {"cls": label, "json": {"i": i}})
+    (e,) = w.close()
+    buf = np.frombuffer(bytearray((tmp_path / e.name).read_bytes()), np.uint8)
+    fast = read_regular(buf, 10, "student.mp", (3, 4), np.dtype("<f2"), True)
+    assert fast is not None  # what the writer makes is regular
+    data, walked = read_both(tmp_path / e.name, e, model_entry([e]))
+    assert fast[0] == data.keys == [k for k, _ in walked]
+    assert fast[2].tolist() == data.labels.tolist() == labels
+    np.testing.assert_array_equal(data.features, np.stack([s["student"] for _, s in walked]))
+
+
+def test_irregular_shard_falls_back_to_the_walk(tmp_path):
+    w = ShardSetWriter(tmp_path, "ds", "train", "student", 4)
+    for i in range(4):  # sample 2's json needs two tar blocks
+        path = "x" * (600 if i == 2 else 1)
+        w.write(f"k{i}", np.full((3, 4), i), {"cls": i, "json": {"p": path}})
+    (e,) = w.close()
+    buf = np.frombuffer(bytearray((tmp_path / e.name).read_bytes()), np.uint8)
+    assert read_regular(buf, 4, "student.mp", (3, 4), np.dtype("<f2"), True) is None
+    data = read_shard(str(tmp_path / e.name), e, model_entry([e]), labels=True)
+    assert data.keys == ["k0", "k1", "k2", "k3"] and data.labels.tolist() == [0, 1, 2, 3]
+    assert data.features[:, 0, 0].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("offset, data, message", [
+    (3 * 3072 + 2048 + 10, b"Z", "checksum"),          # sample 3's .mp header name
+    (3 * 3072 + 2560 + 22, b"\x05", "needs"),           # sample 3's shape: [3, 5]
+    (3 * 3072 + 2560 + 1, b"\xa6", "msgpack"),          # sample 3's map key length
+])
+def test_damage_after_the_first_sample_is_found(tmp_path, offset, data, message):
+    (e,) = write_set(tmp_path, n=5, shard_size=5)
+    corrupt(tmp_path / e.name, offset, data)
+    with pytest.raises(ShardError, match=message) as info:
+        read_shard(str(tmp_path / e.name), e, model_entry([e]), labels=True)
+    assert info.value.sample == "000003_v3"
+
+
+def test_more_samples_than_the_manifest_lists(tmp_path):
+    (e,) = write_set(tmp_path, n=3, shard_size=3)
+    fewer = type(e)(e.name, 2, e.bytes, e.sha256)
+    with pytest.raises(ShardError, match="more than the 2 samples"):
+        read_shard(str(tmp_path / e.name), fewer, model_entry([fewer]), labels=True)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="webdataset reads http through curl")
+def test_read_over_http(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    entries = write_set(tmp_path, n=3, shard_size=3)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{entries[0].name}"
+        data = read_shard(url, entries[0], model_entry(entries), labels=True)
+        assert data.keys == ["000000_v0", "000001_v1", "000002_v2"]
+        assert [k for k, _ in iter_shard(url)] == data.keys
+    finally:
+        server.shutdown()
