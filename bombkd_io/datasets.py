@@ -1,0 +1,187 @@
+"""Dataset indexers: a root and a split -> ``VideoIndex`` (items in split-file order).
+
+- ``ucf101``: ``root/<Class>/<video>`` +
+  ``root/ucfTrainTestlist/{classInd,trainlist0N,testlist0N}.txt``
+  (also found as ``root/../ucfTrainTestlist`` or ``root/splits``); ids are classInd.txt order - 1.
+- ``hmdb51``: ``root/<class>/<video>`` + ``<class>_test_split<N>.txt`` files (``1`` train,
+  ``2`` test, ``0`` unused) in ``root/testTrainMulti_7030_splits`` (or ``root/splits``, ``root``).
+- ``folder``: ``root/<split>/<class>/<video>``, or ``root/<class>/<video>`` with no split dirs
+  (then every split is the whole folder); ids are sorted class names.
+- ``csv`` / ``jsonl``: a manifest file with ``path,label[,split]``; relative paths resolve
+  against the manifest's directory; labels may be names or integers.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from bombkd_io.errors import DatasetError
+
+DATASETS = ("ucf101", "hmdb51", "folder", "csv", "jsonl")
+VIDEO_EXTS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv")
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    path: str          # absolute path
+    label: int         # class id, stable
+    class_name: str
+
+
+@dataclass
+class VideoIndex:
+    dataset: str
+    split: str
+    root: str
+    classes: list[str]          # id -> name
+    items: list[VideoItem]      # in split-file order: the "index order" of the cache
+
+
+def parse_split(split: str) -> tuple[str, int]:
+    """"train" -> ("train", 1); "test3" -> ("test", 3). Other names (folder splits) -> fold 0."""
+    match = re.fullmatch(r"(train|test)([123]?)", split)
+    if not match:
+        return split, 0
+    return match.group(1), int(match.group(2) or 1)
+
+
+def item_key(index: int, item: VideoItem) -> str:
+    """A sample key: ``{index:06d}_{stem}``, only ``[A-Za-z0-9_-]`` (no dots: tar member names)."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(item.path).stem).strip("_") or "video"
+    return f"{index:06d}_{stem}"
+
+
+def _find(root: Path, candidates: list[str], what: str) -> Path:
+    for rel in candidates:
+        if (root / rel).exists():
+            return root / rel
+    raise DatasetError(f"{root}: no {what} (looked for {', '.join(candidates)}); "
+                       "pass the dataset root that holds the official split files")
+
+
+def _video(root: Path, rel: str, list_file: Path) -> Path:
+    path = root / rel
+    if not path.is_file():
+        raise DatasetError(f"{list_file}: names {rel}, but {path} does not exist; "
+                           "check --root or re-download the dataset")
+    return path.absolute()
+
+
+def index_ucf101(root: Path, split: str) -> VideoIndex:
+    part, fold = parse_split(split)
+    if fold == 0:
+        raise DatasetError(f"ucf101: unknown split {split!r}; use train/test, train2/test2, "
+                           "train3/test3")
+    lists = _find(root, ["ucfTrainTestlist", "../ucfTrainTestlist", "splits"], "ucfTrainTestlist")
+    class_ind = lists / "classInd.txt"
+    classes = [line.split()[1] for line in _lines(class_ind)]
+    list_file = lists / f"{part}list0{fold}.txt"
+    items = []
+    for line in _lines(list_file):
+        rel = line.split()[0]
+        name = rel.replace("\\", "/").split("/")[0]
+        if name not in classes:
+            raise DatasetError(f"{list_file}: class {name!r} of {rel} is not in {class_ind}")
+        items.append(VideoItem(str(_video(root, rel, list_file)), classes.index(name), name))
+    return _checked(VideoIndex("ucf101", split, str(root), classes, items), list_file)
+
+
+def index_hmdb51(root: Path, split: str) -> VideoIndex:
+    part, fold = parse_split(split)
+    if fold == 0:
+        raise DatasetError(f"hmdb51: unknown split {split!r}; use train/test, train2/test2, "
+                           "train3/test3")
+    lists = _find(root, ["testTrainMulti_7030_splits", "splits", "."], "split directory")
+    files = sorted(lists.glob(f"*_test_split{fold}.txt"))
+    if not files:
+        raise DatasetError(f"{lists}: no *_test_split{fold}.txt files; pass the HMDB51 root")
+    classes = [f.name[: -len(f"_test_split{fold}.txt")] for f in files]
+    want = "1" if part == "train" else "2"
+    items = []
+    for label, (name, list_file) in enumerate(zip(classes, files)):
+        for line in _lines(list_file):
+            video, flag = line.split()[:2]
+            if flag == want:
+                items.append(VideoItem(str(_video(root / name, video, list_file)), label, name))
+    return _checked(VideoIndex("hmdb51", split, str(root), classes, items), lists)
+
+
+SPLIT_DIRS = ("train", "test", "val", "validation")
+
+
+def index_folder(root: Path, split: str) -> VideoIndex:
+    base = root / split if (root / split).is_dir() else root
+    if base == root and any((root / name).is_dir() for name in SPLIT_DIRS):
+        raise DatasetError(f"{root}: has split folders but no {split!r} folder; pass one of "
+                           f"{[n for n in SPLIT_DIRS if (root / n).is_dir()]} as --split")
+    class_dirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = [d.name for d in class_dirs]
+    items = [VideoItem(str(f.absolute()), label, d.name)
+             for label, d in enumerate(class_dirs)
+             for f in sorted(d.iterdir()) if f.suffix.lower() in VIDEO_EXTS]
+    return _checked(VideoIndex("folder", split, str(root), classes, items), base)
+
+
+def index_manifest(manifest: Path, split: str, kind: str) -> VideoIndex:
+    rows = _manifest_rows(manifest, kind)
+    rows = [r for r in rows if not r.get("split") or r["split"] == split]
+    labels = [str(r["label"]) for r in rows]
+    numeric = all(label.lstrip("-").isdigit() for label in labels)
+    classes = ([str(i) for i in range(max(map(int, labels)) + 1)] if numeric and labels
+               else sorted(set(labels)))
+    items = []
+    for row, label in zip(rows, labels):
+        rel = str(row["path"])
+        item_label = int(label) if numeric else classes.index(label)
+        items.append(VideoItem(str(_video(manifest.parent, rel, manifest)), item_label,
+                               classes[item_label]))
+    return _checked(VideoIndex(kind, split, str(manifest), classes, items), manifest)
+
+
+def _manifest_rows(manifest: Path, kind: str) -> list[dict]:
+    if not manifest.is_file():
+        raise DatasetError(f"{manifest}: no such manifest; for --dataset {kind} pass the "
+                           f"{kind} file as --root")
+    if kind == "csv":
+        with open(manifest, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        try:
+            rows = [json.loads(line) for line in _lines(manifest)]
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{manifest}: not valid JSON lines ({err})") from err
+    for n, row in enumerate(rows, start=2 if kind == "csv" else 1):
+        if not isinstance(row, dict) or not row.get("path") or row.get("label") in (None, ""):
+            raise DatasetError(f"{manifest}: row {n} needs 'path' and 'label' (got {row!r})")
+    return rows
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.is_file():
+        raise DatasetError(f"{path}: missing split file; pass the dataset root that holds it")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _checked(index: VideoIndex, where: Path) -> VideoIndex:
+    if not index.items:
+        raise DatasetError(f"{where}: split {index.split!r} of {index.dataset} has no videos; "
+                           "check --split and --root")
+    return index
+
+
+def index_dataset(dataset: str, root: str | Path, split: str) -> VideoIndex:
+    """Index ``split`` of ``dataset`` under ``root`` (a manifest file for csv/jsonl)."""
+    if dataset not in DATASETS:
+        raise DatasetError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DatasetError(f"{root}: dataset root does not exist; check --root")
+    if dataset in ("csv", "jsonl"):
+        return index_manifest(root, split, dataset)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory; pass the dataset root as --root")
+    indexers = {"ucf101": index_ucf101, "hmdb51": index_hmdb51, "folder": index_folder}
+    return indexers[dataset](root.absolute(), split)

@@ -1,0 +1,128 @@
+"""Probe a video with PyAV: codec, size, fps, exact frame count, and which decoder takes it.
+
+The frame count is the number of video packets the demuxer returns, which is how DALI's decoder
+indexes a file (one packet per displayed frame for the codecs we route to it); reading packets
+costs no decoding. A probe also decodes the first frame, so a file with no decodable frame is
+refused here instead of failing inside a DALI pipeline (where an error invalidates the pipeline).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import av
+from tqdm import tqdm
+
+from bombkd_io.errors import VideoError
+
+# Codecs DALI's fn.decoders.video decodes per device (its docs, and verified on CPU).
+DALI_CODECS = {
+    "cpu": frozenset({"vp8", "vp9", "mjpeg"}),
+    "mixed": frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "mpeg4", "av1"}),
+}
+# DALI assumes 8-bit 4:2:0; anything else (4:2:2 camera MJPEG, 10-bit) goes through PyAV.
+DALI_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
+# FFmpeg renders any text file as "video" through its tty demuxer; that is never a dataset video.
+TEXT_FORMATS = frozenset({"tty", "bin", "idf", "xbin", "adf"})
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str           # absolute path
+    codec: str          # FFmpeg codec name, e.g. "vp9", "h264"
+    width: int
+    height: int
+    fps: float
+    num_frames: int     # decodable frames (video packets), the n of sample_indices(n, T)
+    route: str          # "dali" | "pyav" for the device it was probed for
+    pix_fmt: str = ""
+
+
+def dali_device(device: str | None) -> str:
+    """User device ("cpu", "gpu", "cuda", "mixed" or None = auto) -> DALI decoder device."""
+    if device is None:
+        import torch
+        return "mixed" if torch.cuda.is_available() else "cpu"
+    if device in ("gpu", "cuda", "mixed") or device.startswith("cuda:"):
+        return "mixed"
+    if device == "cpu":
+        return "cpu"
+    raise ValueError(f"unknown device {device!r}; expected 'cpu', 'gpu' or None (auto)")
+
+
+def route_for(codec: str, pix_fmt: str, device: str | None) -> str:
+    """"dali" where DALI's decoder takes the stream on this device, else "pyav"."""
+    ok = codec in DALI_CODECS[dali_device(device)] and pix_fmt in DALI_PIX_FMTS
+    return "dali" if ok else "pyav"
+
+
+def check_file(path: str | Path) -> Path:
+    """Refuse a missing or empty file before any decoder sees it."""
+    path = Path(path)
+    if not path.is_file():
+        raise VideoError(path, "no such file", "check the path")
+    if path.stat().st_size == 0:
+        raise VideoError(path, "empty file", "re-download or re-encode it")
+    return path.absolute()
+
+
+def _count_and_check(container: av.container.InputContainer, stream, path: Path) -> int:
+    """Count video packets; decode until the first frame comes out (a readable stream)."""
+    count, decoded = 0, False
+    for packet in container.demux(stream):
+        if packet.size == 0:            # the demuxer's final flush packet
+            continue
+        count += 1
+        if not decoded:
+            try:
+                decoded = bool(stream.codec_context.decode(packet))
+            except av.error.FFmpegError:
+                pass                    # a damaged first packet; a later one may still decode
+    if not decoded and count:
+        try:    # flush: codecs with reordering emit the first frame only here
+            decoded = bool(stream.codec_context.decode(None))
+        except av.error.FFmpegError:
+            pass
+    if not decoded:
+        raise VideoError(path, "no decodable video frame", "re-encode or remove the file")
+    return count
+
+
+def probe_video(path: str | Path, device: str | None = "cpu") -> VideoInfo:
+    """Codec, size, fps, frame count and decode route of one file; VideoError names the file."""
+    path = check_file(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video or container.format.name in TEXT_FORMATS:
+                raise VideoError(path, "no video stream", "pass a video file")
+            stream = container.streams.video[0]
+            ctx = stream.codec_context
+            codec, pix_fmt = ctx.name, ctx.pix_fmt or ""
+            width, height = ctx.width, ctx.height
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            num_frames = _count_and_check(container, stream, path)
+    except VideoError:
+        raise
+    except (av.error.FFmpegError, UnicodeDecodeError, OSError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise VideoError(path, f"not a readable video ({reason})") from err
+    return VideoInfo(str(path), codec, width, height, float(rate) if rate else 0.0, num_frames,
+                     route_for(codec, pix_fmt, device), pix_fmt)
+
+
+def probe_videos(paths: Iterable[str | Path], device: str | None = "cpu", on_error: str = "skip",
+                 progress: bool = False) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
+    """Probe many files. ``on_error="skip"`` records ``(path, reason)``; ``"raise"`` stops."""
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    ok, failed = [], []
+    for path in tqdm(list(paths), desc="probe", unit="video", disable=not progress):
+        try:
+            ok.append(probe_video(path, device))
+        except VideoError as err:
+            if on_error == "raise":
+                raise
+            failed.append((os.fspath(path), err.reason))
+    return ok, failed

@@ -1,0 +1,67 @@
+"""Shared fixtures: real encoded videos, made once per test session.
+
+- ``sample_root``   Path: ``make_sample_data(tmp, classes=6, per_class=3, codec="vp9", seed=0)``,
+                    18 VP9 clips in UCF101 layout (train 12 / test 6 of split 1).
+- ``codec_videos``  dict codec -> Path: one clip per codec sample-data writes
+                    (vp9 .webm, h264 .mp4, mpeg4 .avi, mjpeg .avi), 24 frames, 160x120.
+- ``bad_videos``    dict kind -> Path: ``missing``, ``empty``, ``text`` (not a video),
+                    ``garbage`` (random bytes, .webm), ``header_only`` (the first 200 bytes of a
+                    webm), ``truncated`` (the first 60% of a webm), ``audio_only`` (.wav).
+"""
+from __future__ import annotations
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bombkd_io.sample_data import CODECS, class_specs, encode_video, make_sample_data, render_clip
+
+CODEC_EXT = {"vp9": ".webm", "h264": ".mp4", "mpeg4": ".avi", "mjpeg": ".avi"}
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory) -> Path:
+    return make_sample_data(tmp_path_factory.mktemp("sample") / "ucf", classes=6, per_class=3,
+                            codec="vp9", seed=0)
+
+
+@pytest.fixture(scope="session")
+def codec_videos(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("codecs")
+    spec = class_specs(6)[4]                                  # spinning: motion in every frame
+    frames = render_clip(spec, np.random.default_rng(7), 24, 160, 120)   # [24, 120, 160, 3]
+    paths = {}
+    for codec in CODECS:
+        paths[codec] = out / f"clip_{codec}{CODEC_EXT[codec]}"
+        encode_video(frames, paths[codec], codec, fps=25)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def bad_videos(tmp_path_factory, codec_videos) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("bad")
+    good = codec_videos["vp9"].read_bytes()
+    files = {
+        "empty": b"",
+        "text": b"this is not a video\n" * 50,
+        "garbage": np.random.default_rng(0).integers(0, 256, 20000, dtype=np.uint8).tobytes(),
+        "header_only": good[:200],
+        "truncated": good[: int(len(good) * 0.6)],
+    }
+    ext = {"text": ".txt"}
+    paths = {"missing": out / "missing.webm"}
+    for kind, data in files.items():
+        paths[kind] = out / f"{kind}{ext.get(kind, '.webm')}"
+        paths[kind].write_bytes(data)
+    mp4 = bytearray(codec_videos["h264"].read_bytes())
+    start, end = mp4.index(b"mdat") + 4, mp4.index(b"moov") - 4     # the frame data, zeroed
+    mp4[start:end] = bytes(end - start)
+    paths["no_frame"] = out / "no_frame.mp4"
+    paths["no_frame"].write_bytes(bytes(mp4))
+    paths["audio_only"] = out / "audio_only.wav"
+    with wave.open(str(paths["audio_only"]), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
+        w.writeframes(np.zeros(8000, np.int16).tobytes())
+    return paths

@@ -1,0 +1,165 @@
+"""Probing, routing, both decoders on every codec and their difference, ClipLoader, bad files."""
+from __future__ import annotations
+
+import threading
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from bombkd_io.errors import VideoError
+from bombkd_io.sampling import sample_indices
+from bombkd_io.video import (ClipLoader, VideoInfo, decode_clip, probe_video, probe_videos,
+                             route_for)
+from bombkd_io.video.dali import DaliClipDecoder, encoded_sample
+from bombkd_io.video.pyav import decode_frames
+
+# DALI vs PyAV clip difference per codec (16 frames, 112 px; DECODERS.md): (mean, p99) levels.
+# The RGB frames are identical (same swscale flags); only the two resize kernels differ.
+TOLERANCE = {"vp9": (0.3, 4), "mjpeg": (0.3, 4), "h264": (0.3, 4), "mpeg4": (0.3, 4)}
+CODECS = sorted(TOLERANCE)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_probe_reports_the_stream_and_route(codec_videos, codec):
+    info = probe_video(codec_videos[codec])
+    assert (info.codec, info.width, info.height, info.fps, info.num_frames) == (
+        codec, 160, 120, 25.0, 24)
+    assert info.route == ("dali" if codec in ("vp9", "mjpeg") else "pyav")
+    assert probe_video(codec_videos[codec], device="gpu").route == "dali"
+
+
+def test_route_rule():
+    assert route_for("vp8", "yuv420p", "cpu") == "dali"
+    assert route_for("h264", "yuv420p", "cpu") == "pyav"
+    assert route_for("hevc", "yuv420p", "gpu") == "dali"
+    assert route_for("mjpeg", "yuvj422p", "cpu") == "pyav"      # DALI assumes 4:2:0
+    assert route_for("prores", "yuv422p10le", "gpu") == "pyav"
+
+
+@pytest.mark.parametrize("codec", ["vp9", "mjpeg"])
+def test_probed_frame_count_is_what_dali_and_pyav_decode(codec_videos, bad_videos, codec):
+    paths = [codec_videos[codec]] + ([bad_videos["truncated"]] if codec == "vp9" else [])
+    for path in paths:
+        info = probe_video(path)
+        with av.open(str(path)) as container:
+            decoded = sum(1 for _ in container.decode(video=0))
+        decoder = DaliClipDecoder(size=32, batch_size=1, num_threads=1)
+        last = decoder.run([encoded_sample(str(path), np.arange(info.num_frames))])
+        assert decoded == info.num_frames and last.shape[1] == info.num_frames
+        assert last[0, -1].float().mean() > 5        # the last frame is a real one, not padding
+
+
+@pytest.mark.parametrize("codec", ["vp9", "mjpeg"])
+def test_pyav_rgb_frames_are_bit_identical_to_dali(codec_videos, codec):
+    """Before any resize: PyAV (with DALI's swscale flags) and DALI's decoder agree exactly."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_async=False,
+                  exec_pipelined=False)
+    def native():
+        data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+        return fn.decoders.video(data, device="cpu")
+
+    pipe = native()
+    pipe.build()
+    pipe.feed_input("data", [np.fromfile(codec_videos[codec], dtype=np.uint8)])
+    (out,) = pipe.run()
+    dali = np.array(out.as_tensor())[0]                                  # [F, H, W, 3]
+    pyav = decode_frames(codec_videos[codec], np.arange(dali.shape[0]))  # [F, H, W, 3]
+    assert np.array_equal(dali, pyav)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_dali_and_pyav_clips_agree_within_tolerance(codec_videos, codec):
+    dali = decode_clip(codec_videos[codec], frames=16, size=112, backend="dali")
+    pyav = decode_clip(codec_videos[codec], frames=16, size=112, backend="pyav")
+    assert dali.shape == pyav.shape == (16, 112, 112, 3) and dali.dtype == np.uint8
+    diff = np.abs(dali.astype(np.int16) - pyav.astype(np.int16))
+    mean, p99 = TOLERANCE[codec]
+    assert diff.mean() <= mean and np.percentile(diff, 99) <= p99, (diff.mean(), diff.max())
+
+
+def test_short_video_repeats_frames_by_the_sampling_rule(bad_videos):
+    info = probe_video(bad_videos["truncated"])
+    assert info.num_frames < 16
+    idx = sample_indices(info.num_frames, 16)
+    clip = decode_clip(bad_videos["truncated"], frames=16, size=64)
+    for a, b in zip(range(15), range(1, 16)):
+        if idx[a] == idx[b]:
+            assert np.array_equal(clip[a], clip[b])
+        else:
+            assert not np.array_equal(clip[a], clip[b])     # a spinning shape: frames differ
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "text", "garbage", "header_only",
+                                  "no_frame", "audio_only"])
+def test_bad_files_raise_video_error_naming_the_file(bad_videos, kind):
+    path = bad_videos[kind]
+    for call in (lambda: probe_video(path), lambda: decode_clip(path, backend="dali"),
+                 lambda: decode_clip(path, backend="pyav")):
+        with pytest.raises(VideoError) as err:
+            call()
+        assert str(path) in str(err.value)
+
+
+def test_probe_videos_skips_and_records(bad_videos, codec_videos):
+    paths = [codec_videos["vp9"], bad_videos["empty"], bad_videos["no_frame"]]
+    ok, failed = probe_videos(paths)
+    assert [i.codec for i in ok] == ["vp9"]
+    assert failed == [(str(bad_videos["empty"]), "empty file"),
+                      (str(bad_videos["no_frame"]), "no decodable video frame")]
+    with pytest.raises(VideoError, match="empty file"):
+        probe_videos(paths, on_error="raise")
+
+
+def test_clip_loader_matches_decode_clip_across_routes(codec_videos):
+    infos, _ = probe_videos([codec_videos[c] for c in CODECS])   # DALI and PyAV routes mixed
+    loader = ClipLoader(infos, frames=8, size=64, batch_size=3, num_threads=1)
+    batches = list(loader.batches([[0, 1, 2], [3]]))
+    assert [b.positions for b in batches] == [[0, 1, 2], [3]]
+    assert batches[0].clips.shape == (3, 8, 64, 64, 3) and batches[0].clips.dtype == torch.uint8
+    for batch in batches:
+        for pos, clip, idx in zip(batch.positions, batch.clips, batch.frame_indices):
+            assert np.array_equal(idx, sample_indices(infos[pos].num_frames, 8))
+            expected = decode_clip(infos[pos].path, frames=8, size=64)
+            assert np.array_equal(clip.numpy(), expected)
+
+
+def test_clip_loader_records_failures_and_recovers(codec_videos, bad_videos):
+    good = probe_video(codec_videos["vp9"])
+    # Files that changed after probing: DALI itself meets the corrupt bytes (no hang, no crash).
+    garbage = VideoInfo(str(bad_videos["garbage"]), "vp9", 160, 120, 25.0, 24, "dali", "yuv420p")
+    gone = VideoInfo(str(bad_videos["missing"]), "h264", 160, 120, 25.0, 24, "pyav", "yuv420p")
+    loader = ClipLoader([good, garbage, gone, good], frames=4, size=32, batch_size=4,
+                        num_threads=1)
+    first, second = loader.batches([[0, 1, 2, 3], [3, 0]])
+    assert first.positions == [0, 3] and first.clips.shape[0] == 2
+    assert [(p, r.split(":")[0]) for p, r in first.failed] == [(2, "no such file"), (1, "DALI")]
+    assert second.positions == [3, 0] and not second.failed      # the pipeline was rebuilt
+
+
+def test_clip_loader_runs_ahead_in_a_thread_and_stops_early(sample_root):
+    infos, _ = probe_videos(sorted(sample_root.glob("*/*.webm")))
+    loader = ClipLoader(infos, frames=4, size=32, batch_size=2, num_threads=1, prefetch=1)
+    stream = loader.batches([[i, i + 1] for i in range(0, 18, 2)])
+    first = next(stream)
+    assert any(t.name == "bombkd-clip-decode" for t in threading.enumerate())
+    stream.close()                                   # the consumer stops after one batch
+    assert first.positions == [0, 1]
+    assert not any(t.name == "bombkd-clip-decode" for t in threading.enumerate())
+    with pytest.raises(IndexError):                  # an error in the thread reaches the consumer
+        list(loader.batches([[0], [99]]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DALI mixed decoder)")
+def test_gpu_pipeline_matches_cpu(codec_videos):
+    infos, _ = probe_videos([codec_videos[c] for c in CODECS], device="gpu")
+    assert all(i.route == "dali" for i in infos)
+    gpu, cpu = (next(ClipLoader(infos, frames=8, size=64, batch_size=4, device=d)
+                     .batches([[0, 1, 2, 3]])) for d in ("gpu", "cpu"))
+    assert gpu.clips.is_cuda
+    diff = (gpu.clips.cpu().short() - cpu.clips.short()).abs().float()
+    assert diff.mean() < 3.0
