@@ -1,0 +1,12 @@
+"""Frozen video backbones from a registry: ``create_backbone(name, frames=, size=, pool=, device=)``.
+
+Names: the pretrained ``vjepa2``, ``videomae``, ``timesformer``, ``vivit`` (Hugging Face hub),
+the tiny random built-ins ``tiny-*`` (tests, demo), any hub id ``org/name`` or a
+``save_pretrained`` directory.
+"""
+from bombkd_train.backbones.hf import POOLS, Backbone
+from bombkd_train.backbones.registry import (check_backbone_name, create_backbone,
+                                              list_backbones, register_backbone)
+
+__all__ = ["POOLS", "Backbone", "check_backbone_name", "create_backbone", "list_backbones",
+           "register_backbone"]

@@ -1,8 +1,77 @@
-"""Commands of this group (filled in by the issue that owns them)."""
+"""``bombkd featurize``: videos -> student + teacher features -> WebDataset shards.
+
+``--teachers`` is comma-separated (``--teachers videomae,timesformer,vivit``) and may be given
+more than once; options take one value each, so the seed's space-separated list is spelled with
+commas.
+"""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
+from bombkd_io.sampling import DEFAULT_SHARD_SIZE
+from bombkd_io.shards.manifest import manifest_path
+from bombkd_train.cli._common import fail, user_errors
+
+
+def featurize_command(
+    dataset: Annotated[str, typer.Option(help="ucf101, hmdb51, folder, csv or jsonl")],
+    root: Annotated[Path, typer.Option(help="dataset root (videos and split files)")],
+    split: Annotated[str, typer.Option(help="train / test (fold 1), train2, test3, ...")],
+    student: Annotated[str, typer.Option(help="backbone: registry name, hub id or directory")],
+    out: Annotated[Path, typer.Option(help="cache directory (created if missing)")],
+    teachers: Annotated[Optional[list[str]], typer.Option(
+        help="teacher backbones, comma-separated (A,B,C); may be repeated")] = None,
+    format: Annotated[str, typer.Option("--format", help="cache format")] = "wds",
+    shard_size: Annotated[int, typer.Option("--shard-size", "--shard_size",
+                                            help="samples per shard")] = DEFAULT_SHARD_SIZE,
+    fp16: Annotated[bool, typer.Option("--fp16", help="store float16 (the default)")] = False,
+    dtype: Annotated[Optional[str], typer.Option(
+        help="float16 (default) or float32 (exact parity with video mode)")] = None,
+    frames: Annotated[int, typer.Option(help="student clip length")] = 16,
+    size: Annotated[Optional[int], typer.Option(help="student clip side (default: the model's)")]
+    = None,
+    batch: Annotated[int, typer.Option("--batch", help="clips per model call")] = 8,
+    workers: Annotated[int, typer.Option(help="decode threads")] = 4,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="finish an interrupted run; keep shards that verify, redo the rest")]
+    = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", "--dry_run", help="print the bytes it would write and the free space")]
+    = False,
+    pool: Annotated[str, typer.Option(help="time ([T',D]), mean ([1,D]) or none (all tokens)")]
+    = "time",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+) -> None:
+    """Decode every clip once, run the student and every teacher on it, write one shard set
+    per model and the manifest. Re-run with a new teacher to add only its shard set."""
+    from bombkd_train.featurize import (FeaturizeConfig, FeaturizeStats, estimate_featurize,
+                                        featurize)
+
+    if fp16 and dtype not in (None, "float16"):
+        raise fail(f"--fp16 and --dtype {dtype} contradict each other; pass one of them")
+    names = [t.strip() for group in teachers or [] for t in group.split(",") if t.strip()]
+    config = FeaturizeConfig(dataset=dataset, root=str(root), split=split, student=student,
+                             out=str(out), teachers=names, format=format, shard_size=shard_size,
+                             dtype=dtype or "float16", frames=frames, size=size, batch_size=batch,
+                             workers=workers, pool=pool, device=device, resume=resume)
+    with user_errors():
+        if dry_run:
+            estimate = estimate_featurize(config)
+            typer.echo(estimate.summary())
+            if not estimate.fits:
+                raise fail(f"--out {out}: not enough free space for this cache")
+            return
+        stats = FeaturizeStats()
+        manifest = featurize(config, stats=stats)
+    typer.echo(stats.summary(str(out)) if stats.clips else
+               f"nothing to do: {out} already holds {sorted(manifest.models)} "
+               f"for {manifest.count} clips")
+    typer.echo(f"manifest: {manifest_path(out, manifest.dataset, manifest.split)}")
+
 
 def register(app: typer.Typer) -> None:
-    """Add this group's commands to ``app``."""
+    """Add ``featurize`` to ``app``."""
+    app.command("featurize")(featurize_command)

@@ -1,0 +1,132 @@
+"""The backbone registry: named entry points, ``create_backbone`` and ``list_backbones``.
+
+An entry point is a few lines that pick weights (a hub id or a small random config), the clip the
+model consumes and its normalisation. ``create_backbone`` also accepts any Hugging Face hub id
+(``org/name``) or a directory written by ``save_pretrained``; the architecture then comes from
+``config.model_type``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from bombkd_io.errors import ConfigError
+from bombkd_train.backbones import hf
+from bombkd_train.backbones.hf import Backbone
+
+EntryPoint = Callable[..., Backbone]  # (*, frames, size, pool, device) -> Backbone
+_ENTRY_POINTS: dict[str, EntryPoint] = {}
+
+
+def register_backbone(name: str) -> Callable[[EntryPoint], EntryPoint]:
+    """Decorator: make ``fn(*, frames, size, pool, device) -> Backbone`` available as ``name``."""
+    def add(fn: EntryPoint) -> EntryPoint:
+        if name in _ENTRY_POINTS:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _ENTRY_POINTS[name] = fn
+        return fn
+    return add
+
+
+def list_backbones() -> list[str]:
+    """Registered names, sorted (hub ids and local directories are accepted too)."""
+    return sorted(_ENTRY_POINTS)
+
+
+def check_backbone_name(name: str) -> str | None:
+    """None when ``create_backbone`` can resolve ``name``; otherwise what is wrong with it."""
+    if name in _ENTRY_POINTS or hf.is_pretrained_source(name):
+        return None
+    return (f"unknown backbone {name!r}: expected one of {list_backbones()}, a Hugging Face hub "
+            "id (org/name) or a directory written by save_pretrained (with a config.json)")
+
+
+def create_backbone(name: str, *, frames: int | None = None, size: int | None = None,
+                    pool: str = "time", device: str = "cpu") -> Backbone:
+    """A frozen backbone by registered name, hub id or local directory.
+
+    ``frames``/``size`` override the clip the model consumes (None: the model's own); models
+    with learned position tables refuse an override with a ConfigError. ``pool``: "time" ->
+    ``[B, T', D]``, "mean" -> ``[B, 1, D]``, "none" -> all patch tokens ``[B, T'*P, D]``.
+    """
+    if pool not in hf.POOLS:
+        raise ConfigError(f"pool={pool!r}: expected one of {list(hf.POOLS)}")
+    problem = check_backbone_name(name)
+    if problem:
+        raise ConfigError(problem)
+    if name in _ENTRY_POINTS:
+        return _ENTRY_POINTS[name](frames=frames, size=size, pool=pool, device=device)
+    return hf.load_pretrained(name, frames=frames, size=size, pool=pool, device=device)
+
+
+# --- pretrained models (downloaded from the Hugging Face hub on first use) ---
+
+@register_backbone("vjepa2")
+def vjepa2(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+    # Pretrained on 64-frame clips; its rotary positions take 16-frame clips as well.
+    return hf.load_pretrained("facebook/vjepa2-vitl-fpc64-256", name="vjepa2", frames=frames or 16,
+                              size=size or 256, mean=hf.IMAGENET_MEAN, std=hf.IMAGENET_STD,
+                              pool=pool, device=device)
+
+
+@register_backbone("videomae")
+def videomae(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+    return hf.load_pretrained("MCG-NJU/videomae-base", name="videomae", frames=frames or 16,
+                              size=size or 224, mean=hf.IMAGENET_MEAN, std=hf.IMAGENET_STD,
+                              pool=pool, device=device)
+
+
+@register_backbone("timesformer")
+def timesformer(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+    return hf.load_pretrained("facebook/timesformer-base-finetuned-k400", name="timesformer",
+                              frames=frames or 8, size=size or 224, mean=hf.KINETICS_MEAN,
+                              std=hf.KINETICS_STD, pool=pool, device=device)
+
+
+@register_backbone("vivit")
+def vivit(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+    return hf.load_pretrained("google/vivit-b-16x2-kinetics400", name="vivit", frames=frames or 32,
+                              size=size or 224, mean=hf.HALF_MEAN, std=hf.HALF_STD, pool=pool,
+                              device=device)
+
+
+# --- tiny built-ins: same architectures, small configs, fixed random weights, no download ---
+# Widths and token counts differ on purpose (D 96/64/128/80, T' 8/8/16/8) so that converters
+# and fusion are exercised on teachers that do not look like the student.
+
+@register_backbone("tiny-vjepa2")
+def tiny_vjepa2(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+    from transformers import VJEPA2Config
+    config = VJEPA2Config(crop_size=112, frames_per_clip=16, tubelet_size=2, patch_size=16,
+                          hidden_size=96, num_attention_heads=4, num_hidden_layers=2, mlp_ratio=2.0,
+                          pred_hidden_size=32, pred_num_attention_heads=2, pred_num_hidden_layers=1,
+                          num_pooler_layers=1)
+    return hf.build_random("tiny-vjepa2", config, frames=frames, size=size, pool=pool, device=device)
+
+
+@register_backbone("tiny-videomae")
+def tiny_videomae(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+    from transformers import VideoMAEConfig
+    config = VideoMAEConfig(image_size=112, num_frames=16, tubelet_size=2, patch_size=16,
+                            hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
+                            intermediate_size=128, decoder_hidden_size=32,
+                            decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                            decoder_intermediate_size=64)
+    return hf.build_random("tiny-videomae", config, frames=frames, size=size, pool=pool,
+                           device=device)
+
+
+@register_backbone("tiny-timesformer")
+def tiny_timesformer(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+    from transformers import TimesformerConfig
+    config = TimesformerConfig(image_size=64, num_frames=16, patch_size=16, hidden_size=128,
+                               num_attention_heads=4, num_hidden_layers=2, intermediate_size=256)
+    return hf.build_random("tiny-timesformer", config, frames=frames, size=size, pool=pool,
+                           device=device)
+
+
+@register_backbone("tiny-vivit")
+def tiny_vivit(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+    from transformers import VivitConfig
+    config = VivitConfig(image_size=64, num_frames=16, tubelet_size=[2, 16, 16], hidden_size=80,
+                         num_attention_heads=4, num_hidden_layers=2, intermediate_size=160)
+    return hf.build_random("tiny-vivit", config, frames=frames, size=size, pool=pool, device=device)

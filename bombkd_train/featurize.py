@@ -1,0 +1,336 @@
+"""featurize: videos -> clips -> every backbone -> one shard set per model (cache format 1).
+
+The stages, in order (each clip is decoded once per distinct (frames, size) the models need,
+and the student and every teacher run on that one decode):
+
+    index_dataset        VideoIndex, items in split order
+    probe_videos         the decodable items (the "ok list"); unreadable ones are recorded
+    shard plan           shard k starts where shard k-1 ended and takes S decoded samples
+    ClipLoader.batches   uint8 clips per need, decoded in a background thread
+    Backbone             features [B, T', D] per model
+    ShardSetWriter       shard k of every model: same samples, order and keys
+    progress / manifest  the progress file after every shard; the manifest last, atomically
+
+Shard k of a run is a pure function of where it starts: its batches are consecutive chunks of
+``batch_size`` from that position (one more round per failed video), so a shard can be redone
+alone (``--resume``, or a teacher added later) and comes out byte-identical.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bombkd_io.datasets import VideoIndex, index_dataset, item_key
+from bombkd_io.errors import DatasetError, VideoError
+from bombkd_io.shards.manifest import Manifest, save_manifest
+from bombkd_io.shards.reader import verify_shard
+from bombkd_io.shards.writer import ShardSetWriter
+from bombkd_io.video import ClipLoader, probe_videos
+from bombkd_train.backbones import Backbone, create_backbone
+from bombkd_train.featurize_estimate import DiskEstimate, check_free_space, estimate_bytes
+from bombkd_train.featurize_state import (CacheState, FeaturizeConfig, load_state,
+                                          remove_stale_temps, save_progress)
+
+__all__ = ["DiskEstimate", "FeaturizeConfig", "FeaturizeStats", "estimate_featurize", "featurize"]
+
+Need = tuple[int, int]  # (frames, size) a backbone consumes
+
+
+@dataclass
+class FeaturizeStats:
+    """Where the time went (seconds) and how much was done; filled in by ``featurize``."""
+    clips: int = 0               # samples written (per model set)
+    failed: int = 0              # videos skipped (probe + decode)
+    shards: int = 0              # shard files written
+    bytes: int = 0               # bytes written
+    probe_s: float = 0.0
+    decode_wait_s: float = 0.0   # time the main thread waited for decoded clips
+    infer_s: dict[str, float] = field(default_factory=dict)  # per model
+    write_s: float = 0.0         # encoding + tar writing + hashing
+    total_s: float = 0.0
+    threads: int = 0             # torch intra-op threads the models ran with
+
+    @property
+    def clips_per_s(self) -> float:
+        return self.clips / self.total_s if self.total_s else 0.0
+
+    def summary(self, out: str) -> str:
+        return (f"featurized {self.clips} clips ({self.failed} failed) in {self.total_s:.1f}s "
+                f"({self.clips_per_s:.1f} clips/s): {self.shards} shards, "
+                f"{self.bytes / 1e6:.1f} MB in {out} (writing {self.write_s:.1f}s, "
+                f"decode wait {self.decode_wait_s:.1f}s, models {sum(self.infer_s.values()):.1f}s)")
+
+
+def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -> Manifest:
+    """Write (or complete) the feature cache ``config`` describes; returns its manifest.
+
+    A new teacher on an existing cache adds only its shard set; ``resume`` keeps the shards
+    that verify and redoes the rest. Refuses a cache in ``out`` made with another student.
+    """
+    stats = stats if stats is not None else FeaturizeStats()
+    start = time.perf_counter()
+    config.validate()
+    index = index_dataset(config.dataset, config.root, config.split)
+    state = load_state(config, index)
+    with _model_threads(config):
+        stats.threads = torch.get_num_threads()
+        manifest = _Run(config, index, state, stats).execute()
+    stats.total_s = time.perf_counter() - start
+    return manifest
+
+
+@contextlib.contextmanager
+def _model_threads(config: FeaturizeConfig) -> Iterator[None]:
+    """On the CPU, leave cores to the decode threads: torch's intra-op threads spin-wait, and
+    oversubscribed they run several times slower than fewer threads (measured 2 cores: 1 model
+    thread + decoding is ~5x faster than 2 + decoding). Restored afterwards."""
+    before = torch.get_num_threads()
+    if config.device == "cpu":
+        cpus = os.cpu_count() or 1
+        torch.set_num_threads(max(1, min(before, cpus - min(config.workers, cpus // 2))))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def estimate_featurize(config: FeaturizeConfig) -> DiskEstimate:
+    """``--dry-run``: the bytes a run would write and the free space; writes nothing.
+
+    Assumes every video that has not been probed yet decodes (probing reads every file).
+    """
+    config.validate()
+    index = index_dataset(config.dataset, config.root, config.split)
+    state = load_state(config, index, dry_run=True)
+    roles = state.roles_to_run(config) if not config.resume else list(config.roles())
+    for role in roles:  # dims and token counts come from the models themselves
+        entry = state.models[role]
+        state.fill_shape(role, create_backbone(entry.backbone, frames=entry.frames or None,
+                                               size=entry.size or None, pool=entry.pooling))
+    return estimate_bytes(config, index, state, {role: state.models[role] for role in roles})
+
+
+class _Run:
+    """One featurize run: plan the shards, decode per need, run the models, write."""
+
+    def __init__(self, config: FeaturizeConfig, index: VideoIndex, state: CacheState,
+                 stats: FeaturizeStats):
+        self.config, self.index, self.state, self.stats = config, index, state, stats
+        self.out = Path(config.out)
+
+    def execute(self) -> Manifest:
+        cfg, state = self.config, self.state
+        if not state.roles_to_run(cfg) and not cfg.resume:
+            return state.manifest()
+        self._probe()
+        todo = self._todo()
+        run = {r for _, _, _, redo in todo for r in redo} | (
+            set() if state.final else set(state.all_roles()))
+        self.backbones = {r: self._backbone(r) for r in state.all_roles() if r in run}
+        check_free_space(self.out, estimate_bytes(cfg, self.index, state, {
+            r: state.models[r] for r in self.backbones}).total)
+        total = sum(count for _, _, count, _ in todo) + (0 if state.final else state.remaining())
+        with tqdm(total=total, unit="clips", desc=f"featurize {cfg.dataset}-{cfg.split}",
+                  disable=None, dynamic_ncols=True) as self.bar:
+            for k, start, count, redo in todo:
+                self._shard(k, start, count, redo, strict=True)
+            if not state.final:
+                self._new_shards()
+        state.final = True
+        manifest = state.manifest()
+        save_manifest(manifest, self.out)
+        state.drop_progress()
+        remove_stale_temps(self.out, cfg.dataset, cfg.split, list(manifest.models))
+        self.stats.failed = len(manifest.failed)
+        return manifest
+
+    def _probe(self) -> None:
+        start = time.perf_counter()
+        items = self.index.items
+        # the video package maps "cpu" / "cuda[:N]" to its decoder device itself
+        infos, failed = probe_videos([it.path for it in items], device=self.config.device,
+                                     on_error="skip", progress=sys.stderr.isatty())
+        by_path = {info.path: info for info in infos}
+        self.ok = [i for i, it in enumerate(items) if it.path in by_path]  # ok pos -> index pos
+        self.infos = [by_path[items[i].path] for i in self.ok]
+        if not self.ok:
+            first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
+            raise DatasetError(f"none of the {len(items)} videos of {self.config.dataset} "
+                               f"{self.config.split} in {self.config.root} can be read{first}")
+        self.state.set_probe(self.ok, failed)
+        self.loaders: dict[Need, ClipLoader] = {}
+        self.stats.probe_s = time.perf_counter() - start
+
+    def _backbone(self, role: str) -> Backbone:
+        entry = self.state.models[role]
+        bb = create_backbone(entry.backbone, frames=entry.frames or None,
+                             size=entry.size or None, pool=entry.pooling, device=self.config.device)
+        self.state.fill_shape(role, bb)
+        return bb
+
+    def _todo(self) -> list[tuple[int, int, int, list[str]]]:
+        """Known shards with at least one model to (re)write: (k, start, count, roles).
+
+        ``--resume`` verifies each existing shard (size, sha256, count) and redoes the bad ones."""
+        state = self.state
+        roles = state.roles_to_check(self.config)
+        todo, starts = [], state.known_starts()
+        for k, count in enumerate(state.layout):
+            redo = [r for r in roles if self._needs_write(r, k)]
+            if redo:
+                todo.append((k, starts[k], count, redo))
+        return todo
+
+    def _needs_write(self, role: str, k: int) -> bool:
+        entry = self.state.done.get(role, {}).get(k)
+        if entry is None:
+            return True
+        if not self.config.resume:
+            return False
+        return not verify_shard(str(self.out / entry.name), entry)
+
+    def _new_shards(self) -> None:
+        k, pos = len(self.state.layout), self.state.frontier()
+        roles = self.state.all_roles()
+        while pos < len(self.ok):
+            pos, count = self._shard(k, pos, self.config.shard_size, roles, strict=False)
+            if count == 0:
+                break
+            k += 1
+
+    def _shard(self, k: int, start: int, target: int, roles: list[str],
+               strict: bool) -> tuple[int, int]:
+        """Fill shard k of ``roles`` from ok position ``start``; returns (end, samples)."""
+        cfg = self.config
+        writers = {r: ShardSetWriter(self.out, cfg.dataset, cfg.split, r, cfg.shard_size,
+                                     self.state.models[r].dtype, start_shard=k) for r in roles}
+        pos, kept = start, 0
+        try:
+            while kept < target and pos < len(self.ok):
+                want = min(target - kept, len(self.ok) - pos)
+                chunks = [list(range(a, min(a + cfg.batch_size, pos + want)))
+                          for a in range(pos, pos + want, cfg.batch_size)]
+                for positions, clips, frame_indices in self._decode(chunks, roles, strict):
+                    self._infer_and_write(writers, positions, clips, frame_indices)
+                    kept += len(positions)
+                pos += want
+        except BaseException:
+            for w in writers.values():
+                w.abort()
+            raise
+        if strict and kept != target:
+            raise DatasetError(f"shard {k} held {target} samples when the cache was written; "
+                               f"the videos now give {kept} (the dataset changed: featurize "
+                               f"into a new --out)")
+        self._finish_shard(k, writers, kept)
+        return pos, kept
+
+    def _decode(self, chunks: list[list[int]], roles: list[str],
+                strict: bool) -> Iterator[tuple[list[int], dict[Need, torch.Tensor], dict]]:
+        """Yields (ok positions decoded for every need, clips per need, frame indices by pos)."""
+        needs = sorted({self._need(r) for r in roles})
+        streams = [self._loader(need).batches(chunks) for need in needs]
+        try:
+            yield from self._zip_needs(needs, streams, roles, strict)
+        finally:
+            for stream in streams:  # joins the decode threads, also when a model fails
+                stream.close()
+
+    def _zip_needs(self, needs: list[Need], streams: list, roles: list[str], strict: bool):
+        while True:
+            start = time.perf_counter()
+            batches = [next(s, None) for s in streams]
+            self.stats.decode_wait_s += time.perf_counter() - start
+            if batches[0] is None:
+                return
+            failed = {}
+            for batch in batches:
+                failed.update({p: why for p, why in batch.failed if p not in failed})
+            for p, why in failed.items():
+                self._record_failure(p, why, strict)
+            common = set.intersection(*(set(b.positions) for b in batches))
+            keep = [p for p in batches[0].positions
+                    if p in common and not self.state.is_failed(self.ok[p])]
+            clips = {need: _select(b.clips, b.positions, keep) for need, b in zip(needs, batches)}
+            # the student's frame indices go into its .json (any need's when it is not run)
+            own = needs.index(self._need("student")) if "student" in roles else 0
+            yield keep, clips, dict(zip(batches[own].positions, batches[own].frame_indices))
+
+    def _record_failure(self, pos: int, why: str, strict: bool) -> None:
+        path = self.index.items[self.ok[pos]].path
+        if self.state.is_failed(self.ok[pos]):
+            return
+        if strict:
+            raise VideoError(path, f"decoded when the cache was written but fails now: {why}",
+                             fix="featurize into a new --out")
+        self.state.add_failure(self.ok[pos], why)
+
+    def _infer_and_write(self, writers: dict[str, ShardSetWriter], positions: list[int],
+                         clips: dict[Need, torch.Tensor], frames: dict) -> None:
+        if not positions:
+            return
+        feats = {}
+        for role in writers:
+            start = time.perf_counter()
+            out = self.backbones[role](clips[self._need(role)])       # [B, T', D]
+            feats[role] = out.cpu().numpy()
+            self.stats.infer_s[role] = self.stats.infer_s.get(role, 0.0) + (
+                time.perf_counter() - start)
+        start = time.perf_counter()
+        for row, pos in enumerate(positions):
+            i = self.ok[pos]
+            item, key = self.index.items[i], item_key(i, self.index.items[i])
+            for role, writer in writers.items():
+                extra = None
+                if role == "student":
+                    extra = {"cls": item.label, "json": {
+                        "path": item.path, "class_name": item.class_name, "fps": self.infos[pos].fps,
+                        "frame_indices": [int(f) for f in np.asarray(frames[pos])]}}
+                writer.write(key, feats[role][row], extra)
+        self.stats.write_s += time.perf_counter() - start
+        self.bar.update(len(positions))
+
+    def _finish_shard(self, k: int, writers: dict[str, ShardSetWriter], kept: int) -> None:
+        start = time.perf_counter()
+        entries = {role: w.close() for role, w in writers.items()}
+        self.stats.write_s += time.perf_counter() - start
+        if kept == 0:
+            return
+        for role, (entry,) in entries.items():
+            self.state.record_shard(role, k, entry)
+            self.stats.shards += 1
+            self.stats.bytes += entry.bytes
+        if k >= len(self.state.layout):
+            self.state.layout.append(kept)
+        self.stats.clips += kept
+        save_progress(self.state, self.out)
+
+    def _need(self, role: str) -> Need:
+        bb = self.backbones[role]
+        return bb.frames, bb.size
+
+    def _loader(self, need: Need) -> ClipLoader:
+        if need not in self.loaders:
+            frames, size = need
+            self.loaders[need] = ClipLoader(self.infos, frames=frames, size=size,
+                                            batch_size=self.config.batch_size,
+                                            device=self.config.device,
+                                            num_threads=self.config.workers)
+        return self.loaders[need]
+
+
+def _select(clips: torch.Tensor, positions: list[int], keep: list[int]) -> torch.Tensor:
+    """Rows of ``clips`` (one per decoded position) for the ``keep`` positions, in order."""
+    if keep == positions:
+        return clips
+    row = {p: r for r, p in enumerate(positions)}
+    return clips[torch.tensor([row[p] for p in keep], dtype=torch.long, device=clips.device)]

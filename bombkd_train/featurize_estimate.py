@@ -1,0 +1,109 @@
+"""The exact size of a feature cache before it is written (``featurize --dry-run``).
+
+Tar arithmetic over every sample: a member is a 512-byte header plus its data padded to whole
+blocks; a finished tar adds two zero blocks and is padded to whole 10240-byte records (what
+``tarfile`` writes). The feature member's size comes from ``encode_tensor`` itself; the
+student's ``.json`` is bounded from the item's path and class name.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bombkd_io.datasets import VideoIndex
+from bombkd_io.errors import ConfigError
+from bombkd_io.shards.codec import encode_tensor
+from bombkd_io.shards.manifest import ModelEntry
+from bombkd_train.featurize_state import CacheState, FeaturizeConfig
+
+BLOCK, RECORD = 512, 20 * 512  # tar block; tarfile pads a closed archive to whole records
+
+
+@dataclass
+class DiskEstimate:
+    """Bytes a run writes per model (videos not yet probed are counted as readable)."""
+    out: str
+    samples: int
+    shards: int
+    per_model: dict[str, int]   # role -> bytes to write
+    free: int                   # bytes free on the filesystem of ``out``
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_model.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.free
+
+    def summary(self) -> str:
+        if not self.per_model:
+            return f"nothing to write: {self.out} already holds every model asked for"
+        lines = [f"{role:>18}: {n / 1e6:10.2f} MB" for role, n in self.per_model.items()]
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        return "\n".join([f"would write {self.samples} samples in {self.shards} shard(s) per "
+                          f"model to {self.out}:", *lines,
+                          f"{'total':>18}: {self.total / 1e6:10.2f} MB ({self.total} bytes); "
+                          f"{self.free / 1e9:.1f} GB free: {verdict}"])
+
+
+def _member(size: int) -> int:
+    """Bytes of one tar member: a header block plus the data padded to whole blocks."""
+    return BLOCK + -(-size // BLOCK) * BLOCK
+
+
+def _tar(members: int) -> int:
+    """Bytes of a finished tar: members, two zero blocks, padded to whole records."""
+    return -(-(members + 2 * BLOCK) // RECORD) * RECORD
+
+
+def _json_bound(item, frames: int) -> int:
+    """Upper bound of the student's .json member (frame indices of <= 6 digits, longest fps)."""
+    doc = {"path": item.path, "class_name": item.class_name, "fps": 1 / 3 * 1e3,
+           "frame_indices": [999999] * frames}
+    return len(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+
+
+def estimate_bytes(config: FeaturizeConfig, index: VideoIndex, state: CacheState,
+                   shapes: dict[str, ModelEntry]) -> DiskEstimate:
+    """Bytes the roles in ``shapes`` would write: exact tar arithmetic over every sample."""
+    if state.final:
+        layout = state.layout
+    else:
+        usable = state.ok if state.ok is not None else range(len(index.items))
+        count = sum(1 for i in usable if i not in state.failed)
+        layout = [min(config.shard_size, count - s) for s in range(0, count, config.shard_size)]
+    items = [it for i, it in enumerate(index.items) if i not in state.failed]
+    per_model = {}
+    for role, e in shapes.items():
+        feature = _member(len(encode_tensor(np.zeros((e.tokens, e.dim), dtype=e.dtype))))
+        total, pos = 0, 0
+        for count in layout:
+            body = count * feature
+            if role == "student":
+                body += sum(_member(len(str(it.label))) + _member(_json_bound(it, e.frames))
+                            for it in items[pos:pos + count])
+            total += _tar(body)
+            pos += count
+        per_model[role] = total
+    return DiskEstimate(config.out, sum(layout), len(layout), per_model, free_bytes(config.out))
+
+
+def free_bytes(out) -> int:
+    """Free bytes on the filesystem ``out`` is (or will be) on."""
+    probe = Path(out).absolute()
+    while not probe.exists():
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_free_space(out: Path, need: int) -> None:
+    free = free_bytes(out)
+    if need > free:
+        raise ConfigError(f"--out {out}: this run writes {need / 1e9:.2f} GB, only "
+                          f"{free / 1e9:.2f} GB are free there; free some space or choose "
+                          "another --out")

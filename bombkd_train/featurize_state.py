@@ -1,0 +1,324 @@
+"""featurize's inputs and bookkeeping: the typed config, what ``--out`` already holds, the
+progress file of an unfinished run.
+
+What an output directory can hold for one (dataset, split):
+- nothing: a fresh run;
+- ``{dataset}-{split}.index.json``: a finished cache; a new teacher is added to it, ``--resume``
+  checks every shard (count, sha256) and redoes the ones that do not verify;
+- ``{dataset}-{split}.progress.json``: an unfinished run (written after every shard); only
+  ``--resume`` continues it.
+A cache made with another student, pooling, dtype or shard size is refused, never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bombkd_io.datasets import DATASETS, VideoIndex
+from bombkd_io.errors import ConfigError, DatasetError, FormatError
+from bombkd_io.sampling import DEFAULT_SHARD_SIZE
+from bombkd_io.shards.manifest import (NAME_RE, RESERVED_MODELS, Manifest, ModelEntry, ShardEntry,
+                                       manifest_path, read_manifest)
+from bombkd_train.backbones import POOLS, Backbone, check_backbone_name
+
+FORMATS, DTYPES = ("wds",), ("float16", "float32")
+PROGRESS_FORMAT = "bombkd-featurize-progress"
+
+
+@dataclass
+class FeaturizeConfig:
+    """Arguments of ``bombkd featurize``; ``validate()`` reports every problem at once."""
+    dataset: str
+    root: str
+    split: str
+    student: str
+    out: str
+    teachers: list[str] = field(default_factory=list)  # backbone names; the role is the name
+    format: str = "wds"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    dtype: str = "float16"
+    frames: int | None = 16      # student clip length (None: the model's own); teachers: their own
+    size: int | None = None      # student clip side (None: the model's own)
+    batch_size: int = 8
+    workers: int = 4             # decode threads
+    pool: str = "time"
+    device: str = "cpu"
+    resume: bool = False
+
+    def problems(self) -> list[str]:
+        p = []
+        for name in ("dataset", "root", "split", "student", "out"):
+            if not getattr(self, name):
+                p.append(f"--{name} is required")
+        if self.dataset and self.dataset not in DATASETS:
+            p.append(f"--dataset {self.dataset!r}: expected one of {list(DATASETS)}")
+        if self.format not in FORMATS:
+            p.append(f"--format {self.format!r}: expected one of {list(FORMATS)}")
+        if self.dtype not in DTYPES:
+            p.append(f"--dtype {self.dtype!r}: expected one of {list(DTYPES)}")
+        if self.pool not in POOLS:
+            p.append(f"--pool {self.pool!r}: expected one of {list(POOLS)}")
+        for name in ("shard_size", "batch_size", "workers"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("frames", "size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                p.append(f"--{name} must be >= 1, got {getattr(self, name)}")
+        p += _device_problems(self.device)
+        for name in [self.student, *self.teachers]:
+            if name and (problem := check_backbone_name(name)):
+                p.append(problem)
+        roles = [teacher_role(t) for t in self.teachers]
+        for role in sorted({r for r in roles if roles.count(r) > 1 or r == "student"}):
+            p.append(f"--teachers: {role!r} is given twice or clashes with 'student'; "
+                     "each teacher needs a distinct name")
+        if self.root and not Path(self.root).exists():
+            p.append(f"--root {self.root}: no such directory")
+        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
+            p.append(f"--out {self.out}: exists and is not a directory")
+        return p
+
+    def validate(self) -> None:
+        if problems := self.problems():
+            raise ConfigError(problems)
+
+    def roles(self) -> dict[str, str]:
+        """role -> backbone name: "student" and one role per teacher."""
+        return {"student": self.student, **{teacher_role(t): t for t in self.teachers}}
+
+
+def teacher_role(name: str) -> str:
+    """A teacher's name in shard files and manifests: the registry name, or the last part of a
+    hub id / directory, reduced to ``[A-Za-z0-9_-]``."""
+    if NAME_RE.match(name) and name not in RESERVED_MODELS:
+        return name
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(name.rstrip("/")).name).strip("-") or "teacher"
+
+
+def _device_problems(device: str) -> list[str]:
+    if device == "cpu":
+        return []
+    if not re.fullmatch(r"cuda(:\d+)?", device or ""):
+        return [f"--device {device!r}: expected cpu, cuda or cuda:N"]
+    if not torch.cuda.is_available():
+        return [f"--device {device}: CUDA is not available on this machine; use --device cpu"]
+    return []
+
+
+@dataclass
+class CacheState:
+    """What the cache holds (or will hold) for one (dataset, split), shard by shard."""
+    config: FeaturizeConfig
+    index: VideoIndex
+    models: dict[str, ModelEntry]                 # role -> entry; "student" first
+    done: dict[str, dict[int, ShardEntry]]        # role -> shard k -> finished shard
+    layout: list[int] = field(default_factory=list)  # samples in each known shard
+    final: bool = False                           # layout complete (a manifest was written)
+    failed: dict[int, dict] = field(default_factory=dict)  # index pos -> {"path", "reason"}
+    ok: list[int] | None = None                   # ok pos -> index pos, after probing
+
+    @property
+    def progress_path(self) -> Path:
+        return progress_path(self.config.out, self.config.dataset, self.config.split)
+
+    def all_roles(self) -> list[str]:
+        return list(self.models)
+
+    def roles_to_run(self, config: FeaturizeConfig) -> list[str]:
+        """Roles with shards missing (``--resume`` may find more when it verifies)."""
+        return [r for r in self.roles_to_check(config)
+                if not self.final or len(self.done.get(r, {})) < len(self.layout)]
+
+    def roles_to_check(self, config: FeaturizeConfig) -> list[str]:
+        """An unfinished run: all its roles. A finished cache: the roles this run names, and
+        any a previous run left incomplete (an interrupted teacher addition)."""
+        if not self.final:
+            return self.all_roles()
+        unfinished = [r for r in self.models if len(self.done.get(r, {})) < len(self.layout)]
+        return [r for r in self.models if r in config.roles() or r in unfinished]
+
+    def is_failed(self, index_pos: int) -> bool:
+        return index_pos in self.failed
+
+    def add_failure(self, index_pos: int, reason: str) -> None:
+        self.failed[index_pos] = {"path": self.index.items[index_pos].path, "reason": reason}
+
+    def record_shard(self, role: str, k: int, entry: ShardEntry) -> None:
+        self.done.setdefault(role, {})[k] = entry
+
+    def set_probe(self, ok: list[int], probe_failed: list[tuple[str, str]]) -> None:
+        """Record unreadable videos; refuse if one the cache holds became unreadable."""
+        position = {item.path: i for i, item in enumerate(self.index.items)}
+        new = [(position[p], why) for p, why in probe_failed if position[p] not in self.failed]
+        if new and self.layout:
+            old_ok = sorted(set(ok) | {i for i, _ in new})
+            kept = [i for i in old_ok if i not in self.failed]
+            last = kept[sum(self.layout) - 1] if sum(self.layout) <= len(kept) else -1
+            for i, why in new:
+                if i <= last or self.final:
+                    raise DatasetError(f"{self.index.items[i].path}: readable when the cache in "
+                                       f"{self.config.out} was written, unreadable now ({why}); "
+                                       "featurize into a new --out")
+        for i, why in new:
+            self.add_failure(i, why)
+        self.ok = ok
+
+    def known_starts(self) -> list[int]:
+        """Ok position where each known shard starts (and, last, where the next one would)."""
+        kept = [p for p, i in enumerate(self.ok) if i not in self.failed]
+        if sum(self.layout) > len(kept):
+            raise DatasetError(f"the cache in {self.config.out} holds {sum(self.layout)} samples; "
+                               f"only {len(kept)} videos decode now (the dataset changed)")
+        ends = np.cumsum(self.layout).tolist()
+        return [0] + [kept[e - 1] + 1 for e in ends]
+
+    def frontier(self) -> int:
+        return self.known_starts()[-1]
+
+    def remaining(self) -> int:
+        return max(0, len(self.ok) - self.frontier())
+
+    def fill_shape(self, role: str, bb: Backbone) -> None:
+        """Take dim/tokens/frames/size from the backbone; refuse if they contradict the cache."""
+        entry = self.models[role]
+        shape = {"dim": bb.dim, "tokens": bb.tokens, "frames": bb.frames, "size": bb.size}
+        if self.done.get(role):
+            have = {k: getattr(entry, k) for k in shape}
+            if have != shape:
+                raise ConfigError(f"{role} ({entry.backbone}) now gives {shape}; the cache in "
+                                  f"{self.config.out} holds {have}; featurize into a new --out")
+        self.models[role] = replace(entry, **shape)
+
+    def manifest(self) -> Manifest:
+        models = {role: replace(e, shards=[self.done[role][k] for k in range(len(self.layout))])
+                  for role, e in self.models.items()}
+        return Manifest(self.config.dataset, self.config.split, list(self.index.classes),
+                        self.config.shard_size, models, sum(self.layout),
+                        [self.failed[i] for i in sorted(self.failed)])
+
+    def drop_progress(self) -> None:
+        self.progress_path.unlink(missing_ok=True)
+
+
+def progress_path(out, dataset: str, split: str) -> Path:
+    return Path(out) / f"{dataset}-{split}.progress.json"
+
+
+def load_state(config: FeaturizeConfig, index: VideoIndex, *, dry_run: bool = False) -> CacheState:
+    """What ``config.out`` holds for this (dataset, split), checked against ``config``."""
+    out, ds, split = Path(config.out), config.dataset, config.split
+    progress, manifest = progress_path(out, ds, split), manifest_path(out, ds, split)
+    if progress.is_file():
+        if not (config.resume or dry_run):
+            raise ConfigError(f"{progress}: an unfinished featurize run; pass --resume to finish "
+                              "it, or choose another --out")
+        state = _read_progress(progress, config, index)
+    elif manifest.is_file():
+        state = _from_manifest(read_manifest(manifest), config, index)
+    else:
+        stray = sorted(out.glob(f"{ds}-{split}-*.tar*")) if out.is_dir() else []
+        if stray and not (config.resume or dry_run):
+            raise ConfigError(f"{out} holds shard files of an unfinished run ({stray[0].name}, "
+                              "...) but no manifest; pass --resume to redo them, or choose "
+                              "another --out")
+        state = CacheState(config, index, {}, {})
+    _check_compatible(state, config, index)
+    for role, name in config.roles().items():
+        if role not in state.models:
+            own = role == "student"
+            state.models[role] = ModelEntry(role, name, 0, 0, (config.frames or 0) if own else 0,
+                                            (config.size or 0) if own else 0, config.pool,
+                                            config.dtype)
+    return state
+
+
+def _check_compatible(state: CacheState, config: FeaturizeConfig, index: VideoIndex) -> None:
+    if not state.models:
+        return
+    where, problems = f"{config.out} holds a {config.dataset}-{config.split} cache", []
+    student = state.models["student"]
+    wanted = {"backbone": config.student, "pooling": config.pool, "dtype": config.dtype,
+              "frames": config.frames, "size": config.size}
+    for key, value in wanted.items():
+        if value is not None and getattr(student, key) != value:
+            problems.append(f"student {key} is {getattr(student, key)!r} there, this run asks "
+                            f"for {value!r}")
+    if state.config.shard_size != config.shard_size:
+        problems.append(f"shard size is {state.config.shard_size} there, this run asks for "
+                        f"{config.shard_size}")
+    if list(state.index.classes) != list(index.classes):
+        problems.append("its class list differs from the dataset's")
+    for role, name in config.roles().items():
+        entry = state.models.get(role)
+        if role != "student" and entry and (entry.backbone, entry.pooling, entry.dtype) != (
+                name, config.pool, config.dtype):
+            problems.append(f"teacher {role!r} there is {entry.backbone} "
+                            f"({entry.pooling}, {entry.dtype})")
+    if problems:
+        raise ConfigError([f"{where} that does not match: {p}" for p in problems] +
+                          ["use another --out (nothing was changed)"])
+
+
+def _from_manifest(m: Manifest, config: FeaturizeConfig, index: VideoIndex) -> CacheState:
+    position = {item.path: i for i, item in enumerate(index.items)}
+    missing = [f["path"] for f in m.failed if f["path"] not in position]
+    if missing:
+        raise DatasetError(f"{manifest_path(config.out, m.dataset, m.split)} lists {missing[0]}, "
+                           "which is not in the dataset any more; featurize into a new --out")
+    old = replace(config, shard_size=m.shard_size)
+    old_index = replace(index, classes=list(m.classes))
+    models = {role: replace(e, shards=[]) for role, e in m.models.items()}
+    done = {role: dict(enumerate(e.shards)) for role, e in m.models.items()}
+    return CacheState(old, old_index, models, done,
+                      [s.count for s in m.models["student"].shards], True,
+                      {position[f["path"]]: dict(f) for f in m.failed})
+
+
+def save_progress(state: CacheState, out: Path) -> None:
+    """Atomically record the finished shards, so ``--resume`` can check and keep them."""
+    models = {role: {"backbone": e.backbone, "dim": e.dim, "tokens": e.tokens, "frames": e.frames,
+                     "size": e.size, "pooling": e.pooling, "dtype": e.dtype,
+                     "shards": {str(k): vars(s) for k, s in state.done.get(role, {}).items()}}
+              for role, e in state.models.items()}
+    data = {"format": PROGRESS_FORMAT, "version": 1, "dataset": state.config.dataset,
+            "split": state.config.split, "classes": list(state.index.classes),
+            "shard_size": state.config.shard_size, "final": state.final, "layout": state.layout,
+            "failed": [{"index": i, **f} for i, f in sorted(state.failed.items())],
+            "models": models}
+    path = progress_path(out, state.config.dataset, state.config.split)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _read_progress(path: Path, config: FeaturizeConfig, index: VideoIndex) -> CacheState:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != PROGRESS_FORMAT or data.get("version") != 1:
+            raise FormatError(f"{path}: not a {PROGRESS_FORMAT} version 1 file")
+        models, done = {}, {}
+        for role, m in data["models"].items():
+            models[role] = ModelEntry(role, m["backbone"], m["dim"], m["tokens"], m["frames"],
+                                      m["size"], m["pooling"], m["dtype"])
+            done[role] = {int(k): ShardEntry(**s) for k, s in m["shards"].items()}
+        failed = {int(f["index"]): {"path": f["path"], "reason": f["reason"]}
+                  for f in data["failed"]}
+        old = replace(config, shard_size=int(data["shard_size"]))
+        return CacheState(old, replace(index, classes=list(data["classes"])), models, done,
+                          [int(c) for c in data["layout"]], bool(data["final"]), failed)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FormatError(f"{path}: unreadable progress file ({exc}); delete it and the "
+                          "shards beside it to start over") from exc
+
+
+def remove_stale_temps(out: Path, dataset: str, split: str, roles: list[str]) -> None:
+    """Temp files of shards this run owns (an interrupted write); never anything else."""
+    for role in roles:
+        for tmp in out.glob(f"{dataset}-{split}-{role}-*.tar.tmp"):
+            tmp.unlink(missing_ok=True)
