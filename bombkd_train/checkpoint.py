@@ -1,0 +1,53 @@
+"""Checkpoints as plain dicts of tensors and primitives: written atomically, read without pickle.
+
+Every checkpoint bombkd writes loads with ``torch.load(weights_only=True)``, so a checkpoint from
+a stranger cannot run code. Writes go to a temporary name in the same folder and are renamed, so
+an interrupted run never leaves a half-written file under the final name.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bombkd_io.errors import ConfigError, FormatError
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
+    """Write ``obj`` to ``path`` atomically: a temporary file in its folder, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(path: str | Path, *, kind: str, argument: str,
+                    version: int = 1) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` and check that it holds a ``kind``.
+
+    ``argument`` names the option the path came from, so the error tells the user what to fix.
+    Raises ``ConfigError`` for a missing file and ``FormatError`` for a file of another kind.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{argument} {path}: no such file; pass the path of a {kind} checkpoint")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise FormatError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc}); "
+                          f"pass a file written by bombkd") from exc
+    if not isinstance(obj, dict) or obj.get("format") != kind:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise FormatError(f"{path}: expected a {kind!r} checkpoint, found {found!r}; "
+                          f"check {argument}")
+    if obj.get("version") != version:
+        raise FormatError(f"{path}: {kind} checkpoint version {obj.get('version')!r} is not "
+                          f"supported (expected {version}); re-create it with this bombkd")
+    return obj

@@ -1,0 +1,164 @@
+"""Evaluation of a fusion head: top-1, top-5, per-class accuracy and the confusion matrix.
+
+``evaluate_model`` is what the trainer calls each epoch on ``--val-split``; ``evaluate`` is
+``bombkd eval``: it rebuilds the model from a fusion checkpoint, runs the split through either
+loader and writes ``eval.json`` and ``confusion.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from bombkd_io.errors import ConfigError
+from bombkd_train.checkpoint import load_checkpoint
+from bombkd_train.converters import load_converters, load_feature_stats
+from bombkd_train.fusion import FusionHead, FusionModel
+from bombkd_train.loaders import DataConfig, open_source
+
+FUSION_KIND = "bombkd-fusion"
+
+
+@dataclass
+class EvalResult:
+    count: int
+    top1: float                        # percent
+    top5: float                        # percent (top-k with k = min(5, classes))
+    per_class: dict[str, float | None]  # class name -> percent (None: no sample of that class)
+    confusion: list[list[int]]         # [true][predicted]
+    classes: list[str]
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Counts (scalar tensors, on the logits' device) of samples whose label is the top
+    prediction, and of those whose label is among the top ``min(5, C)``."""
+    best = logits.topk(min(5, logits.shape[1]), dim=1).indices  # [B, k]
+    hits = best == labels[:, None]  # [B, k]
+    return hits[:, 0].sum(), hits.any(dim=1).sum()
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, loader, classes: list[str], num_classes: int, *,
+                   device: str = "cpu", epoch: int = 0, progress: bool = True) -> EvalResult:
+    """Run every batch of ``loader`` (all ranks together when distributed) through ``model``.
+
+    ``num_classes`` is the head's output size; it may exceed the classes the split names.
+    """
+    classes = list(classes) + [f"class{c}" for c in range(len(classes), num_classes)]
+    n = num_classes
+    confusion = torch.zeros(n, n, dtype=torch.int64)
+    top5 = torch.zeros((), dtype=torch.int64)
+    was_training = model.training
+    model.eval()
+    loader.set_epoch(epoch)
+    for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
+        logits = model(batch["student"].to(device)).logits.float().cpu()  # [B, C]
+        labels = batch["label"]
+        pred = logits.argmax(dim=1)  # [B]
+        confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
+        top5 += topk_hits(logits, labels)[1]
+    model.train(was_training)
+    if dist.is_available() and dist.is_initialized():
+        for t in (confusion, top5):
+            _all_reduce_sum(t, device)
+    return _result(confusion, int(top5), classes)
+
+
+def _all_reduce_sum(t: torch.Tensor, device: str) -> None:
+    moved = t.to(device)
+    dist.all_reduce(moved)
+    t.copy_(moved.cpu())
+
+
+def _result(confusion: torch.Tensor, top5: int, classes: list[str]) -> EvalResult:
+    count = int(confusion.sum())
+    per_row = confusion.sum(dim=1)  # [C]
+    per_class = {name: (100.0 * int(confusion[c, c]) / int(per_row[c]) if per_row[c] else None)
+                 for c, name in enumerate(classes)}
+    pct = (lambda k: 100.0 * k / count) if count else (lambda k: 0.0)
+    return EvalResult(count=count, top1=pct(int(confusion.diagonal().sum())), top5=pct(top5),
+                      per_class=per_class, confusion=confusion.tolist(), classes=list(classes))
+
+
+def save_eval(result: EvalResult, out_dir: str | Path, *, extra: dict | None = None) -> Path:
+    """Write ``eval.json`` and ``confusion.png`` atomically into ``out_dir``; returns the json."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(result.classes)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(4, 0.5 * n + 1.5)))
+    ax.imshow(result.confusion, cmap="Blues")
+    ax.set(xlabel="predicted", ylabel="true", xticks=range(n), yticks=range(n),
+           title=f"top-1 {result.top1:.1f}% ({result.count} clips)")
+    ax.set_xticklabels(result.classes, rotation=90, fontsize=7)
+    ax.set_yticklabels(result.classes, fontsize=7)
+    for (i, j), v in _cells(result.confusion):
+        ax.text(j, i, str(v), ha="center", va="center", fontsize=6)
+    fig.tight_layout()
+    tmp_png = out / ".confusion.png.tmp"
+    fig.savefig(tmp_png, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp_png, out / "confusion.png")
+    tmp_json = out / ".eval.json.tmp"
+    tmp_json.write_text(json.dumps({**asdict(result), **(extra or {})}, indent=2))
+    os.replace(tmp_json, out / "eval.json")
+    return out / "eval.json"
+
+
+def _cells(matrix: list[list[int]]):
+    return (((i, j), v) for i, row in enumerate(matrix) for j, v in enumerate(row) if v)
+
+
+@dataclass
+class EvalConfig:
+    """``bombkd eval``: a fusion checkpoint on a split, through either loader."""
+
+    data: DataConfig
+    split: str
+    fusion: str
+    converters: str | None = None   # default: the converters the run was trained with
+    out: str | None = None          # default: the checkpoint's folder / eval-{split}
+    progress: bool = True
+
+
+def load_fusion(ckpt: dict, *, converters: str | None = None, student_dim: int,
+                student_tokens: int) -> FusionModel:
+    """A fusion model from a ``bombkd train`` checkpoint dict (head + the frozen converters)."""
+    head = FusionHead.from_spec(ckpt["head"])
+    head.load_state_dict(ckpt["model"])
+    path = converters or ckpt["config"]["converters"]
+    convs = load_converters(path, student_dim=student_dim, student_tokens=student_tokens,
+                            teachers=head.teacher_names)
+    return FusionModel(convs, head, load_feature_stats(path)).eval()
+
+
+def evaluate(cfg: EvalConfig) -> tuple[EvalResult, Path]:
+    """``bombkd eval``: returns the result and the path of ``eval.json``."""
+    ckpt = load_checkpoint(cfg.fusion, kind=FUSION_KIND, argument="--fusion")
+    # the student (and its clips) the head was trained on, unless the user overrides them
+    stu = ckpt["student"]
+    trained = {"student": stu["backbone"], "frames": stu["frames"], "size": stu["size"],
+               "pool": stu["pool"]}
+    data = DataConfig(**{**asdict(cfg.data),
+                         **{k: getattr(cfg.data, k) or v for k, v in trained.items()}})
+    source = open_source(data, cfg.split)
+    if len(source.classes) > ckpt["head"]["num_classes"]:
+        raise ConfigError(f"--split {cfg.split}: {len(source.classes)} classes, but the head in "
+                          f"{cfg.fusion} has {ckpt['head']['num_classes']}")
+    model = load_fusion(ckpt, converters=cfg.converters, student_dim=source.student.dim,
+                           student_tokens=source.student.tokens)
+    result = evaluate_model(model.to(cfg.data.device), source.loader, source.classes,
+                            ckpt["head"]["num_classes"], device=cfg.data.device,
+                            progress=cfg.progress)
+    out = Path(cfg.out) if cfg.out else Path(cfg.fusion).parent / f"eval-{cfg.split}"
+    return result, save_eval(result, out, extra={"fusion": str(cfg.fusion), "split": cfg.split,
+                                                 "loader": cfg.data.loader})

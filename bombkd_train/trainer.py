@@ -1,0 +1,346 @@
+"""One trainer for both loaders: frozen converters -> residual-gated fusion head.
+
+Reads top to bottom: ``setup_data`` (the only place the two modes differ), ``setup_model``,
+``setup_optim``, then a straight ``train()`` loop. A batch is always
+``{"student": float32 [B, T', D], "label": int64 [B], "key": list[str], "index": int64 [B]}``.
+
+The seed determines the run: it seeds the head's initialisation and the epoch plan (a pure
+function of seed and epoch, see ``bombkd_io.sampling``). Checkpoints hold the model, optimizer,
+RNG state and config, so ``--resume`` ends with the same weights as an uninterrupted run. Under
+``torchrun`` the head is wrapped in DDP and each rank reads its own part of every epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from bombkd_io.errors import ConfigError
+from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
+from bombkd_train.converters import load_converters, load_feature_stats
+from bombkd_train.evaluate import FUSION_KIND, evaluate_model, topk_hits
+from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
+from bombkd_train.loaders import DataConfig, open_source
+
+# Settings a resumed run must share with the run that wrote the checkpoint.
+RESUME_KEYS = ("split", "teachers", "classes", "batch", "lr", "weight_decay", "gate_l1",
+               "fusion_rank", "seed", "workers")
+CHECKPOINT_RE = re.compile(r"^fusion_ep(\d+)\.pt$")
+
+
+@dataclass
+class TrainConfig:
+    """``bombkd train``. Data fields mirror :class:`DataConfig` (``None``: the default)."""
+
+    loader: str
+    root: str
+    split: str
+    teachers: list[str]
+    converters: str
+    classes: int
+    dataset: str | None = None
+    student: str | None = None
+    frames: int | None = None
+    size: int | None = None
+    pool: str | None = None
+    batch: int = 8
+    epochs: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    gate_l1: float = 1e-3
+    fusion_rank: int = 64
+    seed: int = 0
+    workers: int = 0
+    shard_size: int | None = None
+    cache: str | None = None
+    save_dir: str = "runs/fusion"
+    resume: bool = False
+    val_split: str | None = None
+    device: str = "auto"
+    progress: bool = True
+
+    def data(self, device: str) -> DataConfig:
+        return DataConfig(loader=self.loader, root=self.root, dataset=self.dataset,
+                          student=self.student, frames=self.frames, size=self.size, pool=self.pool,
+                          batch=self.batch, workers=self.workers, seed=self.seed,
+                          shard_size=self.shard_size, cache=self.cache, device=device)
+
+    def validate(self) -> None:
+        """Every bad argument at once, before any I/O."""
+        problems = self.data("cpu").problems()
+        checks = [(not self.teachers, "--teachers: name at least one teacher (comma-separated)"),
+                  (self.classes < 1, f"--classes {self.classes}: must be >= 1"),
+                  (self.epochs < 1, f"--epochs {self.epochs}: must be >= 1"),
+                  (self.lr <= 0, f"--lr {self.lr}: must be > 0"),
+                  (self.gate_l1 < 0, f"--gate-l1 {self.gate_l1}: must be >= 0"),
+                  (self.fusion_rank < 1, f"--fusion-rank {self.fusion_rank}: must be >= 1")]
+        problems += [msg for bad, msg in checks if bad]
+        if problems:
+            raise ConfigError(problems)
+
+
+@dataclass
+class TrainResult:
+    epochs: int              # epochs completed in total (including resumed ones)
+    steps: int
+    checkpoint: Path | None  # the last checkpoint written
+    last: dict               # the last epoch's metrics record
+    wall_s: float            # this process's training time (setup excluded)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        joined = dist.is_available() and dist.is_initialized()
+        self.device, self.rank, self.world = init_distributed(cfg.device)
+        # leave a process group the caller made; close the one torchrun's environment made here
+        self.owns_group = not joined and self.world > 1
+        self.main = self.rank == 0
+        # cheap determinism: deterministic kernels where they exist, a warning where they don't
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        self.save_dir = Path(cfg.save_dir)
+        self.start_epoch, self.step, self.state = 0, 0, self._resume_state()
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> "Trainer":
+        self.setup_data()
+        self.setup_model()
+        self.setup_optim()
+        return self
+
+    def setup_data(self) -> None:
+        """The only place the two modes differ: which loader yields the batch dicts."""
+        data = self.cfg.data(self.device)
+        self.source = open_source(data, self.cfg.split, rank=self.rank, world_size=self.world)
+        self.val = None
+        if self.cfg.val_split:
+            # the student exactly as training resolved it; the order of evaluation is free
+            stu = self.source.student
+            val = replace(data, student=stu.backbone, frames=stu.frames, size=stu.size,
+                          pool=stu.pool, cache=None)
+            self.val = open_source(val, self.cfg.val_split, rank=self.rank, world_size=self.world)
+        for src, split in ((self.source, self.cfg.split), (self.val, self.cfg.val_split)):
+            if src is not None and len(src.classes) > self.cfg.classes:
+                n = len(src.classes)
+                raise ConfigError(f"--classes {self.cfg.classes}: split {split!r} has {n} "
+                                  f"classes; pass --classes {n} or more")
+
+    def setup_model(self) -> None:
+        stu = self.source.student
+        converters = load_converters(self.cfg.converters, student_dim=stu.dim,
+                                     student_tokens=stu.tokens, teachers=self.cfg.teachers)
+        torch.manual_seed(self.cfg.seed)  # the seed alone fixes the head's initial weights
+        head = FusionHead(stu.dim, teacher_specs(converters), self.cfg.classes,
+                          rank=self.cfg.fusion_rank)
+        if self.state is not None:
+            self._check_resume(self.state)
+            head.load_state_dict(self.state["model"])
+        self.head = head
+        stats = load_feature_stats(self.cfg.converters)
+        self.fusion = self.model = FusionModel(converters, head, stats).to(self.device)
+        if self.world > 1:
+            ids = [self.device] if self.device.startswith("cuda") else None
+            self.model = DistributedDataParallel(self.fusion, device_ids=ids)
+
+    def setup_optim(self) -> None:
+        params = [p for p in self.head.parameters() if p.requires_grad]
+        self.optim = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        if self.state is not None:
+            self.optim.load_state_dict(self.state["optimizer"])
+            self.start_epoch, self.step = self.state["epoch"], self.state["step"]
+            _set_rng(self.state["rng"])
+            self.state = None  # the weights now live in the model and optimizer
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        log = MetricsLog(self.save_dir / "metrics.jsonl", step=self.step, enabled=self.main)
+        start, last, path = time.perf_counter(), {}, None
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            last = self.train_epoch(epoch, log)
+            if self.val is not None:
+                # the bare model: evaluation needs no gradient sync (ranks sum their counts)
+                val = evaluate_model(self.fusion, self.val.loader, self.val.classes,
+                                     self.cfg.classes, device=self.device,
+                                     progress=self.main and self.cfg.progress)
+                last.update(val_top1=val.top1, val_top5=val.top5, val_samples=val.count)
+            log.write(last)
+            path = self.save(epoch + 1)
+        return TrainResult(epochs=self.cfg.epochs, steps=self.step, checkpoint=path, last=last,
+                           wall_s=time.perf_counter() - start)
+
+    def train_epoch(self, epoch: int, log: MetricsLog) -> dict:
+        """One pass over this rank's batches; returns the epoch record (all ranks summed)."""
+        loader = self.source.loader
+        loader.set_epoch(epoch)
+        self.model.train()
+        names = self.head.teacher_names
+        sums = torch.zeros(4 + len(names), dtype=torch.float64)  # loss, top1, top5, count, gates
+        t_epoch = t_step = time.perf_counter()
+        bar = tqdm(loader, total=loader.num_batches(epoch), unit="it",
+                   desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
+                   disable=not (self.main and self.cfg.progress))
+        for batch in bar:
+            student = batch["student"].to(self.device, non_blocking=True)  # [B, T', D]
+            labels = batch["label"].to(self.device, non_blocking=True)  # [B]
+            out = self.model(student)
+            loss = F.cross_entropy(out.logits, labels) + self.cfg.gate_l1 * out.gate_l1()
+            self.optim.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optim.step()
+            self.step += 1
+            # one device->host copy per step: loss, top-1, top-5, mean gate per teacher
+            loss_v, top1, top5, *gates = _step_stats(loss, out, labels, names).tolist()
+            n = len(labels)
+            sums += torch.tensor([loss_v * n, top1, top5, n, *(g * n for g in gates)],
+                                 dtype=torch.float64)
+            now = time.perf_counter()
+            log.write({"kind": "step", "epoch": epoch + 1, "step": self.step, "loss": loss_v,
+                       "top1": 100.0 * top1 / n,
+                       "samples_per_s": n * self.world / max(now - t_step, 1e-9)})
+            bar.set_postfix(loss=f"{loss_v:.4f}")
+            t_step = now
+        wall = time.perf_counter() - t_epoch
+        if self.world > 1:
+            sums = _all_reduce(sums, self.device)
+        loss_sum, top1, top5, count, *gates = sums.tolist()
+        mean = 1.0 / max(count, 1.0)
+        return {"kind": "epoch", "epoch": epoch + 1, "step": self.step, "loss": loss_sum * mean,
+                "top1": 100.0 * top1 * mean, "top5": 100.0 * top5 * mean,
+                "samples_per_s": count / max(wall, 1e-9), "samples": int(count),
+                "gates": {k: g * mean for k, g in zip(names, gates)}}
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def save(self, epochs_done: int) -> Path | None:
+        """``fusion_ep{N}.pt``: weights, optimizer, progress, RNG and the run's config."""
+        if not self.main:
+            return None
+        ckpt = {"format": FUSION_KIND, "version": 1, "model": self.head.state_dict(),
+                "head": self.head.spec(), "optimizer": self.optim.state_dict(),
+                "epoch": epochs_done, "step": self.step, "rng": _get_rng(),
+                "config": asdict(self.cfg), "student": asdict(self.source.student),
+                "classes": list(self.source.classes), "num_samples": self.source.num_samples}
+        return save_checkpoint(ckpt, self.save_dir / f"fusion_ep{epochs_done}.pt")
+
+    def _resume_state(self) -> dict | None:
+        found = sorted((int(m.group(1)), p) for p in self.save_dir.glob("fusion_ep*.pt")
+                       if (m := CHECKPOINT_RE.match(p.name)))
+        if found and not self.cfg.resume:
+            raise ConfigError(f"--save-dir {self.save_dir}: already holds {found[-1][1].name}; "
+                              "pass --resume to continue that run, or another --save-dir")
+        if not found or not self.cfg.resume:
+            return None
+        return load_checkpoint(found[-1][1], kind=FUSION_KIND, argument="--resume")
+
+    def _check_resume(self, ckpt: dict) -> None:
+        old, new = ckpt["config"], asdict(self.cfg)
+        problems = [f"{k}: {new[k]!r} here, {old.get(k)!r} in the checkpoint"
+                    for k in RESUME_KEYS if old.get(k) != new[k]]
+        for what, here, there in (("student", asdict(self.source.student), ckpt["student"]),
+                                  ("samples", self.source.num_samples, ckpt["num_samples"])):
+            if here != there:
+                problems.append(f"{what}: {here} here, {there} in the checkpoint")
+        if problems:
+            raise ConfigError([f"--resume: the checkpoint in {self.save_dir} is from another "
+                               f"configuration ({'; '.join(problems)}); resume with the same "
+                               "settings or pass another --save-dir"])
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """``bombkd train``: set up, train, and leave the process group."""
+    trainer = Trainer(cfg)
+    try:
+        return trainer.setup().train()
+    finally:
+        trainer.close()
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line.
+
+    Opened at ``step``: records of later steps (from a run interrupted after its last
+    checkpoint) are dropped, so a resumed run continues the file without repeating steps, and a
+    fresh run starts an empty one.
+    """
+
+    def __init__(self, path: Path, *, step: int, enabled: bool = True):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if path.is_file() and step > 0:
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` where there is a GPU, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def init_distributed(device: str) -> tuple[str, int, int]:
+    """Device, rank and world size; joins the process group that ``torchrun`` describes."""
+    device = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    if dist.is_available() and dist.is_initialized():
+        return device, dist.get_rank(), dist.get_world_size()
+    return device, 0, 1
+
+
+def _step_stats(loss: torch.Tensor, out, labels: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """``[loss, top-1 hits, top-5 hits, gate per teacher]`` as one float64 CPU tensor."""
+    top1, top5 = topk_hits(out.logits.detach(), labels)
+    values = [loss.detach(), top1, top5, *(out.gates[k].detach() for k in names)]
+    return torch.stack([v.double() for v in values]).cpu()
+
+
+def _all_reduce(t: torch.Tensor, device: str) -> torch.Tensor:
+    moved = t.to(device)
+    dist.all_reduce(moved)
+    return moved.cpu()
+
+
+def _get_rng() -> dict:
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return rng
+
+
+def _set_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

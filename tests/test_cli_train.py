@@ -1,0 +1,114 @@
+"""`bombkd train-converters`, `train` and `eval` through the CLI: outputs, exit codes, messages."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bombkd_train.cli.main import app
+from synthetic_cache import make_feature_cache
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    root = make_feature_cache(tmp_path_factory.mktemp("cache"))
+    make_feature_cache(root, split="test", count=20, seed=1)
+    result = runner.invoke(app, ["train-converters", "--root", str(root), "--split", "train",
+                                 "--teachers", "ta,tb", "--epochs", "1", "--save_dir", str(root / "conv"),
+                                 "--kind", "mlp", "--batch", "16"])
+    assert result.exit_code == 0, result.output
+    assert "5 held-out samples" in result.stdout
+    cosines = dict(line.strip().split(": ") for line in result.stdout.splitlines() if line.startswith("  "))
+    assert set(cosines) == {"ta", "tb"} and all(float(v) > 0.99 for v in cosines.values())
+    return root
+
+
+def _train(cache, save_dir, *extra):
+    return runner.invoke(app, ["train", "--loader", "wds", "--root", str(cache), "--split", "train",
+                               "--teachers", "ta,tb", "--converters", str(cache / "conv" / "converters.pt"),
+                               "--classes", "4", "--batch", "8", "--epochs", "2", "--lr", "3e-3",
+                               "--save_dir", str(save_dir), "--device", "cpu", "--quiet", *extra])
+
+
+def test_train_then_eval(cache, tmp_path):
+    result = _train(cache, tmp_path / "run", "--val-split", "test")
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and (tmp_path / "run" / "fusion_ep2.pt").is_file()
+    result = runner.invoke(app, ["eval", "--loader", "wds", "--root", str(cache), "--split", "test",
+                                 "--fusion", str(tmp_path / "run" / "fusion_ep2.pt"),
+                                 "--out", str(tmp_path / "eval"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert report["count"] == 20 and len(report["confusion"]) == 4
+    assert sum(map(sum, report["confusion"])) == 20 and report["top1"] > 50
+    assert set(report["per_class"]) == {"c0", "c1", "c2", "c3"}
+    assert (tmp_path / "eval" / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["val_top1"] == pytest.approx(report["top1"])  # the same evaluation, two ways
+
+
+def _fails(result, *fragments):
+    assert result.exit_code == 2, result.output
+    err = result.stderr
+    assert err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_classes_smaller_than_the_labels(cache, tmp_path):
+    result = runner.invoke(app, ["train", "--loader", "wds", "--root", str(cache), "--split", "train",
+                                 "--teachers", "ta,tb", "--converters", str(cache / "conv" / "converters.pt"),
+                                 "--classes", "2", "--save-dir", str(tmp_path / "r"), "--quiet"])
+    _fails(result, "--classes 2", "has 4 classes")
+    assert not (tmp_path / "r").exists()
+
+
+def test_missing_converters_file(cache, tmp_path):
+    result = runner.invoke(app, ["train", "--loader", "wds", "--root", str(cache), "--split", "train",
+                                 "--teachers", "ta,tb", "--converters", str(tmp_path / "none.pt"),
+                                 "--classes", "4", "--save-dir", str(tmp_path / "r"), "--quiet"])
+    _fails(result, "--converters", "none.pt", "no such file")
+
+
+def test_converters_of_another_student(cache, tmp_path):
+    other = make_feature_cache(tmp_path / "c2", count=16)
+    raw = torch.load(cache / "conv" / "converters.pt", weights_only=True)
+    raw["student"]["dim"] = 99
+    torch.save(raw, tmp_path / "wrong.pt")
+    result = runner.invoke(app, ["train", "--loader", "wds", "--root", str(other), "--split", "train",
+                                 "--teachers", "ta,tb", "--converters", str(tmp_path / "wrong.pt"),
+                                 "--classes", "4", "--save-dir", str(tmp_path / "r"), "--quiet"])
+    _fails(result, "wrong.pt", "width 99", "width 16")
+
+
+def test_cache_of_another_student(cache, tmp_path):
+    result = _train(cache, tmp_path / "r", "--student", "tiny-videomae")
+    _fails(result, "--student tiny-videomae", "built with student 'tiny-student'")
+
+
+def test_resume_from_another_configuration(cache, tmp_path):
+    assert _train(cache, tmp_path / "r").exit_code == 0
+    result = _train(cache, tmp_path / "r", "--resume", "--seed", "5")
+    _fails(result, "--resume", "another configuration", "seed")
+    result = _train(cache, tmp_path / "r", "--epochs", "3", "--resume")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_unknown_loader_and_missing_cache(tmp_path):
+    result = runner.invoke(app, ["train", "--loader", "lmdb", "--root", str(tmp_path), "--split", "train",
+                                 "--teachers", "a", "--converters", "c.pt", "--classes", "3"])
+    _fails(result, "--loader 'lmdb'")
+    result = runner.invoke(app, ["train-converters", "--root", str(tmp_path / "nope"), "--split", "train",
+                                 "--teachers", "a", "--save-dir", str(tmp_path / "o")])
+    _fails(result, "nope", "no such cache directory")
+
+
+def test_every_bad_argument_is_reported_at_once(tmp_path):
+    result = runner.invoke(app, ["train", "--loader", "dali", "--root", str(tmp_path), "--split", "train",
+                                 "--teachers", "a", "--converters", "c.pt", "--classes", "0",
+                                 "--frames", "0", "--lr", "-1"])
+    _fails(result, "--dataset: required", "--student: required", "--frames 0", "--classes 0", "--lr -1.0")

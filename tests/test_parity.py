@@ -1,0 +1,145 @@
+"""Video mode (--loader dali) and cached mode (--loader wds) give the same batches, features
+and losses for the same seed, within DESIGN.md's tolerances."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bombkd_train.converters import ConverterTrainConfig, train_converters
+from bombkd_train.featurize import FeaturizeConfig, featurize
+from bombkd_train.loaders import DataConfig, open_source
+from bombkd_train.trainer import TrainConfig, train
+
+STUDENT, TEACHER = "tiny-vjepa2", "tiny-vivit"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, sample_root):
+    """The 12 training videos of ``sample_root``, and fp32 and fp16 caches of them in shards
+    of 4 (so 3 shards)."""
+    base = tmp_path_factory.mktemp("parity")
+    videos = sample_root
+    caches = {}
+    for dtype in ("float32", "float16"):
+        caches[dtype] = base / dtype
+        featurize(FeaturizeConfig(dataset="ucf101", root=str(videos), split="train", student=STUDENT,
+                                  out=str(caches[dtype]), teachers=[TEACHER], shard_size=4,
+                                  dtype=dtype, batch_size=3, workers=2))
+    conv = train_converters(ConverterTrainConfig(root=str(caches["float32"]), split="train",
+                                                 teachers=[TEACHER], save_dir=str(base / "conv"),
+                                                 epochs=0, val_frac=0.0))
+    return videos, caches, conv.path
+
+
+def _sources(data, dtype, workers=0, seed=3):
+    videos, caches, _ = data
+    common = dict(batch=3, workers=workers, seed=seed, student=STUDENT)
+    wds = open_source(DataConfig(loader="wds", root=str(caches[dtype]), **common), "train")
+    dali = open_source(DataConfig(loader="dali", root=str(videos), dataset="ucf101",
+                                  cache=str(caches[dtype]), **common), "train")
+    return wds.loader, dali.loader
+
+
+def _epochs(loader, epochs=(0, 1)):
+    out = []
+    for e in epochs:
+        loader.set_epoch(e)
+        out.extend(loader)
+    return out
+
+
+@pytest.mark.slow
+def test_same_seed_same_batches_and_fp32_features(data):
+    cached, video = _sources(data, "float32")
+    a, b = _epochs(cached), _epochs(video)
+    assert [x["index"].tolist() for x in a] == [x["index"].tolist() for x in b]
+    assert [x["key"] for x in a] == [x["key"] for x in b]
+    assert all(torch.equal(x["label"], y["label"]) for x, y in zip(a, b))
+    assert sorted(i for x in a[:len(a) // 2] for i in x["index"].tolist()) == list(range(12))
+    assert [x["index"].tolist() for x in a[:4]] != [x["index"].tolist() for x in a[4:]]  # reshuffled
+    diff = max(float((x["student"] - y["student"]).abs().max()) for x, y in zip(a, b))
+    assert diff <= 1e-5
+
+
+@pytest.mark.slow
+def test_fp16_cache_features_are_the_video_features_rounded(data):
+    cached, video = _sources(data, "float16")
+    for x, y in zip(_epochs(cached, (0,)), _epochs(video, (0,))):
+        assert x["index"].tolist() == y["index"].tolist()
+        # one fp16 rounding step: half an ulp, 2^-11 relative (plus the subnormal floor)
+        bound = y["student"].abs() * 2.0 ** -11 + 2.0 ** -24
+        assert bool(((x["student"] - y["student"]).abs() <= bound).all())
+
+
+@pytest.mark.slow
+def test_plan_with_two_workers_is_the_same_in_both_modes(data):
+    cached, video = _sources(data, "float32", workers=2)
+    assert [x["index"].tolist() for x in _epochs(cached, (0,))] == \
+        [x["index"].tolist() for x in _epochs(video, (0,))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-4), ("float16", 1e-2)])
+def test_step_losses_agree(data, tmp_path, dtype, tolerance):
+    videos, caches, conv = data
+    losses = {}
+    for mode, root in (("wds", caches[dtype]), ("dali", videos)):
+        cfg = TrainConfig(loader=mode, root=str(root), split="train", teachers=[TEACHER],
+                          converters=str(conv), classes=6, dataset="ucf101", student=STUDENT,
+                          batch=3, epochs=2, lr=3e-3, seed=3, cache=str(caches[dtype]),
+                          save_dir=str(tmp_path / mode), device="cpu", progress=False)
+        train(cfg)
+        records = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
+        losses[mode] = [r["loss"] for r in records if r["kind"] == "step"]
+    assert len(losses["wds"]) == len(losses["dali"]) == 8
+    rel = max(abs(a - b) / abs(b) for a, b in zip(losses["wds"], losses["dali"]))
+    assert rel <= tolerance
+
+
+@pytest.mark.slow
+def test_eval_gives_the_same_confusion_matrix_in_both_modes(data, tmp_path):
+    from bombkd_train.evaluate import EvalConfig, evaluate
+
+    videos, caches, conv = data
+    run = train(TrainConfig(loader="wds", root=str(caches["float32"]), split="train", teachers=[TEACHER],
+                            converters=str(conv), classes=6, batch=3, epochs=1, seed=3,
+                            save_dir=str(tmp_path / "run"), device="cpu", progress=False))
+    results = {}
+    for mode, root in (("wds", caches["float32"]), ("dali", videos)):
+        data_cfg = DataConfig(loader=mode, root=str(root), dataset="ucf101", batch=4)
+        results[mode], path = evaluate(EvalConfig(data=data_cfg, split="train", fusion=str(run.checkpoint),
+                                                  out=str(tmp_path / mode), progress=False))
+        assert path.is_file() and (path.parent / "confusion.png").is_file()
+    assert results["wds"].count == results["dali"].count == 12
+    assert results["wds"].confusion == results["dali"].confusion
+
+
+@pytest.mark.slow
+def test_an_unreadable_video_is_left_out_the_same_way_in_both_modes(tmp_path, sample_root):
+    import shutil
+
+    from bombkd_io.datasets import index_dataset
+
+    videos = tmp_path / "videos"
+    shutil.copytree(sample_root, videos)
+    first = Path(index_dataset("ucf101", videos, "train").items[3].path)
+    first.write_bytes(first.read_bytes()[:300])  # a header and no frames
+    cache = tmp_path / "cache"
+    manifest = featurize(FeaturizeConfig(dataset="ucf101", root=str(videos), split="train",
+                                         student=STUDENT, out=str(cache), shard_size=4,
+                                         dtype="float32", batch_size=3, workers=2))
+    common = dict(batch=3, seed=1, student=STUDENT)
+    cached = open_source(DataConfig(loader="wds", root=str(cache), **common), "train")
+    video = open_source(DataConfig(loader="dali", root=str(videos), dataset="ucf101",
+                                   cache=str(cache), **common), "train")
+    plain = open_source(DataConfig(loader="dali", root=str(videos), dataset="ucf101",
+                                   shard_size=4, **common), "train")  # no cache: probing decides
+    assert [f["path"] for f in manifest.failed] == [str(first)]
+    assert [f["path"] for f in plain.failed] == [str(first)]  # probing records it too
+    assert cached.num_samples == video.num_samples == plain.num_samples == 11
+    keys = lambda loader: [k for b in _epochs(loader, (0,)) for k in b["key"]]  # noqa: E731
+    assert keys(cached.loader) == keys(video.loader) == keys(plain.loader)
+    assert not any(first.stem in k for k in keys(video.loader))
