@@ -195,14 +195,21 @@ class Trainer:
             student = batch["student"].to(self.device, non_blocking=True)  # [B, T', D]
             labels = batch["label"].to(self.device, non_blocking=True)  # [B]
             out = self.model(student)
-            loss = F.cross_entropy(out.logits, labels) + self.cfg.gate_l1 * out.gate_l1()
+            n = len(labels)
+            if n:
+                loss = F.cross_entropy(out.logits, labels) + self.cfg.gate_l1 * out.gate_l1()
+            else:
+                # an empty batch (every clip of it failed to decode on this rank): a zero step
+                # that still joins the other ranks' gradient all-reduce
+                loss = out.logits.sum() * 0.0
             self.optim.zero_grad(set_to_none=True)
             loss.backward()
             self.optim.step()
             self.step += 1
             # one device->host copy per step: loss, top-1, top-5, mean gate per teacher
+            if n == 0:
+                continue
             loss_v, top1, top5, *gates = _step_stats(loss, out, labels, names).tolist()
-            n = len(labels)
             sums += torch.tensor([loss_v * n, top1, top5, n, *(g * n for g in gates)],
                                  dtype=torch.float64)
             now = time.perf_counter()

@@ -103,9 +103,14 @@ class VideoFeatureLoader:
                 self.decode_failed.append((path, why))
                 warnings.warn(f"{path}: {why}; skipped", stacklevel=2)
             if not clip_batch.positions:
-                continue
-            with torch.no_grad():
-                student = self.backbone(clip_batch.clips)  # [B, T', D]
+                if self.world_size == 1:
+                    continue
+                # Every clip of this rank's batch failed. Under DDP every rank must still take
+                # the step (its gradient all-reduce waits for all), so yield an empty batch.
+                student = torch.zeros(0, self.backbone.tokens, self.backbone.dim)  # [0, T', D]
+            else:
+                with torch.no_grad():
+                    student = self.backbone(clip_batch.clips)  # [B, T', D]
             where = [self.positions[p] for p in clip_batch.positions]  # index positions
             items = [self.index.items[i] for i in where]
             yield {

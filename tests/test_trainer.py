@@ -119,3 +119,38 @@ def test_converters_for_another_student_are_refused(cache, tmp_path):
                                                  val_cosine={}, config={}), tmp_path / "c.pt")
     with pytest.raises(ConfigError, match="width 32.*width 16"):
         train(_config(cache, tmp_path, converters=str(path)))
+
+
+class _WithEmptyBatch:
+    """The real cached loader, with an empty batch (what video mode yields under DDP when every
+    clip of a rank's batch failed to decode) inserted after the first one."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def set_epoch(self, epoch):
+        self.loader.set_epoch(epoch)
+
+    def num_batches(self, epoch):
+        return self.loader.num_batches(epoch) + 1
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            yield batch
+            if i == 0:
+                yield {"student": batch["student"][:0], "label": batch["label"][:0],
+                       "key": [], "index": batch["index"][:0]}
+
+
+def test_an_empty_batch_is_a_zero_step_not_a_nan(cache, tmp_path):
+    from bombkd_train.trainer import Trainer
+
+    trainer = Trainer(_config(cache, tmp_path, epochs=1)).setup()
+    trainer.source.loader = _WithEmptyBatch(trainer.source.loader)
+    result = trainer.train()
+    trainer.close()
+    records = _records(tmp_path / "run")
+    steps = [r for r in records if r["kind"] == "step"]
+    assert result.steps == len(steps) + 1 == 7      # the empty batch took a step, logged none
+    assert all(torch.isfinite(w).all() for w in _weights(result.checkpoint).values())
+    assert records[-1]["samples"] == 48 and records[-1]["loss"] == records[-1]["loss"]  # not NaN
