@@ -17,8 +17,6 @@ alone (``--resume``, or a teacher added later) and comes out byte-identical.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -37,6 +35,7 @@ from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_io.video import ClipLoader, probe_videos
 from bombkd_train.backbones import Backbone, create_backbone
 from bombkd_train.featurize_estimate import DiskEstimate, check_free_space, estimate_bytes
+from bombkd_train.threads import model_threads
 from bombkd_train.featurize_state import (CacheState, FeaturizeConfig, load_state,
                                           remove_stale_temps, save_progress)
 
@@ -81,26 +80,11 @@ def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -
     config.validate()
     index = index_dataset(config.dataset, config.root, config.split)
     state = load_state(config, index)
-    with _model_threads(config):
-        stats.threads = torch.get_num_threads()
+    with model_threads(config.device, config.workers) as threads:
+        stats.threads = threads
         manifest = _Run(config, index, state, stats).execute()
     stats.total_s = time.perf_counter() - start
     return manifest
-
-
-@contextlib.contextmanager
-def _model_threads(config: FeaturizeConfig) -> Iterator[None]:
-    """On the CPU, leave cores to the decode threads: torch's intra-op threads spin-wait, and
-    oversubscribed they run several times slower than fewer threads (measured 2 cores: 1 model
-    thread + decoding is ~5x faster than 2 + decoding). Restored afterwards."""
-    before = torch.get_num_threads()
-    if config.device == "cpu":
-        cpus = os.cpu_count() or 1
-        torch.set_num_threads(max(1, min(before, cpus - min(config.workers, cpus // 2))))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def estimate_featurize(config: FeaturizeConfig) -> DiskEstimate:

@@ -14,7 +14,6 @@ featurize puts it in the cache, so the same seed gives the same batches in eithe
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Collection
 
@@ -25,6 +24,7 @@ from bombkd_io.datasets import index_dataset, item_key
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE, epoch_batches
 from bombkd_io.video import ClipLoader, probe_videos
 from bombkd_train.backbones import create_backbone
+from bombkd_train.threads import decode_threads_for, model_threads
 
 
 def plan_workers(num_workers: int, num_samples: int, shard_size: int, world_size: int) -> int:
@@ -33,17 +33,6 @@ def plan_workers(num_workers: int, num_samples: int, shard_size: int, world_size
     mode (which has no worker processes) uses as many as there are shards per rank."""
     num_shards = max(1, -(-num_samples // shard_size))
     return max(1, min(max(1, num_workers), num_shards // max(1, world_size)))
-
-
-def share_cores(device: str) -> int:
-    """Decode threads; on the CPU also caps torch's threads so decode and inference share the
-    cores instead of oversubscribing them (on a busy 2-core machine, decode + tiny-vjepa2 ran at
-    5 clips/s with 2 torch + 2 DALI threads and at 53 clips/s with 1 + 1). Half the cores decode."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    decode = max(1, (cores or 2) // 2)
-    if not str(device).startswith("cuda"):
-        torch.set_num_threads(min(torch.get_num_threads(), max(1, (cores or 2) - decode)))
-    return decode
 
 
 class VideoFeatureLoader:
@@ -65,7 +54,8 @@ class VideoFeatureLoader:
         # index positions of the decodable items (keys use the index position)
         self.positions = [i for i, item in enumerate(self.index.items) if item.path in by_path]
         infos = [by_path[self.index.items[i].path] for i in self.positions]
-        decode_threads = decode_threads or share_cores(device)
+        self.device = device
+        self.decode_threads = decode_threads = decode_threads or decode_threads_for()
         self.backbone = create_backbone(student, frames=frames, size=size, pool=pool, device=device)
         self.clips = ClipLoader(infos, frames=self.backbone.frames, size=self.backbone.size,
                                 batch_size=batch_size, device=device,
@@ -96,6 +86,11 @@ class VideoFeatureLoader:
         return len(self.plan(self.epoch if epoch is None else epoch))
 
     def __iter__(self):
+        # decode threads and the student share the CPU for as long as the epoch runs
+        with model_threads(self.device, self.decode_threads):
+            yield from self._batches()
+
+    def _batches(self):
         for clip_batch in self.clips.batches([b.tolist() for b in self.plan(self.epoch)]):
             # a video that probed fine but does not decode is recorded and skipped, not fatal
             for p, why in clip_batch.failed:
