@@ -34,6 +34,7 @@ class DataConfig:
     shard_size: int | None = None  # dali: default the cache's, else DEFAULT_SHARD_SIZE
     cache: str | None = None       # dali: a feature cache whose plan and student settings to replay
     device: str = "cpu"
+    on_error: str = "raise"        # wds: a corrupt shard stops the run ("raise") or is skipped
 
     def problems(self) -> list[str]:
         out = []
@@ -44,6 +45,8 @@ class DataConfig:
                        "(ucf101, hmdb51, folder, csv, jsonl)")
         if self.loader == "dali" and not self.student:
             out.append("--student: required with --loader dali")
+        if self.on_error not in ("raise", "skip"):
+            out.append(f"--on-error {self.on_error!r}: expected raise or skip")
         if self.batch < 1:
             out.append(f"--batch {self.batch}: must be >= 1")
         if self.workers < 0:
@@ -90,7 +93,8 @@ def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureS
 
     loader = make_cached_loader(cfg.root, split, models=("student",), batch_size=cfg.batch,
                                 seed=cfg.seed, num_workers=cfg.workers, rank=rank,
-                                world_size=world_size, dataset=cfg.dataset)
+                                world_size=world_size, dataset=cfg.dataset,
+                                on_error=cfg.on_error)
     manifest = loader.manifest
     entry = manifest.models["student"]
     problems = []

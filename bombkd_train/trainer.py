@@ -62,6 +62,7 @@ class TrainConfig:
     workers: int = 0
     shard_size: int | None = None
     cache: str | None = None
+    on_error: str = "raise"
     save_dir: str = "runs/fusion"
     resume: bool = False
     val_split: str | None = None
@@ -72,7 +73,8 @@ class TrainConfig:
         return DataConfig(loader=self.loader, root=self.root, dataset=self.dataset,
                           student=self.student, frames=self.frames, size=self.size, pool=self.pool,
                           batch=self.batch, workers=self.workers, seed=self.seed,
-                          shard_size=self.shard_size, cache=self.cache, device=device)
+                          shard_size=self.shard_size, cache=self.cache, device=device,
+                          on_error=self.on_error)
 
     def validate(self) -> None:
         """Every bad argument at once, before any I/O."""

@@ -112,3 +112,19 @@ def test_every_bad_argument_is_reported_at_once(tmp_path):
                                  "--teachers", "a", "--converters", "c.pt", "--classes", "0",
                                  "--frames", "0", "--lr", "-1"])
     _fails(result, "--dataset: required", "--student: required", "--frames 0", "--classes 0", "--lr -1.0")
+
+
+def test_corrupt_shard_stops_training_unless_skip_is_asked(cache, tmp_path):
+    import shutil
+
+    root = tmp_path / "cache"
+    shutil.copytree(cache, root)
+    shard = root / "synth-train-student-000001.tar"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2:len(raw) // 2 + 600] = b"\xc1" * 600   # garbage over a sample's members
+    shard.write_bytes(bytes(raw))
+    _fails(_train(root, tmp_path / "raise"), "synth-train-student-000001.tar")
+    assert not list((tmp_path / "raise").glob("fusion_ep*.pt"))
+    result = _train(root, tmp_path / "skip", "--on-error", "skip")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "skip" / "fusion_ep2.pt").is_file()

@@ -28,6 +28,9 @@ ShardSize = Annotated[Optional[int], typer.Option(
 Cache = Annotated[Optional[str], typer.Option(
     "--cache", help="dali: a feature cache whose epoch plan and student settings to replay")]
 Device = Annotated[str, typer.Option("--device", help="auto, cpu, cuda")]
+OnError = Annotated[str, typer.Option(
+    "--on-error", "--on_error",
+    help="wds: a corrupt shard stops the run (raise) or is skipped and reported (skip)")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
 Teachers = Annotated[str, typer.Option("--teachers", help="comma-separated teacher names")]
 SaveDir = Annotated[str, typer.Option("--save-dir", "--save_dir")]
@@ -83,7 +86,7 @@ def train_cmd(
                       ] = False,
     val_split: Annotated[Optional[str], typer.Option("--val-split", "--val_split")] = None,
     workers: Workers = 0, shard_size: ShardSize = None, cache: Cache = None,
-    device: Device = "auto", quiet: Quiet = False,
+    on_error: OnError = "raise", device: Device = "auto", quiet: Quiet = False,
 ) -> None:
     """Train the fusion head on cached features (--loader wds) or on videos (--loader dali)."""
     from bombkd_train.trainer import TrainConfig, train
@@ -93,7 +96,8 @@ def train_cmd(
             loader=loader, root=root, split=split, teachers=_names(teachers),
             converters=converters, classes=classes, dataset=dataset, student=student,
             frames=frames, size=size, batch=batch, epochs=epochs, lr=lr, gate_l1=gate_l1,
-            seed=seed, workers=workers, shard_size=shard_size, cache=cache, save_dir=save_dir,
+            seed=seed, workers=workers, shard_size=shard_size, cache=cache, on_error=on_error,
+            save_dir=save_dir,
             resume=resume, val_split=val_split, device=device, progress=not quiet))
     last = result.last
     if last:
@@ -113,7 +117,8 @@ def eval_cmd(
         "--converters", help="default: the run's")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="default: next to --fusion")] = None,
     dataset: Dataset = None, student: Student = None, frames: Frames = None, size: Size = None,
-    batch: Batch = 32, workers: Workers = 0, cache: Cache = None, device: Device = "auto",
+    batch: Batch = 32, workers: Workers = 0, cache: Cache = None, on_error: OnError = "raise",
+    device: Device = "auto",
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix (eval.json, confusion.png)."""
     from bombkd_train.evaluate import EvalConfig, evaluate
@@ -123,7 +128,8 @@ def eval_cmd(
     with user_errors():
         dev = resolve_device(device)
         data = DataConfig(loader=loader, root=root, dataset=dataset, student=student, frames=frames,
-                          size=size, batch=batch, workers=workers, cache=cache, device=dev)
+                          size=size, batch=batch, workers=workers, cache=cache, device=dev,
+                          on_error=on_error)
         result, path = evaluate(EvalConfig(data=data, split=split, fusion=fusion,
                                            converters=converters, out=out))
     typer.echo(f"{result.count} clips: top-1 {result.top1:.1f}%, top-5 {result.top5:.1f}%")
