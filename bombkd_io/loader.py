@@ -137,14 +137,17 @@ class CachedFeatureDataset(IterableDataset):
         """
         if self.on_error == "skip":
             pieces = [(k, d, p[_present(d)[p]]) for k, d, p in pieces]
-        if sum(len(p) for _, _, p in pieces) == 0:
-            return None  # only with on_error="skip": every sample of the batch was skipped
+        if sum(len(p) for _, _, p in pieces) == 0 and self.world_size == 1:
+            return None  # every sample of the batch was skipped (on_error="skip")
+        # Under DDP an empty batch still goes through: every rank must take every step.
         size = self.manifest.shard_size
         return {
             "features": {name: b"".join(d[name].features[p].tobytes() for _, d, p in pieces)
                          for name in self.entries},
-            "label": np.concatenate([d["student"].labels[p] for _, d, p in pieces]).tobytes(),
-            "index": np.concatenate([k * size + p for k, _, p in pieces]).tobytes(),
+            "label": np.concatenate([np.zeros(0, np.int64)] +
+                                    [d["student"].labels[p] for _, d, p in pieces]).tobytes(),
+            "index": np.concatenate([np.zeros(0, np.int64)] +
+                                    [k * size + p for k, _, p in pieces]).tobytes(),
             "key": [d["student"].keys[i] for _, d, p in pieces for i in p],
             "skipped": (self.worker, self.skips.samples)}  # this worker's count so far
 
@@ -155,7 +158,7 @@ class CachedFeatureDataset(IterableDataset):
         with warnings.catch_warnings():  # read-only bytes: copied at once, never written
             warnings.simplefilter("ignore", UserWarning)
             for name, entry in self.entries.items():
-                rows = torch.frombuffer(packed["features"][name], dtype=_TORCH[entry.dtype])
+                rows = _tensor(packed["features"][name], _TORCH[entry.dtype])
                 rows = rows.view(b, entry.tokens, entry.dim)  # [B, T', D]
                 out = torch.empty(rows.shape, dtype=torch.float32, pin_memory=pin_memory)
                 # Cast in slices under torch's parallel grain: a small cast handed to the
@@ -165,10 +168,15 @@ class CachedFeatureDataset(IterableDataset):
                 for i in range(0, b, step):
                     out[i:i + step].copy_(rows[i:i + step])
                 batch[name] = out
-            batch["label"] = torch.frombuffer(packed["label"], dtype=torch.int64).clone()
-            batch["index"] = torch.frombuffer(packed["index"], dtype=torch.int64).clone()
+            batch["label"] = _tensor(packed["label"], torch.int64).clone()
+            batch["index"] = _tensor(packed["index"], torch.int64).clone()
         batch["key"] = packed["key"]
         return batch
+
+
+def _tensor(buf: bytes, dtype: torch.dtype) -> torch.Tensor:
+    """A flat tensor over ``buf`` (``torch.frombuffer`` refuses an empty buffer)."""
+    return torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
 
 
 def _groups(items: Iterator, size: int) -> Iterator[list]:
@@ -200,21 +208,24 @@ def _check_keys(data: dict[str, ShardData], urls: dict[str, str]) -> None:
 
 
 def _cut(stream: Iterator[Piece], sizes: list[int]) -> Iterator[list[Piece]]:
-    """Cut the stream of permuted shards into batches of ``sizes`` (batches may span shards)."""
-    pieces, j = [], 0
-    need = sizes[0] if sizes else 0
+    """Cut the stream of permuted shards into batches of ``sizes`` (batches may span shards;
+    a size of 0 gives an empty batch, see ``batch_sizes``)."""
+    wanted = iter(sizes)
+    need, pieces = next(wanted, None), []
+    while need == 0:
+        yield []
+        need = next(wanted, None)
     for k, data, order in stream:
         start = 0
-        while start < len(order):
+        while start < len(order) and need is not None:
             take = min(need, len(order) - start)
             pieces.append((k, data, order[start:start + take]))
             start, need = start + take, need - take
-            if need == 0:
+            while need == 0:
                 yield pieces
-                pieces, j = [], j + 1
-                if j == len(sizes):
-                    return
-                need = sizes[j]
+                need, pieces = next(wanted, None), []
+        if need is None:
+            return
 
 
 class CachedLoader:

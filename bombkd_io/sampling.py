@@ -70,13 +70,14 @@ def stream_samples(seed: int, epoch: int, num_samples: int, shard_size: int, **s
 def batch_sizes(count: int, batch_size: int, num_batches: int) -> list[int]:
     """Split ``count`` samples into exactly ``num_batches`` batches of at most ``batch_size``.
 
-    Full batches first; where a stream has fewer samples than its peers, its last batches shrink
-    (never below one sample), so every rank takes the same number of steps without dropping or
-    repeating a sample.
+    Full batches first; where a stream has fewer samples than its peers, its last batches shrink,
+    so every rank takes the same number of steps without dropping or repeating a sample. A stream
+    with fewer samples than steps ends in empty batches: under DDP its rank still takes (zero)
+    steps, so the gradient all-reduce of the other ranks never waits for it in vain.
     """
     sizes, left = [], count
     for j in range(num_batches):
-        size = min(batch_size, left - (num_batches - 1 - j))
+        size = max(0, min(batch_size, left - (num_batches - 1 - j)))
         sizes.append(size)
         left -= size
     return sizes

@@ -192,3 +192,24 @@ def test_missing_shard_raises_or_skips(cache, tmp_path):
     with pytest.warns(RuntimeWarning, match="skipped 4 sample"):
         seen = sorted(i for b in loader for i in b["index"].tolist())
     assert seen == [i for i in range(N) if not 4 <= i < 8] and loader.skipped == 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_uneven_ranks_take_the_same_steps_with_empty_batches(tmp_path, workers):
+    # 21 samples in shards of 10 (the last holds 1) over 2 ranks, batch 4: in some epochs one
+    # rank reads only the 1-sample shard and must still take as many steps as the other
+    root = make_cache(tmp_path / "c", n=21, shard_size=10)
+    for epoch in range(6):
+        per_rank = []
+        for rank in range(2):
+            loader = make_cached_loader(root, "train", batch_size=4, num_workers=min(workers, 1),
+                                        rank=rank, world_size=2)
+            loader.set_epoch(epoch)
+            batches = [b["index"].tolist() for b in loader]
+            assert len(batches) == loader.num_batches(epoch)
+            plan = epoch_batches(0, epoch, 21, 10, 4, rank=rank, world_size=2,
+                                 num_workers=min(workers, 1))
+            assert batches == [p.tolist() for p in plan]
+            per_rank.append(batches)
+        assert len(per_rank[0]) == len(per_rank[1])
+        assert sorted(i for b in per_rank for x in b for i in x) == list(range(21))

@@ -78,3 +78,14 @@ def test_workers_interleave_round_robin():
 def test_too_few_shards_for_the_streams_is_a_clear_error():
     with pytest.raises(ValueError, match="shard-size"):
         epoch_batches(0, 0, 10, 10, 4, world_size=2)
+
+
+def test_a_rank_with_fewer_samples_than_steps_gets_empty_batches_not_negative_ones():
+    # 21 samples in shards of 10 over 2 ranks: some epochs give one rank only the 1-sample shard
+    for epoch in range(10):
+        plans = [epoch_batches(0, epoch, 21, 10, 4, rank=r, world_size=2) for r in range(2)]
+        assert len(plans[0]) == len(plans[1])
+        assert all(len(b) >= 0 for p in plans for b in p)
+        seen = sorted(i for p in plans for b in p for i in b.tolist())
+        assert seen == list(range(21))
+    assert batch_sizes(1, 4, 5) == [0, 0, 0, 0, 1]
