@@ -70,14 +70,30 @@ def _video(root: Path, rel: str, list_file: Path) -> Path:
     return path.absolute()
 
 
-def index_ucf101(root: Path, split: str) -> VideoIndex:
+def _official_fold(dataset: str, split: str) -> tuple[str, int]:
+    """("train" | "test", fold 1-3) of an official split name; DatasetError for any other."""
     part, fold = parse_split(split)
     if fold == 0:
-        raise DatasetError(f"ucf101: unknown split {split!r}; use train/test, train2/test2, "
+        raise DatasetError(f"{dataset}: unknown split {split!r}; use train/test, train2/test2, "
                            "train3/test3")
+    return part, fold
+
+
+def _fields(list_file: Path, line: str, count: int, form: str) -> list[str]:
+    """The first ``count`` whitespace-separated fields of a split-file line, or a DatasetError
+    naming the file and the line."""
+    fields = line.split()
+    if len(fields) < count:
+        raise DatasetError(f"{list_file}: line {line!r} is not '{form}'; fix or re-download the "
+                           "split file")
+    return fields[:count]
+
+
+def index_ucf101(root: Path, split: str) -> VideoIndex:
+    part, fold = _official_fold("ucf101", split)
     lists = _find(root, ["ucfTrainTestlist", "../ucfTrainTestlist", "splits"], "ucfTrainTestlist")
     class_ind = lists / "classInd.txt"
-    classes = [line.split()[1] for line in _lines(class_ind)]
+    classes = [_fields(class_ind, line, 2, "<id> <class>")[1] for line in _lines(class_ind)]
     list_file = lists / f"{part}list0{fold}.txt"
     items = []
     for line in _lines(list_file):
@@ -90,10 +106,7 @@ def index_ucf101(root: Path, split: str) -> VideoIndex:
 
 
 def index_hmdb51(root: Path, split: str) -> VideoIndex:
-    part, fold = parse_split(split)
-    if fold == 0:
-        raise DatasetError(f"hmdb51: unknown split {split!r}; use train/test, train2/test2, "
-                           "train3/test3")
+    part, fold = _official_fold("hmdb51", split)
     lists = _find(root, ["testTrainMulti_7030_splits", "splits", "."], "split directory")
     files = sorted(lists.glob(f"*_test_split{fold}.txt"))
     if not files:
@@ -103,7 +116,7 @@ def index_hmdb51(root: Path, split: str) -> VideoIndex:
     items = []
     for label, (name, list_file) in enumerate(zip(classes, files)):
         for line in _lines(list_file):
-            video, flag = line.split()[:2]
+            video, flag = _fields(list_file, line, 2, "<video> <0|1|2>")
             if flag == want:
                 items.append(VideoItem(str(_video(root / name, video, list_file)), label, name))
     return _checked(VideoIndex("hmdb51", split, str(root), classes, items), lists)

@@ -19,9 +19,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bombkd_io.errors import ConfigError, DatasetError
-from bombkd_io.sampling import batch_sizes, epoch_batches, shard_order, stream_shards
+from bombkd_io.sampling import (batch_sizes, check_streams, epoch_batches, shard_order,
+                                stream_shards)
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
-from bombkd_io.shards.reader import ON_ERROR, ShardData, ShardError, SkipLog, read_shard
+from bombkd_io.shards.reader import ShardData, ShardError, SkipLog, check_on_error, read_shard
 
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
 GROUP = 8  # batches per worker-to-loader transfer: amortises the DataLoader's per-item cost
@@ -54,8 +55,10 @@ class CachedFeatureDataset(IterableDataset):
             problems.append(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             problems.append(f"rank {rank} is not in [0, world_size={world_size})")
-        if on_error not in ON_ERROR:
-            problems.append(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        try:
+            check_on_error(on_error)
+        except ConfigError as exc:
+            problems += exc.problems
         if "student" not in models or len(set(models)) != len(models):
             problems.append(f"models must name 'student' (it carries keys and labels) once, "
                             f"plus any teachers; got {models}")
@@ -80,19 +83,15 @@ class CachedFeatureDataset(IterableDataset):
         self.epoch = epoch
 
     def check_streams(self, num_workers: int) -> None:
-        streams = self.world_size * max(1, num_workers)
-        if self.num_shards < streams:
-            raise ConfigError(
-                f"{self.root}: the cache has {self.num_shards} shard(s), too few for "
-                f"{self.world_size} rank(s) x {max(1, num_workers)} worker(s); use fewer "
-                "workers, or re-run featurize with a smaller --shard-size")
+        check_streams(self.num_shards, self.world_size, num_workers, where=f"cache {self.root}")
 
     def plan(self, worker: int, num_workers: int) -> tuple[list[int], list[int]]:
         """(shards this stream reads, in order; its batch sizes) — as ``epoch_batches`` plans."""
         self.check_streams(num_workers)
         counts = [s.count for s in self.entries["student"].shards]
-        split = dict(world_size=self.world_size, worker=worker, num_workers=num_workers)
-        streams = [stream_shards(self.seed, self.epoch, len(counts), rank=r, **split)
+        streams = [stream_shards(self.seed, self.epoch, len(counts), rank=r,
+                                 world_size=self.world_size, worker=worker,
+                                 num_workers=num_workers)
                    for r in range(self.world_size)]
         lengths = [sum(counts[k] for k in s) for s in streams]
         steps = max(-(-n // self.batch_size) for n in lengths)  # the longest rank's count

@@ -11,7 +11,6 @@ seed writes byte-identical files.
 from __future__ import annotations
 
 import colorsys
-import os
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import av
 import numpy as np
 from tqdm import tqdm
+
+from bombkd_io.atomic import atomic_path
 
 CODECS = ("vp9", "h264", "mpeg4", "mjpeg")
 # codec -> (container extension, encoder, pixel format, encoder options)
@@ -116,9 +117,9 @@ def render_clip(spec: ClassSpec, rng: np.random.Generator, num_frames: int,
 
 def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int) -> None:
     """Write ``frames`` ``[F, H, W, 3]`` uint8 RGB to ``path``, bit-exactly, via a temp name."""
-    ext, encoder, pix_fmt, options = _ENCODERS[codec]
-    tmp = path.with_name(f".{path.stem}.tmp{ext}")
-    with av.open(str(tmp), "w", container_options={"fflags": "+bitexact"}) as container:
+    _, encoder, pix_fmt, options = _ENCODERS[codec]
+    with atomic_path(path) as tmp, \
+            av.open(str(tmp), "w", container_options={"fflags": "+bitexact"}) as container:
         # One encoder thread: threaded encoders are not bit-reproducible. It must be the "threads"
         # option; libx264 ignores codec_context.thread_count set from Python.
         stream = container.add_stream(encoder, rate=fps, options={**options, "threads": "1"})
@@ -131,7 +132,6 @@ def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int) -> None:
             frame.pts = i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
-    os.replace(tmp, path)
 
 
 def _split_lists(names: list[str], specs: list[ClassSpec], per_class: int) -> tuple[list, list]:
@@ -155,9 +155,8 @@ def _write_lists(out: Path, specs: list[ClassSpec], names: list[str], per_class:
         "testlist01.txt": test,
     }
     for name, lines in contents.items():
-        tmp = lists / f".{name}.tmp"
-        tmp.write_text("".join(f"{line}\r\n" for line in lines))   # CRLF, as UCF101 ships them
-        os.replace(tmp, lists / name)
+        with atomic_path(lists / name) as tmp:
+            tmp.write_text("".join(f"{line}\r\n" for line in lines))   # CRLF, as UCF101 ships
 
 
 def make_sample_data(out: str | Path, *, classes: int = 6, per_class: int = 10,

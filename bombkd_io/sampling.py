@@ -5,10 +5,17 @@
 - ``epoch_batches``: which samples make each batch of an epoch. The cached loader reads shards in
   this order and the video loader replays it over the video index, so the same seed gives the
   same batches in both modes.
+
+The epoch order is a pure function of (seed, epoch, number of samples, shard size, batch size,
+world size, workers per rank): change any of them and the batches change. Every (rank, worker)
+stream reads whole shards, so there must be at least world size x workers shards; both loaders
+refuse fewer when they are made (``check_streams``), with the same message.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from bombkd_io.errors import ConfigError
 
 SAMPLING_MODES = ("uniform",)
 DEFAULT_SHARD_SIZE = 1000
@@ -38,6 +45,18 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
     return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
 
 
+def check_streams(num_shards: int, world_size: int, num_workers: int, *, where: str = "") -> None:
+    """Every (rank, worker) stream reads whole shards: ``ConfigError`` when there are fewer shards
+    than ``world_size * max(1, num_workers)`` streams (DataLoader's 0 workers is one stream)."""
+    workers = max(1, num_workers)
+    if num_shards < world_size * workers:
+        at = f"{where}: " if where else ""
+        raise ConfigError(
+            f"{at}{num_shards} shard(s), too few for {world_size} rank(s) x {workers} "
+            "worker(s): each (rank, worker) stream reads whole shards; lower --workers, or lower "
+            "--shard-size (for a feature cache: featurize again with a smaller --shard-size)")
+
+
 def stream_shards(seed: int, epoch: int, num_shards: int, *, rank: int = 0, world_size: int = 1,
                   worker: int = 0, num_workers: int = 1) -> list[int]:
     """The shards one (rank, worker) stream reads this epoch, in reading order.
@@ -45,12 +64,9 @@ def stream_shards(seed: int, epoch: int, num_shards: int, *, rank: int = 0, worl
     The shard permutation is drawn before the split, so the ranks and workers together read every
     shard exactly once.
     """
+    check_streams(num_shards, world_size, num_workers)
     order = np.random.default_rng([seed, epoch]).permutation(num_shards)
     streams = world_size * num_workers
-    if num_shards < streams:
-        raise ValueError(
-            f"{num_shards} shard(s) cannot feed {world_size} rank(s) x {num_workers} worker(s); "
-            "use a smaller --shard-size or fewer workers")
     return [int(k) for k in order[rank * num_workers + worker::streams]]
 
 
@@ -59,11 +75,13 @@ def shard_order(seed: int, epoch: int, shard: int, size: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, shard]).permutation(size)
 
 
-def stream_samples(seed: int, epoch: int, num_samples: int, shard_size: int, **split) -> np.ndarray:
+def stream_samples(seed: int, epoch: int, num_samples: int, shard_size: int, *, rank: int = 0,
+                   world_size: int = 1, worker: int = 0, num_workers: int = 1) -> np.ndarray:
     """Sample indices one (rank, worker) stream yields this epoch, in order."""
     ranges = shard_ranges(num_samples, shard_size)
-    parts = [np.asarray(ranges[k])[shard_order(seed, epoch, k, len(ranges[k]))]
-             for k in stream_shards(seed, epoch, len(ranges), **split)]
+    shards = stream_shards(seed, epoch, len(ranges), rank=rank, world_size=world_size,
+                           worker=worker, num_workers=num_workers)
+    parts = [np.asarray(ranges[k])[shard_order(seed, epoch, k, len(ranges[k]))] for k in shards]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 

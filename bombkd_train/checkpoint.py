@@ -6,25 +6,22 @@ an interrupted run never leaves a half-written file under the final name.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
 
+from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import ConfigError, FormatError
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
-    """Write ``obj`` to ``path`` atomically: a temporary file in its folder, then ``os.replace``."""
+    """Write ``obj`` to ``path`` atomically: a temporary file in its folder, then a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -41,7 +38,10 @@ def load_checkpoint(path: str | Path, *, kind: str, argument: str,
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint
-        raise FormatError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc}); "
+        # not torch's own unpickling text: it suggests weights_only=False, which runs code
+        reason = ("not a torch file of tensors and plain data" if isinstance(exc, UnpicklingError)
+                  else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise FormatError(f"{argument} {path}: cannot be read as a checkpoint ({reason}); "
                           f"pass a file written by bombkd") from exc
     if not isinstance(obj, dict) or obj.get("format") != kind:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__

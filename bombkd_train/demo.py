@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import ConfigError
 
 CHANCE_MARGIN = 2.0  # the demo's test accuracy must beat chance by this factor
@@ -68,7 +69,7 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"demo folder {out} is not empty; pass a new folder (the demo never "
                           "deletes files)")
-    from bombkd_train.trainer import resolve_device
+    from bombkd_train.dist import resolve_device
 
     cfg = replace(cfg, device=resolve_device(cfg.device))
     t0 = time.perf_counter()
@@ -83,9 +84,8 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     report = DemoReport(runs=runs, chance=100.0 / cfg.classes, parity_max_rel=rel,
                         parity_tolerance=tol, markdown="", path=out / "report.md")
     report.markdown = _markdown(cfg, report, time.perf_counter() - t0)
-    tmp = out / ".report.md.tmp"
-    tmp.write_text(report.markdown)
-    os.replace(tmp, report.path)
+    with atomic_path(report.path) as tmp:
+        tmp.write_text(report.markdown)
     return report
 
 

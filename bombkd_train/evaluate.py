@@ -7,17 +7,17 @@ loader and writes ``eval.json`` and ``confusion.png``.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
+from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import ConfigError
 from bombkd_train.checkpoint import load_checkpoint
 from bombkd_train.converters import load_converters, load_feature_stats
+from bombkd_train.dist import all_reduce_sum
 from bombkd_train.fusion import FusionHead, FusionModel
 from bombkd_train.loaders import DataConfig, open_source
 
@@ -63,16 +63,8 @@ def evaluate_model(model: torch.nn.Module, loader, classes: list[str], num_class
         confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)
         top5 += topk_hits(logits, labels)[1]
     model.train(was_training)
-    if dist.is_available() and dist.is_initialized():
-        for t in (confusion, top5):
-            _all_reduce_sum(t, device)
+    confusion, top5 = (all_reduce_sum(t, device) for t in (confusion, top5))  # all ranks
     return _result(confusion, int(top5), classes)
-
-
-def _all_reduce_sum(t: torch.Tensor, device: str) -> None:
-    moved = t.to(device)
-    dist.all_reduce(moved)
-    t.copy_(moved.cpu())
 
 
 def _result(confusion: torch.Tensor, top5: int, classes: list[str]) -> EvalResult:
@@ -104,13 +96,13 @@ def save_eval(result: EvalResult, out_dir: str | Path, *, extra: dict | None = N
     for (i, j), v in _cells(result.confusion):
         ax.text(j, i, str(v), ha="center", va="center", fontsize=6)
     fig.tight_layout()
-    tmp_png = out / ".confusion.png.tmp"
-    fig.savefig(tmp_png, format="png", dpi=120)
-    plt.close(fig)
-    os.replace(tmp_png, out / "confusion.png")
-    tmp_json = out / ".eval.json.tmp"
-    tmp_json.write_text(json.dumps({**asdict(result), **(extra or {})}, indent=2))
-    os.replace(tmp_json, out / "eval.json")
+    try:
+        with atomic_path(out / "confusion.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    with atomic_path(out / "eval.json") as tmp:
+        tmp.write_text(json.dumps({**asdict(result), **(extra or {})}, indent=2))
     return out / "eval.json"
 
 
@@ -151,14 +143,17 @@ def evaluate(cfg: EvalConfig) -> tuple[EvalResult, Path]:
     data = DataConfig(**{**asdict(cfg.data),
                          **{k: getattr(cfg.data, k) or v for k, v in trained.items()}})
     source = open_source(data, cfg.split)
-    if len(source.classes) > ckpt["head"]["num_classes"]:
-        raise ConfigError(f"--split {cfg.split}: {len(source.classes)} classes, but the head in "
-                          f"{cfg.fusion} has {ckpt['head']['num_classes']}")
-    model = load_fusion(ckpt, converters=cfg.converters, student_dim=source.student.dim,
-                           student_tokens=source.student.tokens)
-    result = evaluate_model(model.to(cfg.data.device), source.loader, source.classes,
-                            ckpt["head"]["num_classes"], device=cfg.data.device,
-                            progress=cfg.progress)
+    try:
+        if len(source.classes) > ckpt["head"]["num_classes"]:
+            raise ConfigError(f"--split {cfg.split}: {len(source.classes)} classes, but the head "
+                              f"in {cfg.fusion} has {ckpt['head']['num_classes']}")
+        model = load_fusion(ckpt, converters=cfg.converters, student_dim=source.student.dim,
+                            student_tokens=source.student.tokens)
+        result = evaluate_model(model.to(cfg.data.device), source.loader, source.classes,
+                                ckpt["head"]["num_classes"], device=cfg.data.device,
+                                progress=cfg.progress)
+    finally:
+        source.close()  # the video loader's decoder threads and pipeline
     out = Path(cfg.out) if cfg.out else Path(cfg.fusion).parent / f"eval-{cfg.split}"
     return result, save_eval(result, out, extra={"fusion": str(cfg.fusion), "split": cfg.split,
                                                  "loader": cfg.data.loader})

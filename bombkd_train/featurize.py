@@ -116,6 +116,22 @@ class _Run:
         if not state.roles_to_run(cfg) and not cfg.resume:
             return state.manifest()
         self._probe()
+        try:
+            self._write_shards()
+        finally:
+            for loader in self.loaders.values():  # decode threads and DALI pipelines
+                loader.close()
+        state.final = True
+        manifest = state.manifest()
+        save_manifest(manifest, self.out)
+        state.drop_progress()
+        remove_stale_temps(self.out, cfg.dataset, cfg.split, list(manifest.models))
+        self.stats.failed = len(manifest.failed)
+        return manifest
+
+    def _write_shards(self) -> None:
+        """Every shard that is missing or (``--resume``) does not verify, then the new ones."""
+        cfg, state = self.config, self.state
         todo = self._todo()
         run = {r for _, _, _, redo in todo for r in redo} | (
             set() if state.final else set(state.all_roles()))
@@ -129,13 +145,6 @@ class _Run:
                 self._shard(k, start, count, redo, strict=True)
             if not state.final:
                 self._new_shards()
-        state.final = True
-        manifest = state.manifest()
-        save_manifest(manifest, self.out)
-        state.drop_progress()
-        remove_stale_temps(self.out, cfg.dataset, cfg.split, list(manifest.models))
-        self.stats.failed = len(manifest.failed)
-        return manifest
 
     def _probe(self) -> None:
         start = time.perf_counter()

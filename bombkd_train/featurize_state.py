@@ -12,7 +12,6 @@ A cache made with another student, pooling, dtype or shard size is refused, neve
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bombkd_io.atomic import atomic_path
 from bombkd_io.datasets import DATASETS, VideoIndex
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
@@ -291,10 +291,8 @@ def save_progress(state: CacheState, out: Path) -> None:
             "shard_size": state.config.shard_size, "final": state.final, "layout": state.layout,
             "failed": [{"index": i, **f} for i, f in sorted(state.failed.items())],
             "models": models}
-    path = progress_path(out, state.config.dataset, state.config.split)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_path(progress_path(out, state.config.dataset, state.config.split)) as tmp:
+        tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
 def _read_progress(path: Path, config: FeaturizeConfig, index: VideoIndex) -> CacheState:

@@ -8,11 +8,12 @@ videos and runs the student. Both loaders yield the same batch dict in the same 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bombkd_io.errors import ConfigError
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
+from bombkd_io.shards.reader import check_on_error
 
 LOADERS = ("dali", "wds")
 
@@ -31,7 +32,7 @@ class DataConfig:
     batch: int = 8
     workers: int = 0
     seed: int = 0
-    shard_size: int | None = None  # dali: default the cache's, else DEFAULT_SHARD_SIZE
+    shard_size: int | None = None  # dali: the cache's, else DEFAULT_SHARD_SIZE; wds: checked
     cache: str | None = None       # dali: a feature cache whose plan and student settings to replay
     device: str = "cpu"
     on_error: str = "raise"        # wds: a corrupt shard stops the run ("raise") or is skipped
@@ -45,8 +46,10 @@ class DataConfig:
                        "(ucf101, hmdb51, folder, csv, jsonl)")
         if self.loader == "dali" and not self.student:
             out.append("--student: required with --loader dali")
-        if self.on_error not in ("raise", "skip"):
-            out.append(f"--on-error {self.on_error!r}: expected raise or skip")
+        try:
+            check_on_error(self.on_error, "--on-error")
+        except ConfigError as exc:
+            out += exc.problems
         if self.batch < 1:
             out.append(f"--batch {self.batch}: must be >= 1")
         if self.workers < 0:
@@ -70,11 +73,18 @@ class StudentInfo:
 
 @dataclass
 class FeatureSource:
-    loader: Any                       # set_epoch(e), num_batches(e), iter -> batch dicts
-    classes: list[str]                # id -> name
+    loader: Any          # set_epoch(e), num_batches(e), iter -> batch dicts, skipped, close()
+    classes: list[str]   # id -> name
     num_samples: int
+    shard_size: int      # of the epoch plan (the cache's, or the one video mode replays)
     student: StudentInfo
     failed: list = field(default_factory=list)   # videos left out, with the reason
+
+    def close(self) -> None:
+        """Release the loader's decoders and threads (video mode); safe to call twice."""
+        close = getattr(self.loader, "close", None)
+        if close is not None:  # the cached loader's DataLoader workers end with each epoch
+            close()
 
 
 def open_source(cfg: DataConfig, split: str, *, rank: int = 0,
@@ -97,59 +107,87 @@ def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureS
                                 on_error=cfg.on_error)
     manifest = loader.manifest
     entry = manifest.models["student"]
-    problems = []
-    if cfg.student and cfg.student != entry.backbone:
-        problems.append(f"--student {cfg.student}: the cache at {cfg.root} was built with student "
-                        f"{entry.backbone!r}; pass --student {entry.backbone} or featurize again")
-    for arg, want, have in (("--frames", cfg.frames, entry.frames),
-                            ("--size", cfg.size, entry.size), ("--pool", cfg.pool, entry.pooling)):
-        if want is not None and want != have:
-            problems.append(f"{arg} {want}: the cache at {cfg.root} holds features of {arg[2:]}="
-                            f"{have}; drop {arg} or featurize again")
+    problems = _cache_mismatches(cfg, manifest, cfg.root)
     if problems:
         raise ConfigError(problems)
     return FeatureSource(loader=loader, classes=list(manifest.classes), num_samples=manifest.count,
+                         shard_size=manifest.shard_size,
                          student=StudentInfo(entry.backbone, entry.dim, entry.tokens, entry.frames,
                                              entry.size, entry.pooling),
                          failed=list(manifest.failed))
 
 
-def _replayed(cfg: DataConfig, split: str) -> tuple[int, int, int | None, str, set[str]]:
-    """Shard size, frames, size, pooling and the videos to leave out, for video mode: the
-    cache's when one is given (its failed videos include any that probed but did not decode)."""
-    shard_size, frames, size, pool, failed = cfg.shard_size, cfg.frames, cfg.size, cfg.pool, set()
+def _cache_mismatches(cfg: DataConfig, manifest, where) -> list[str]:
+    """The arguments that contradict the cache at ``where`` (its manifest ``manifest``)."""
+    entry = manifest.models["student"]
+    problems = []
+    if cfg.student and cfg.student != entry.backbone:
+        problems.append(f"--student {cfg.student}: the cache at {where} was built with student "
+                        f"{entry.backbone!r}; pass --student {entry.backbone} or featurize again")
+    for arg, want, have in (("--shard-size", cfg.shard_size, manifest.shard_size),
+                            ("--frames", cfg.frames, entry.frames),
+                            ("--size", cfg.size, entry.size), ("--pool", cfg.pool, entry.pooling)):
+        if want is not None and want != have:
+            problems.append(f"{arg} {want}: the cache at {where} holds {arg[2:]}={have}; "
+                            f"drop {arg} or featurize again")
+    return problems
+
+
+def _replayed(cfg: DataConfig, split: str) -> tuple[DataConfig, Any]:
+    """Video mode's settings: the cache's shard size and student settings when ``--cache`` is
+    given (with its manifest), else the arguments' or the defaults (and ``None``)."""
+    manifest = None
     if cfg.cache:
         from bombkd_io.shards.manifest import load_manifest
 
         manifest = load_manifest(cfg.cache, split, dataset=cfg.dataset)
-        entry = manifest.models["student"]
-        problems = [f"{arg} {want}: the cache at {cfg.cache} used {have}; drop {arg}"
-                    for arg, want, have in (("--shard-size", shard_size, manifest.shard_size),
-                                            ("--frames", frames, entry.frames),
-                                            ("--size", size, entry.size),
-                                            ("--pool", pool, entry.pooling))
-                    if want is not None and want != have]
-        if cfg.student != entry.backbone:
-            problems.append(f"--student {cfg.student}: the cache at {cfg.cache} was built with "
-                            f"student {entry.backbone!r}")
+        problems = _cache_mismatches(cfg, manifest, cfg.cache)
         if problems:
             raise ConfigError(problems)
-        shard_size, frames, size = manifest.shard_size, entry.frames, entry.size
-        pool = entry.pooling
-        failed = {f["path"] for f in manifest.failed}
-    return shard_size or DEFAULT_SHARD_SIZE, frames or 16, size, pool or "time", failed
+        entry = manifest.models["student"]
+        cfg = replace(cfg, shard_size=manifest.shard_size, frames=entry.frames, size=entry.size,
+                      pool=entry.pooling)
+    return replace(cfg, shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE, frames=cfg.frames or 16,
+                   pool=cfg.pool or "time"), manifest
 
 
 def _video(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSource:
     from bombkd_train.video_loader import VideoFeatureLoader
 
-    shard_size, frames, size, pool, exclude = _replayed(cfg, split)
-    loader = VideoFeatureLoader(cfg.dataset, cfg.root, split, student=cfg.student, frames=frames,
-                                size=size, pool=pool, batch_size=cfg.batch, seed=cfg.seed,
-                                shard_size=shard_size, num_workers=cfg.workers, rank=rank,
-                                world_size=world_size, device=cfg.device, exclude=exclude)
+    cfg, manifest = _replayed(cfg, split)
+    # the cache's failed videos include any that probed but did not decode when featurized
+    exclude = [f["path"] for f in manifest.failed] if manifest else []
+    loader = VideoFeatureLoader(cfg.dataset, cfg.root, split, student=cfg.student,
+                                frames=cfg.frames, size=cfg.size, pool=cfg.pool,
+                                batch_size=cfg.batch, seed=cfg.seed, shard_size=cfg.shard_size,
+                                num_workers=cfg.workers, rank=rank, world_size=world_size,
+                                device=cfg.device, exclude=exclude)
+    problems = _index_mismatches(cfg, split, loader, manifest) if manifest else []
+    if problems:
+        loader.close()
+        raise ConfigError(problems)
     bb = loader.backbone
     return FeatureSource(loader=loader, classes=loader.classes, num_samples=loader.num_samples,
+                         shard_size=cfg.shard_size,
                          student=StudentInfo(cfg.student, bb.dim, bb.tokens, bb.frames, bb.size,
                                              bb.pool),
                          failed=[{"path": p, "reason": r} for p, r in loader.failed])
+
+
+def _index_mismatches(cfg: DataConfig, split: str, loader, manifest) -> list[str]:
+    """Why the videos under ``--root`` are not the samples of the ``--cache`` whose epoch plan
+    video mode replays (sample i here must be sample i there)."""
+    from bombkd_io.shards.manifest import manifest_path
+
+    cache = manifest_path(cfg.cache, manifest.dataset, manifest.split)
+    fix = (f"pass the --cache featurized from the videos in {cfg.root}, or featurize them "
+           "again into a new cache")
+    problems = [f"the cache {cache} left out {p}, which is not a {split} video in {cfg.root}"
+                for p in loader.unmatched[:3]]
+    if loader.classes != list(manifest.classes):
+        problems.append(f"the {split} videos in {cfg.root} have classes {loader.classes}, the "
+                        f"cache {cache} {list(manifest.classes)}")
+    if loader.num_samples != manifest.count:
+        problems.append(f"{loader.num_samples} {split} videos in {cfg.root} decode, the cache "
+                        f"{cache} holds {manifest.count} samples")
+    return problems + [fix] if problems else []

@@ -12,7 +12,6 @@ RNG state and config, so ``--resume`` ends with the same weights as an uninterru
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,16 +23,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import ConfigError
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
 from bombkd_train.converters import load_converters, load_feature_stats
+from bombkd_train.dist import all_reduce_sum, init_distributed, is_distributed
 from bombkd_train.evaluate import FUSION_KIND, evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
 from bombkd_train.loaders import DataConfig, open_source
 
-# Settings a resumed run must share with the run that wrote the checkpoint.
-RESUME_KEYS = ("split", "teachers", "classes", "batch", "lr", "weight_decay", "gate_l1",
-               "fusion_rank", "seed", "workers")
+# Settings a resumed run must share with the run that wrote the checkpoint (besides the plan).
+RESUME_KEYS = ("split", "teachers", "classes", "lr", "weight_decay", "gate_l1", "fusion_rank")
 CHECKPOINT_RE = re.compile(r"^fusion_ep(\d+)\.pt$")
 
 
@@ -103,15 +103,19 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
         self.cfg = cfg
-        joined = dist.is_available() and dist.is_initialized()
+        self.save_dir = Path(cfg.save_dir)
+        self.start_epoch, self.step, self.state = 0, 0, self._resume_state()
+        self.source = self.val = None
+        # Process-wide state from here on; close() gives it back.
+        joined = is_distributed()
         self.device, self.rank, self.world = init_distributed(cfg.device)
         # leave a process group the caller made; close the one torchrun's environment made here
         self.owns_group = not joined and self.world > 1
         self.main = self.rank == 0
         # cheap determinism: deterministic kernels where they exist, a warning where they don't
+        self.determinism = (torch.are_deterministic_algorithms_enabled(),
+                            torch.is_deterministic_algorithms_warn_only_enabled())
         torch.use_deterministic_algorithms(True, warn_only=True)
-        self.save_dir = Path(cfg.save_dir)
-        self.start_epoch, self.step, self.state = 0, 0, self._resume_state()
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -125,7 +129,6 @@ class Trainer:
         """The only place the two modes differ: which loader yields the batch dicts."""
         data = self.cfg.data(self.device)
         self.source = open_source(data, self.cfg.split, rank=self.rank, world_size=self.world)
-        self.val = None
         if self.cfg.val_split:
             # the student exactly as training resolved it; the order of evaluation is free
             stu = self.source.student
@@ -188,7 +191,8 @@ class Trainer:
         loader.set_epoch(epoch)
         self.model.train()
         names = self.head.teacher_names
-        sums = torch.zeros(4 + len(names), dtype=torch.float64)  # loss, top1, top5, count, gates
+        # loss, top1, top5, count, skipped, gate per teacher
+        sums = torch.zeros(5 + len(names), dtype=torch.float64)
         t_epoch = t_step = time.perf_counter()
         bar = tqdm(loader, total=loader.num_batches(epoch), unit="it",
                    desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
@@ -212,7 +216,7 @@ class Trainer:
             if n == 0:
                 continue
             loss_v, top1, top5, *gates = _step_stats(loss, out, labels, names).tolist()
-            sums += torch.tensor([loss_v * n, top1, top5, n, *(g * n for g in gates)],
+            sums += torch.tensor([loss_v * n, top1, top5, n, 0, *(g * n for g in gates)],
                                  dtype=torch.float64)
             now = time.perf_counter()
             log.write({"kind": "step", "epoch": epoch + 1, "step": self.step, "loss": loss_v,
@@ -221,14 +225,13 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_v:.4f}")
             t_step = now
         wall = time.perf_counter() - t_epoch
-        if self.world > 1:
-            sums = _all_reduce(sums, self.device)
-        loss_sum, top1, top5, count, *gates = sums.tolist()
+        sums[4] = loader.skipped  # samples this rank's loader left out (--on-error skip)
+        loss_sum, top1, top5, count, skipped, *gates = all_reduce_sum(sums, self.device).tolist()
         mean = 1.0 / max(count, 1.0)
         return {"kind": "epoch", "epoch": epoch + 1, "step": self.step, "loss": loss_sum * mean,
                 "top1": 100.0 * top1 * mean, "top5": 100.0 * top5 * mean,
                 "samples_per_s": count / max(wall, 1e-9), "samples": int(count),
-                "gates": {k: g * mean for k, g in zip(names, gates)}}
+                "skipped": int(skipped), "gates": {k: g * mean for k, g in zip(names, gates)}}
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -240,8 +243,16 @@ class Trainer:
                 "head": self.head.spec(), "optimizer": self.optim.state_dict(),
                 "epoch": epochs_done, "step": self.step, "rng": _get_rng(),
                 "config": asdict(self.cfg), "student": asdict(self.source.student),
-                "classes": list(self.source.classes), "num_samples": self.source.num_samples}
+                "classes": list(self.source.classes), "num_samples": self.source.num_samples,
+                "plan": self.plan()}
         return save_checkpoint(ckpt, self.save_dir / f"fusion_ep{epochs_done}.pt")
+
+    def plan(self) -> dict[str, int]:
+        """What the epoch plan (``bombkd_io.sampling.epoch_batches``) is a function of, besides
+        the epoch: a resumed run must replay the same plan to end with the same weights."""
+        return {"world_size": self.world, "workers": max(1, self.cfg.workers),
+                "shard_size": self.source.shard_size, "batch": self.cfg.batch,
+                "seed": self.cfg.seed, "num_samples": self.source.num_samples}
 
     def _resume_state(self) -> dict | None:
         found = sorted((int(m.group(1)), p) for p in self.save_dir.glob("fusion_ep*.pt")
@@ -257,16 +268,23 @@ class Trainer:
         old, new = ckpt["config"], asdict(self.cfg)
         problems = [f"{k}: {new[k]!r} here, {old.get(k)!r} in the checkpoint"
                     for k in RESUME_KEYS if old.get(k) != new[k]]
-        for what, here, there in (("student", asdict(self.source.student), ckpt["student"]),
-                                  ("samples", self.source.num_samples, ckpt["num_samples"])):
-            if here != there:
-                problems.append(f"{what}: {here} here, {there} in the checkpoint")
+        if asdict(self.source.student) != ckpt["student"]:
+            problems.append(f"student: {asdict(self.source.student)} here, {ckpt['student']} in "
+                            "the checkpoint")
+        plan, saved = self.plan(), _saved_plan(ckpt)
+        problems += [f"epoch plan {k}: {plan[k]} here, {v} in the checkpoint"
+                     for k, v in saved.items() if plan[k] != v]
         if problems:
             raise ConfigError([f"--resume: the checkpoint in {self.save_dir} is from another "
                                f"configuration ({'; '.join(problems)}); resume with the same "
                                "settings or pass another --save-dir"])
 
     def close(self) -> None:
+        """Release the loaders, restore the determinism setting, leave our process group."""
+        for source in (self.source, self.val):
+            if source is not None:
+                source.close()
+        torch.use_deterministic_algorithms(self.determinism[0], warn_only=self.determinism[1])
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -285,7 +303,8 @@ class MetricsLog:
 
     Opened at ``step``: records of later steps (from a run interrupted after its last
     checkpoint) are dropped, so a resumed run continues the file without repeating steps, and a
-    fresh run starts an empty one.
+    fresh run starts an empty one. So is a line that does not decode: the last line of a run
+    killed while appending to the file.
     """
 
     def __init__(self, path: Path, *, step: int, enabled: bool = True):
@@ -295,11 +314,10 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if path.is_file() and step > 0:
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= step]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+            kept = [line for line in path.read_text(errors="replace").splitlines()
+                    if _record_step(line) <= step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -307,26 +325,14 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` where there is a GPU, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def init_distributed(device: str) -> tuple[str, int, int]:
-    """Device, rank and world size; joins the process group that ``torchrun`` describes."""
-    device = resolve_device(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
-    if dist.is_available() and dist.is_initialized():
-        return device, dist.get_rank(), dist.get_world_size()
-    return device, 0, 1
+def _record_step(line: str) -> float:
+    """The step of a metrics line; infinity for one that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return float("inf")
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else float("inf")
 
 
 def _step_stats(loss: torch.Tensor, out, labels: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -336,10 +342,14 @@ def _step_stats(loss: torch.Tensor, out, labels: torch.Tensor, names: list[str])
     return torch.stack([v.double() for v in values]).cpu()
 
 
-def _all_reduce(t: torch.Tensor, device: str) -> torch.Tensor:
-    moved = t.to(device)
-    dist.all_reduce(moved)
-    return moved.cpu()
+def _saved_plan(ckpt: dict) -> dict:
+    """The checkpoint's epoch plan; for one written before plans were saved, what its config
+    tells of it."""
+    if "plan" in ckpt:
+        return dict(ckpt["plan"])
+    cfg = ckpt["config"]
+    return {"batch": cfg["batch"], "seed": cfg["seed"], "workers": max(1, cfg["workers"]),
+            "num_samples": ckpt["num_samples"]}
 
 
 def _get_rng() -> dict:

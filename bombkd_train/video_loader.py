@@ -14,25 +14,46 @@ featurize puts it in the cache, so the same seed gives the same batches in eithe
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Collection
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bombkd_io.datasets import index_dataset, item_key
-from bombkd_io.sampling import DEFAULT_SHARD_SIZE, epoch_batches
+from bombkd_io.datasets import VideoIndex, index_dataset, item_key
+from bombkd_io.errors import DatasetError
+from bombkd_io.sampling import DEFAULT_SHARD_SIZE, check_streams, epoch_batches
 from bombkd_io.video import ClipLoader, probe_videos
 from bombkd_train.backbones import create_backbone
 from bombkd_train.threads import decode_threads_for, model_threads
 
 
-def plan_workers(num_workers: int, num_samples: int, shard_size: int, world_size: int) -> int:
-    """The worker count the epoch plan uses, as the cached loader counts them: DataLoader's
-    ``0`` is one stream. Where the cached loader would refuse more streams than shards, video
-    mode (which has no worker processes) uses as many as there are shards per rank."""
-    num_shards = max(1, -(-num_samples // shard_size))
-    return max(1, min(max(1, num_workers), num_shards // max(1, world_size)))
+def match_paths(index: VideoIndex, paths: Collection[str]) -> tuple[set[int], list[str]]:
+    """Index positions of ``paths`` (videos a cache recorded, with the paths of the machine and
+    folder it was made in), and the paths that name no video of ``index``.
+
+    A path matches the item whose path relative to the dataset root it ends with (the longest
+    such), so a dataset that was moved or mounted elsewhere still matches.
+    """
+    root = Path(os.path.abspath(index.root))
+    base = root.parent if root.is_file() else root  # csv / jsonl: the index file's folder
+    by_rel = {}
+    for i, item in enumerate(index.items):
+        path = Path(os.path.abspath(item.path))
+        rel = path.relative_to(base) if path.is_relative_to(base) else path
+        by_rel[rel.parts] = i
+    found, unmatched = set(), []
+    for p in paths:
+        parts = Path(p).parts
+        hit = next((by_rel[parts[-n:]] for n in range(len(parts), 0, -1)
+                    if parts[-n:] in by_rel), None)
+        if hit is None:
+            unmatched.append(p)
+        else:
+            found.add(hit)
+    return found, unmatched
 
 
 class VideoFeatureLoader:
@@ -46,14 +67,22 @@ class VideoFeatureLoader:
         self.index = index_dataset(dataset, root, split)
         self.classes = list(self.index.classes)
         # ``exclude``: videos a cache left out (failed to decode when featurized), so that sample
-        # i here is sample i of that cache
-        excluded = set(exclude)
-        wanted = [item.path for item in self.index.items if item.path not in excluded]
-        infos, self.failed = probe_videos(wanted, device=device, on_error="skip")
+        # i here is sample i of that cache; ``unmatched``: those that are not in this index
+        excluded, self.unmatched = match_paths(self.index, exclude)
+        wanted = [i for i in range(len(self.index.items)) if i not in excluded]
+        infos, self.failed = probe_videos([self.index.items[i].path for i in wanted],
+                                          device=device, on_error="skip")
         by_path = {info.path: info for info in infos}
         # index positions of the decodable items (keys use the index position)
-        self.positions = [i for i, item in enumerate(self.index.items) if item.path in by_path]
+        self.positions = [i for i in wanted if self.index.items[i].path in by_path]
         infos = [by_path[self.index.items[i].path] for i in self.positions]
+        if not self.positions:
+            first = f" (first: {self.failed[0][0]}: {self.failed[0][1]})" if self.failed else ""
+            raise DatasetError(f"none of the {len(wanted)} {split} videos of {dataset} in {root} "
+                               f"can be read{first}")
+        # every (rank, worker) stream needs a shard, as in the cached loader: refused here, at once
+        num_shards = -(-len(self.positions) // shard_size)
+        check_streams(num_shards, world_size, num_workers, where=f"{root} ({split})")
         self.device = device
         self.decode_threads = decode_threads = decode_threads or decode_threads_for()
         self.backbone = create_backbone(student, frames=frames, size=size, pool=pool, device=device)
@@ -62,9 +91,9 @@ class VideoFeatureLoader:
                                 num_threads=decode_threads, prefetch=prefetch)
         self.seed, self.batch_size, self.shard_size = seed, batch_size, shard_size
         self.rank, self.world_size = rank, world_size
-        self.num_workers = plan_workers(num_workers, len(self.positions), shard_size, world_size)
+        self.num_workers = max(1, num_workers)  # DataLoader's 0 (in-process) is one stream
         self.epoch = 0
-        self.decode_failed: list[tuple[str, str]] = []
+        self.decode_failed: list[tuple[str, str]] = []  # this epoch's, so far
 
     def __len__(self) -> int:
         return self.num_batches(self.epoch)
@@ -85,7 +114,17 @@ class VideoFeatureLoader:
     def num_batches(self, epoch: int | None = None) -> int:
         return len(self.plan(self.epoch if epoch is None else epoch))
 
+    @property
+    def skipped(self) -> int:
+        """Samples left out so far this epoch: videos that probed fine but did not decode."""
+        return len(self.decode_failed)
+
+    def close(self) -> None:
+        """Stop the decoder's threads and release its pipeline; safe to call twice."""
+        self.clips.close()
+
     def __iter__(self):
+        self.decode_failed = []
         # decode threads and the student share the CPU for as long as the epoch runs
         with model_threads(self.device, self.decode_threads):
             yield from self._batches()

@@ -23,7 +23,8 @@ import torch
 from bombkd_io.sample_data import CODECS, make_sample_data
 from bombkd_io.sampling import sample_indices
 from bombkd_io.video import ClipLoader, decode_clip, probe_videos
-from bombkd_io.video.pyav import decode_frames, resize_crop
+from bombkd_io.video.pyav import decode_frames
+from bombkd_io.video.resize import resize_crop
 
 
 NAMES = ("dali", "pyav-sampled", "pyav-every")

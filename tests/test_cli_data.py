@@ -54,3 +54,14 @@ def test_probe_of_a_bad_file_exits_2_naming_it(bad_videos, codec_videos):
     result = runner.invoke(app, ["probe", str(bad_videos["missing"]), str(codec_videos["vp9"])])
     assert result.exit_code == 2 and "route=dali" in result.stdout
     assert f"error: {bad_videos['missing']}: no such file (check the path)" in result.stderr
+
+
+def test_save_frames_with_several_videos_says_how_to_do_it(codec_videos, tmp_path):
+    sheet = tmp_path / "sheet.png"
+    first, second = codec_videos["vp9"], codec_videos["h264"]
+    result = runner.invoke(app, ["probe", str(first), str(second), "--save-frames", str(sheet)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: --save-frames takes one video, got 2; probe the others without it, "
+        f"e.g. `bombkd probe {first} --save-frames {sheet}`")
+    assert not sheet.exists() and not list(tmp_path.iterdir())

@@ -128,3 +128,20 @@ def test_corrupt_shard_stops_training_unless_skip_is_asked(cache, tmp_path):
     result = _train(root, tmp_path / "skip", "--on-error", "skip")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "skip" / "fusion_ep2.pt").is_file()
+    records = [json.loads(x) for x in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert len(epochs) == 2 and all(e["skipped"] > 0 and e["samples"] + e["skipped"] == 48
+                                    for e in epochs)
+    assert f"{epochs[-1]['skipped']} samples skipped" in result.stdout
+
+
+def test_teachers_may_be_repeated_and_comma_separated(cache, tmp_path):
+    result = runner.invoke(app, ["train", "--loader", "wds", "--root", str(cache), "--split", "train",
+                                 "--teachers", "ta", "--teachers", " tb,", "--converters",
+                                 str(cache / "conv" / "converters.pt"), "--classes", "4",
+                                 "--epochs", "1", "--save-dir", str(tmp_path / "r"), "--device", "cpu",
+                                 "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "skipped" not in result.stdout  # nothing was left out
+    ckpt = torch.load(tmp_path / "r" / "fusion_ep1.pt", weights_only=True)
+    assert ckpt["config"]["teachers"] == ["ta", "tb"]

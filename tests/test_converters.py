@@ -123,5 +123,12 @@ def test_checkpoints_are_atomic_and_refuse_pickled_code(tmp_path):
     with pytest.raises(FormatError, match="version 2 is not supported"):
         load_checkpoint(path, kind="k", argument="--x")
     torch.save({"format": "k", "version": 1, "obj": object()}, path)  # needs pickle to load
-    with pytest.raises(FormatError, match="cannot be read as a checkpoint"):
+    with pytest.raises(FormatError, match="cannot be read as a checkpoint") as refused:
         load_checkpoint(path, kind="k", argument="--x")
+    # names the option, and does not pass on torch's advice to load with weights_only=False
+    assert str(refused.value).startswith(f"--x {path}: ") and "weights_only" not in str(refused.value)
+    path.write_text('{"not": "a checkpoint"}')  # e.g. a manifest passed to --converters
+    with pytest.raises(FormatError, match="cannot be read as a checkpoint") as refused:
+        load_checkpoint(path, kind="k", argument="--x")
+    assert str(refused.value).startswith(f"--x {path}: ") and "weights_only" not in str(refused.value)
+    assert "\n" not in str(refused.value)

@@ -58,6 +58,25 @@ def test_hmdb51_split_flags(tmp_path):
     assert [i.label for i in test.items] == [0, 1]
     with pytest.raises(DatasetError, match="_test_split2.txt"):
         index_dataset("hmdb51", tmp_path, "train2")
+    with pytest.raises(DatasetError, match="hmdb51: unknown split 'val'"):
+        index_dataset("hmdb51", tmp_path, "val")
+
+
+def test_malformed_split_file_lines_name_the_file_and_line(tmp_path, sample_root):
+    splits = tmp_path / "hmdb" / "splits"
+    splits.mkdir(parents=True)
+    bad = splits / "wave_test_split1.txt"
+    bad.write_text("wave_0.avi 1\nwave_1.avi\n")  # the second line lost its flag
+    _touch(tmp_path / "hmdb" / "wave" / "wave_0.avi")
+    with pytest.raises(DatasetError, match=r"wave_test_split1.txt: line 'wave_1.avi' is not "
+                                           r"'<video> <0\|1\|2>'") as info:
+        index_dataset("hmdb51", tmp_path / "hmdb", "train")
+    assert str(bad) in str(info.value)
+    root = tmp_path / "ucf"
+    shutil.copytree(sample_root / "ucfTrainTestlist", root / "ucfTrainTestlist")
+    (root / "ucfTrainTestlist" / "classInd.txt").write_text("1 Jump\r\n2\r\n")
+    with pytest.raises(DatasetError, match=r"classInd.txt: line '2' is not '<id> <class>'"):
+        index_dataset("ucf101", root, "train")
 
 
 def test_folder_with_and_without_split_dirs(tmp_path):

@@ -32,6 +32,9 @@ class Recording:
         self.loader.set_epoch(epoch)
     def num_batches(self, epoch=None):
         return self.loader.num_batches(epoch)
+    @property
+    def skipped(self):
+        return self.loader.skipped
     def __iter__(self):
         for batch in self.loader:
             self.seen.setdefault(self.epoch, []).extend(batch["index"].tolist())
@@ -78,9 +81,12 @@ def test_two_cpu_ranks_split_the_data_and_agree_on_the_weights(tmp_path):
             assert got == [int(i) for batch in plan for i in batch]
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    saved = torch.load(tmp_path / "run" / "fusion_ep2.pt", weights_only=True)["model"]
-    assert all(torch.equal(w0[k], saved[k]) for k in w0)
+    ckpt = torch.load(tmp_path / "run" / "fusion_ep2.pt", weights_only=True)
+    assert all(torch.equal(w0[k], ckpt["model"][k]) for k in w0)
+    assert ckpt["plan"] == {"world_size": 2, "workers": 1, "shard_size": 8, "batch": 4, "seed": 0,
+                            "num_samples": 48}  # what --resume must match
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["samples"] for r in epochs] == [48, 48]  # summed over ranks
+    assert [r["skipped"] for r in epochs] == [0, 0]
     assert [r["val_samples"] for r in epochs] == [16, 16]  # each rank evaluated its part

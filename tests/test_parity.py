@@ -3,6 +3,7 @@ and losses for the same seed, within DESIGN.md's tolerances."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,11 @@ def _sources(data, dtype, workers=0, seed=3):
     dali = open_source(DataConfig(loader="dali", root=str(videos), dataset="ucf101",
                                   cache=str(caches[dtype]), **common), "train")
     return wds.loader, dali.loader
+
+
+def _decode_threads() -> int:
+    """Live threads of ClipLoaders (those left open, or still shutting down)."""
+    return sum(t.name.startswith("bombkd-pyav") for t in threading.enumerate())
 
 
 def _epochs(loader, epochs=(0, 1)):
@@ -110,9 +116,12 @@ def test_eval_gives_the_same_confusion_matrix_in_both_modes(data, tmp_path):
     results = {}
     for mode, root in (("wds", caches["float32"]), ("dali", videos)):
         data_cfg = DataConfig(loader=mode, root=str(root), dataset="ucf101", batch=4)
+        before = _decode_threads()
         results[mode], path = evaluate(EvalConfig(data=data_cfg, split="train", fusion=str(run.checkpoint),
                                                   out=str(tmp_path / mode), progress=False))
+        assert _decode_threads() <= before  # evaluate closed its loader
         assert path.is_file() and (path.parent / "confusion.png").is_file()
+        assert sorted(p.name for p in path.parent.iterdir()) == ["confusion.png", "eval.json"]
     assert results["wds"].count == results["dali"].count == 12
     assert results["wds"].confusion == results["dali"].confusion
 
@@ -128,9 +137,11 @@ def test_an_unreadable_video_is_left_out_the_same_way_in_both_modes(tmp_path, sa
     first = Path(index_dataset("ucf101", videos, "train").items[3].path)
     first.write_bytes(first.read_bytes()[:300])  # a header and no frames
     cache = tmp_path / "cache"
+    before = _decode_threads()
     manifest = featurize(FeaturizeConfig(dataset="ucf101", root=str(videos), split="train",
                                          student=STUDENT, out=str(cache), shard_size=4,
                                          dtype="float32", batch_size=3, workers=2))
+    assert _decode_threads() <= before  # featurize closed its clip loaders
     common = dict(batch=3, seed=1, student=STUDENT)
     cached = open_source(DataConfig(loader="wds", root=str(cache), **common), "train")
     video = open_source(DataConfig(loader="dali", root=str(videos), dataset="ucf101",
@@ -143,3 +154,75 @@ def test_an_unreadable_video_is_left_out_the_same_way_in_both_modes(tmp_path, sa
     keys = lambda loader: [k for b in _epochs(loader, (0,)) for k in b["key"]]  # noqa: E731
     assert keys(cached.loader) == keys(video.loader) == keys(plain.loader)
     assert not any(first.stem in k for k in keys(video.loader))
+
+
+@pytest.mark.slow
+def test_too_many_streams_are_refused_at_once_the_same_way_in_both_modes(data):
+    from bombkd_io.errors import ConfigError
+
+    videos, caches, _ = data
+    common = dict(batch=3, workers=4, student=STUDENT)  # 12 samples in shards of 4: 3 shards
+    for cfg in (DataConfig(loader="wds", root=str(caches["float32"]), **common),
+                DataConfig(loader="dali", root=str(videos), dataset="ucf101", shard_size=4, **common),
+                DataConfig(loader="dali", root=str(videos), dataset="ucf101",
+                           cache=str(caches["float32"]), **common)):
+        with pytest.raises(ConfigError, match=r"3 shard\(s\), too few for 1 rank\(s\) x 4 worker"):
+            open_source(cfg, "train")
+
+
+@pytest.mark.slow
+def test_video_mode_refuses_videos_that_are_not_the_caches_samples(data, tmp_path):
+    import shutil
+
+    from bombkd_io.errors import ConfigError
+
+    videos, caches, _ = data
+    other = tmp_path / "videos"
+    shutil.copytree(videos, other)
+    split = other / "ucfTrainTestlist" / "trainlist01.txt"
+    split.write_text("".join(split.read_text().splitlines(keepends=True)[1:]))  # one video less
+    cfg = DataConfig(loader="dali", root=str(other), dataset="ucf101", cache=str(caches["float32"]),
+                     batch=3, student=STUDENT)
+    manifest = caches["float32"] / "ucf101-train.index.json"
+    with pytest.raises(ConfigError, match=rf"11 train videos in {other} decode, the cache "
+                                          rf"{manifest} holds 12 samples"):
+        open_source(cfg, "train")
+
+
+@pytest.mark.slow
+def test_videos_a_cache_left_out_are_matched_in_a_moved_dataset(sample_root):
+    from bombkd_io.datasets import index_dataset
+    from bombkd_train.video_loader import VideoFeatureLoader, match_paths
+
+    index = index_dataset("ucf101", sample_root, "train")
+    rel = Path(index.items[3].path).relative_to(sample_root)
+    elsewhere = str(Path("/mnt/old/datasets/ucf") / rel)  # where the cache was made
+    assert match_paths(index, [elsewhere, "/mnt/old/datasets/ucf/X/gone.webm"]) == \
+        ({3}, ["/mnt/old/datasets/ucf/X/gone.webm"])
+    loader = VideoFeatureLoader("ucf101", sample_root, "train", student=STUDENT, batch_size=4,
+                                shard_size=4, exclude=[elsewhere])
+    try:
+        assert loader.num_samples == 11 and 3 not in loader.positions
+        keys = [k for b in loader for k in b["key"]]
+        assert len(keys) == 11 and not any(k.startswith("000003_") for k in keys)
+        assert loader.skipped == 0
+    finally:
+        loader.close()
+
+
+@pytest.mark.slow
+def test_closing_the_trainer_releases_the_video_decoder(data, tmp_path):
+    from bombkd_train.trainer import Trainer
+
+    videos, caches, conv = data
+    trainer = Trainer(TrainConfig(loader="dali", root=str(videos), split="train", teachers=[TEACHER],
+                                  converters=str(conv), classes=6, dataset="ucf101", student=STUDENT,
+                                  batch=3, epochs=1, seed=3, cache=str(caches["float32"]),
+                                  save_dir=str(tmp_path / "run"), device="cpu", progress=False))
+    clips = trainer.setup().source.loader.clips
+    assert trainer.train().last["skipped"] == 0
+    assert clips.decode_batch([0]).positions == [0]
+    trainer.close()
+    trainer.close()  # twice is harmless
+    with pytest.raises(RuntimeError, match="shutdown"):  # a closed loader decodes no more
+        clips.decode_batch([0])

@@ -2,8 +2,9 @@
 import numpy as np
 import pytest
 
-from bombkd_io.sampling import (batch_sizes, epoch_batches, sample_indices, shard_ranges,
-                                stream_samples)
+from bombkd_io.errors import ConfigError
+from bombkd_io.sampling import (batch_sizes, check_streams, epoch_batches, sample_indices,
+                                shard_ranges, stream_samples)
 
 
 def test_uniform_indices_are_segment_centres():
@@ -78,6 +79,11 @@ def test_workers_interleave_round_robin():
 def test_too_few_shards_for_the_streams_is_a_clear_error():
     with pytest.raises(ValueError, match="shard-size"):
         epoch_batches(0, 0, 10, 10, 4, world_size=2)
+    with pytest.raises(ConfigError, match=r"^ds: 3 shard\(s\), too few for 2 rank\(s\) x 2 "
+                       r"worker\(s\).*lower --workers, or lower --shard-size"):
+        check_streams(3, 2, 2, where="ds")
+    check_streams(4, 2, 2)
+    check_streams(1, 1, 0)  # DataLoader's 0 workers: one stream
 
 
 def test_a_rank_with_fewer_samples_than_steps_gets_empty_batches_not_negative_ones():
@@ -89,3 +95,13 @@ def test_a_rank_with_fewer_samples_than_steps_gets_empty_batches_not_negative_on
         seen = sorted(i for p in plans for b in p for i in b.tolist())
         assert seen == list(range(21))
     assert batch_sizes(1, 4, 5) == [0, 0, 0, 0, 1]
+
+
+def test_stream_samples_takes_the_split_as_named_arguments():
+    # rank 1 of 2, worker 1 of 2: the 4th of 4 streams; together the streams cover every sample
+    streams = [stream_samples(3, 1, 80, 10, rank=r, world_size=2, worker=w, num_workers=2)
+               for r in range(2) for w in range(2)]
+    assert sorted(np.concatenate(streams).tolist()) == list(range(80))
+    assert all(len(s) == 20 for s in streams)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'ranks'"):
+        stream_samples(0, 0, 40, 10, ranks=1)

@@ -18,7 +18,8 @@ from bombkd_io.errors import ConfigError, DatasetError, FormatError, ShardError
 from bombkd_io.shards.codec import decode_tensor
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, load_manifest, manifest_path,
                                        read_manifest, save_manifest)
-from bombkd_io.shards.reader import SkipLog, iter_shard, read_shard, verify_cache, verify_shard
+from bombkd_io.shards.reader import (SkipLog, check_on_error, iter_shard, read_shard, verify_cache,
+                                     verify_shard)
 from bombkd_io.shards.tarfmt import read_regular
 from bombkd_io.shards.writer import ShardSetWriter
 
@@ -148,6 +149,26 @@ def test_abort_leaves_no_partial_shard(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds-train-student-000000.tar"]
 
 
+def test_abort_mid_shard_removes_the_temp_file_and_keeps_finished_shards(tmp_path):
+    w = ShardSetWriter(tmp_path, "ds", "train", "student", 3)
+    for i in range(4):
+        w.write(f"k{i}", np.zeros((1, 2)))
+    assert len(list(tmp_path.glob("*.tar.tmp"))) == 1  # shard 1 is half written
+    w.abort()
+    w.abort()  # nothing left to drop: a no-op
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds-train-student-000000.tar"]
+
+
+def test_abort_removes_the_temp_file_when_closing_the_tar_fails(tmp_path):
+    w = ShardSetWriter(tmp_path, "ds", "train", "student", 3)
+    w.write("k0", np.zeros((1, 2)))
+    w._file.file.close()  # the disk went away: the tar's end blocks cannot be written
+    with pytest.raises(ValueError, match="closed file"):
+        w.abort()
+    assert list(tmp_path.iterdir()) == []
+    w.abort()  # the writer is already clean
+
+
 # ---- reader ------------------------------------------------------------------------------------
 
 def model_entry(entries, model="student", shape=(3, 4), dtype="float16"):
@@ -186,9 +207,13 @@ def test_truncated_shard_names_shard_and_sample(tmp_path):
     (e,) = write_set(tmp_path, n=3, shard_size=3)
     path = tmp_path / e.name
     path.write_bytes(path.read_bytes()[:4000])
-    with pytest.raises(ShardError, match="truncated") as info:
+    # a local file is measured before anything is allocated for it
+    with pytest.raises(ShardError, match=f"4000 bytes on disk, the manifest lists {e.bytes}"):
         read_shard(str(path), e, model_entry([e]), labels=True)
-    assert info.value.shard == str(path) and info.value.sample is not None
+    # a stream (no size up front) is read to where it ends
+    with pytest.raises(ShardError, match="truncated") as info:
+        read_shard(f"pipe:cat {path}", e, model_entry([e]), labels=True)
+    assert info.value.shard == f"pipe:cat {path}" and info.value.sample is not None
 
 
 def test_corrupt_member_and_header(tmp_path):
@@ -217,8 +242,8 @@ def test_skip_counts_and_warns(tmp_path):
     assert data.present.tolist() == [False, True, True] and skips.samples == 1
     path.write_bytes(path.read_bytes()[:4000])  # truncated in sample 1: 2 lost
     with pytest.warns(RuntimeWarning):
-        data = read_shard(str(path), e, model_entry([e]), labels=True, on_error="skip",
-                          skips=skips)
+        data = read_shard(f"pipe:cat {path}", e, model_entry([e]), labels=True,
+                          on_error="skip", skips=skips)
     # the stream ends inside sample 1, before sample 0 is complete: both lost, and sample 2
     assert data.present.tolist() == [False, False, False] and skips.samples == 4
     assert len(skips.problems) == 2 and "000001_v1" in skips.problems[1]
@@ -257,7 +282,7 @@ def test_manifest_round_trip_and_atomic_write(tmp_path):
     m = load_manifest(GOLDEN, "train")
     path = save_manifest(m, tmp_path)
     assert path == manifest_path(tmp_path, "golden", "train")
-    assert read_manifest(path) == m and not list(tmp_path.glob("*.tmp"))
+    assert read_manifest(path) == m and [p.name for p in tmp_path.iterdir()] == [path.name]
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -381,3 +406,54 @@ def test_read_over_http(tmp_path):
         assert [k for k, _ in iter_shard(url)] == data.keys
     finally:
         server.shutdown()
+
+
+# ---- sizes a stranger's manifest may ask for -----------------------------------------------------
+
+def test_local_shard_size_is_checked_before_allocating(tmp_path):
+    (e,) = write_set(tmp_path, n=3, shard_size=3)
+    path = str(tmp_path / e.name)
+    huge = type(e)(e.name, 3, 60 << 30, e.sha256)  # would be a 60 GiB buffer
+    with pytest.raises(ShardError, match=rf"{e.bytes} bytes on disk, the manifest lists "
+                                         rf"{60 << 30} \(truncated\?\)") as info:
+        read_shard(path, huge, model_entry([huge]), labels=True)
+    assert info.value.shard == path
+    small = type(e)(e.name, 3, e.bytes - 512, e.sha256)
+    with pytest.raises(ShardError, match=f"{e.bytes} bytes on disk, the manifest lists "
+                                         f"{e.bytes - 512};"):
+        read_shard(f"file:{path}", small, model_entry([small]), labels=True)
+
+
+def test_stream_larger_than_listed_is_refused(tmp_path):
+    (e,) = write_set(tmp_path, n=3, shard_size=3, shape=(300, 1200))  # ~2.2 MB shard
+    small = type(e)(e.name, 3, e.bytes // 2, e.sha256)
+    url = f"pipe:cat {tmp_path / e.name}"
+    with pytest.raises(ShardError, match="larger than the manifest lists") as info:
+        read_shard(url, small, model_entry([small], shape=(300, 1200)), labels=True)
+    assert info.value.shard == url
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d["models"]["student"]["shards"][0].update(bytes=1 << 40), "outside \\[0, "),
+    (lambda d: d["models"]["student"]["shards"][0].update(bytes=-1), "outside \\[0, "),
+    (lambda d: d["models"]["videomae"].update(dim=1 << 40), "over the limit"),
+    (lambda d: d["models"]["videomae"].update(tokens=0), "must be positive"),
+    (lambda d: d.update(shard_size=1 << 30), "shard_size must be in"),
+])
+def test_manifest_bounds_sizes(tmp_path, change, message):
+    root = copy_golden(tmp_path)
+    path = root / "golden-train.index.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+    with pytest.raises(FormatError, match=message) as info:
+        load_manifest(root, "train")
+    assert str(path) in str(info.value)
+
+
+def test_on_error_is_checked_once_with_the_argument_name(tmp_path):
+    (e,) = write_set(tmp_path, n=1, shard_size=1)
+    with pytest.raises(ConfigError, match=r"on_error must be one of .*, got 'warn'"):
+        list(iter_shard(str(tmp_path / e.name), on_error="warn"))
+    with pytest.raises(ConfigError, match="--on-error must be one of"):
+        check_on_error("ignore", "--on-error")

@@ -49,7 +49,7 @@ def test_training_learns_and_writes_metrics_and_checkpoints(cache, tmp_path):
     assert {"epoch", "step", "loss", "top1", "samples_per_s"} <= set(steps[0])
     assert [e["epoch"] for e in epochs] == [1, 2, 3]
     assert set(epochs[-1]["gates"]) == set(TEACHERS) and all(0 < g < 1 for g in epochs[-1]["gates"].values())
-    assert epochs[-1]["samples"] == 48 and "top5" in epochs[-1]
+    assert epochs[-1]["samples"] == 48 and "top5" in epochs[-1] and epochs[-1]["skipped"] == 0
     assert epochs[-1]["loss"] < epochs[0]["loss"]
     assert epochs[-1]["val_top1"] >= 75.0  # 4 classes: chance is 25%
     ckpt = torch.load(run / "fusion_ep3.pt", weights_only=True)
@@ -98,6 +98,43 @@ def test_resume_from_another_configuration_is_refused(cache, tmp_path):
         train(_config(cache, tmp_path, epochs=2))
 
 
+def test_resume_with_another_epoch_plan_is_refused(cache, tmp_path):
+    first = train(_config(cache, tmp_path, epochs=1))
+    plan = torch.load(first.checkpoint, weights_only=True)["plan"]
+    assert plan == {"world_size": 1, "workers": 1, "shard_size": 16, "batch": 8, "seed": 0,
+                    "num_samples": 48}
+    with pytest.raises(ConfigError, match=r"epoch plan workers: 2 here, 1 in the checkpoint"):
+        train(_config(cache, tmp_path, epochs=2, resume=True, workers=2))
+    with pytest.raises(ConfigError, match=r"epoch plan batch: 4 here, 8 .*epoch plan seed: 1 "):
+        train(_config(cache, tmp_path, epochs=2, resume=True, batch=4, seed=1))
+    # a checkpoint written before plans were saved: checked against what its config tells
+    old = torch.load(first.checkpoint, weights_only=True)
+    del old["plan"]
+    torch.save(old, first.checkpoint)
+    with pytest.raises(ConfigError, match=r"epoch plan batch: 4 here, 8 in the checkpoint"):
+        train(_config(cache, tmp_path, epochs=2, resume=True, batch=4))
+    # DataLoader's 0 workers and 1 worker read in the same order: the same plan
+    assert train(_config(cache, tmp_path, epochs=2, resume=True, workers=1)).epochs == 2
+
+
+def test_resume_after_a_half_written_metrics_line(cache, tmp_path):
+    train(_config(cache, tmp_path, epochs=1))
+    run = tmp_path / "run"
+    with open(run / "metrics.jsonl", "a") as f:  # killed while appending an epoch-2 step record
+        f.write(json.dumps({"kind": "step", "epoch": 2, "step": 7, "loss": 9.0})[:20])
+    train(_config(cache, tmp_path, epochs=2, resume=True))
+    records = _records(run)  # every line decodes again
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(1, 13))
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
+
+
+def test_training_leaves_the_determinism_setting_as_it_found_it(cache, tmp_path):
+    before = torch.are_deterministic_algorithms_enabled()
+    train(_config(cache, tmp_path, epochs=1))
+    assert torch.are_deterministic_algorithms_enabled() == before
+    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+
+
 def test_bad_input_is_refused_before_the_first_step(cache, tmp_path):
     with pytest.raises(ConfigError, match="--classes 3: split 'train' has 4 classes"):
         train(_config(cache, tmp_path, classes=3))
@@ -133,6 +170,10 @@ class _WithEmptyBatch:
 
     def num_batches(self, epoch):
         return self.loader.num_batches(epoch) + 1
+
+    @property
+    def skipped(self):
+        return self.loader.skipped
 
     def __iter__(self):
         for i, batch in enumerate(self.loader):

@@ -7,13 +7,15 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from bombkd_io.errors import VideoError
+from bombkd_io.errors import ConfigError, VideoError
 from bombkd_io.sampling import sample_indices
-from bombkd_io.video import (ClipLoader, VideoInfo, decode_clip, probe_video, probe_videos,
-                             route_for)
-from bombkd_io.video.dali import DaliClipDecoder, encoded_sample
+from bombkd_io.video import (ClipLoader, VideoInfo, cuda_index, dali_device, decode_clip,
+                             probe_video, probe_videos, route_for)
+from bombkd_io.video.dali import DaliClipDecoder, encoded_sample, raw_sample
 from bombkd_io.video.pyav import decode_frames
+from bombkd_io.video.resize import resize_crop, resize_crop_tensor, resize_plan
 
 # DALI vs PyAV clip difference per codec (16 frames, 112 px; DECODERS.md): (mean, p99) levels.
 # The RGB frames are identical (same swscale flags); only the two resize kernels differ.
@@ -163,3 +165,70 @@ def test_gpu_pipeline_matches_cpu(codec_videos):
     assert gpu.clips.is_cuda
     diff = (gpu.clips.cpu().short() - cpu.clips.short()).abs().float()
     assert diff.mean() < 3.0
+
+
+def ramp_frames(frames: int = 2, height: int = 120, width: int = 160) -> np.ndarray:
+    """uint8 [T, H, W, 3] whose value is the column number: a crop offset shows as a level shift."""
+    ramp = np.broadcast_to(np.arange(width, dtype=np.uint8)[None, :, None], (height, width, 3))
+    return np.ascontiguousarray(np.broadcast_to(ramp, (frames, height, width, 3)))
+
+
+def test_resize_rounds_and_crops_like_dali():
+    # 160x120 -> 112: width 149.33 -> 149, crop offset (149 - 112) / 2 = 18.5 -> 19 (half up)
+    assert resize_plan(120, 160, 112) == (112, 149, 0, 19)
+    assert resize_plan(160, 120, 112) == (149, 112, 19, 0)
+    frames = ramp_frames()
+    decoder = DaliClipDecoder(size=112, batch_size=1, num_threads=1)
+    dali = decoder.run([raw_sample(frames, np.arange(2))])[0].numpy().astype(float)
+    decoder.close()
+    ours = resize_crop(frames, 112).astype(float)
+    x = torch.from_numpy(frames).permute(0, 3, 1, 2)                    # [T, 3, H, W]
+    resized = F.interpolate(x, size=(112, 149), mode="bilinear", antialias=True)
+    floor = resized[:, :, :, 18:130].permute(0, 2, 3, 1).numpy().astype(float)  # offset 18
+    inner = slice(8, -8)  # away from the borders, where the two filters' edge handling differs
+    assert np.abs(ours - dali)[:, :, inner].mean() < 0.3
+    assert np.abs(floor - dali)[:, :, inner].mean() > 0.8           # one column off: ~1.07 levels
+
+
+def test_resize_tensor_keeps_dtype_and_skips_an_exact_size():
+    x = torch.from_numpy(ramp_frames()).permute(0, 3, 1, 2)             # [T, 3, 120, 160]
+    assert resize_crop_tensor(x, 112).dtype == torch.uint8
+    assert resize_crop_tensor(x.float(), 112).shape == (2, 3, 112, 112)
+    square = x[:, :, :, :120]
+    assert torch.equal(resize_crop_tensor(square, 120), square)
+
+
+def test_device_index_is_parsed_on_the_callers_thread():
+    assert cuda_index("cpu") is None and dali_device("cuda:1") == "mixed"
+    if torch.cuda.device_count() >= 2:
+        assert cuda_index("cuda:1") == 1
+    elif torch.cuda.is_available():
+        with pytest.raises(ValueError, match="this machine has 1 GPU"):
+            cuda_index("cuda:1")
+    for bad in ("cuda:x", "cuda:", "cuda:-1"):
+        with pytest.raises(ValueError, match="cuda:N"):
+            cuda_index(bad)
+    if not torch.cuda.is_available():
+        assert cuda_index("gpu") == 0 and cuda_index("cuda:3") == 3
+        # no GPU is touched before the first run: the index is only recorded
+        loader = ClipLoader([], frames=4, size=32, batch_size=1, device="cuda:3")
+        assert (loader.device, loader.device_id, loader.decoder.device_id) == ("mixed", 3, 3)
+        loader.close()
+    cpu = DaliClipDecoder(size=32, batch_size=1, device="cpu", device_id=2)
+    assert cpu.device_id is None
+
+
+def test_clip_loader_close_releases_pipeline_and_threads(codec_videos):
+    infos, _ = probe_videos([codec_videos["vp9"], codec_videos["h264"]])   # DALI and PyAV routes
+    with ClipLoader(infos, frames=4, size=32, batch_size=2, num_threads=1) as loader:
+        assert loader.decode_batch([0, 1]).positions == [0, 1]
+        assert loader.decoder._pipe is not None
+        threads = list(loader._pool._threads)
+    assert loader.decoder._pipe is None and threads and not any(t.is_alive() for t in threads)
+    with pytest.raises(RuntimeError, match="shutdown"):
+        loader.decode_batch([0])
+
+
+def test_probe_videos_checks_on_error(codec_videos):
+    with pytest.raises(ConfigError, match="on_error must be one of"):
+        probe_videos([codec_videos["vp9"]], on_error="warn")

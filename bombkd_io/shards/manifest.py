@@ -6,11 +6,11 @@ Written last and atomically, so a cache with a manifest is complete. Readers ref
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import DatasetError, FormatError
 from bombkd_io.sampling import shard_ranges
 from bombkd_io.shards.codec import DTYPES
@@ -20,6 +20,9 @@ FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".index.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # model (role) names and keys: no dots, no slashes
 RESERVED_MODELS = ("cls", "json")
+# Sanity bounds on what a manifest (possibly a stranger's) may ask a reader to allocate.
+MAX_SHARD_BYTES = 64 << 30   # one shard file, and one shard's decoded features
+MAX_SHARD_SIZE = 1 << 24     # samples per shard
 
 
 @dataclass(frozen=True)
@@ -98,13 +101,9 @@ def save_manifest(manifest: Manifest, root: str | Path) -> Path:
     if problems:
         raise FormatError("refusing to write an inconsistent manifest: " + "; ".join(problems))
     path = manifest_path(root, manifest.dataset, manifest.split)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest.to_json(), f, indent=1)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return path
 
 
@@ -181,8 +180,8 @@ def check_manifest(m: Manifest) -> list[str]:
     """Every inconsistency at once: names, dtypes, and shard k of every model covering
     samples ``[k*S, (k+1)*S)`` (the epoch order relies on it)."""
     problems = []
-    if m.shard_size < 1:
-        problems.append(f"shard_size must be >= 1, got {m.shard_size}")
+    if not 1 <= m.shard_size <= MAX_SHARD_SIZE:
+        problems.append(f"shard_size must be in [1, {MAX_SHARD_SIZE}], got {m.shard_size}")
         return problems
     expected = [len(r) for r in shard_ranges(m.count, m.shard_size)]
     if "student" not in m.models:
@@ -197,6 +196,27 @@ def check_manifest(m: Manifest) -> list[str]:
         if counts != expected:
             problems.append(f"model {name}: shard counts {counts} do not split count={m.count} "
                             f"into shards of {m.shard_size} ({expected})")
+        problems += _size_problems(name, entry, m.shard_size)
+    return problems
+
+
+def _size_problems(name: str, entry: ModelEntry, shard_size: int) -> list[str]:
+    """Shapes and sizes a reader can allocate: at most ``MAX_SHARD_BYTES`` per shard, both the
+    file and its decoded ``[S, T', D]`` features."""
+    problems = []
+    if entry.tokens < 1 or entry.dim < 1:
+        problems.append(f"model {name}: feature shape [{entry.tokens}, {entry.dim}] must be "
+                        "positive")
+    elif entry.dtype in DTYPES:
+        decoded = shard_size * entry.tokens * entry.dim * DTYPES[entry.dtype].itemsize
+        if decoded > MAX_SHARD_BYTES:
+            problems.append(f"model {name}: a shard of {shard_size} x [{entry.tokens}, "
+                            f"{entry.dim}] {entry.dtype} is {decoded} bytes decoded, over the "
+                            f"limit of {MAX_SHARD_BYTES}")
+    for s in entry.shards:
+        if not 0 <= s.bytes <= MAX_SHARD_BYTES:
+            problems.append(f"model {name}: shard {s.name} lists {s.bytes} bytes, outside "
+                            f"[0, {MAX_SHARD_BYTES}]")
     return problems
 
 

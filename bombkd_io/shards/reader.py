@@ -27,12 +27,13 @@ import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from bombkd_io.errors import FormatError, ShardError
+from bombkd_io.errors import ConfigError, FormatError, ShardError
 from bombkd_io.shards.codec import DTYPES, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
 from bombkd_io.shards.tarfmt import BLOCK, padded, parse_header, read_regular, split_name
 
 CHUNK = 8 << 20  # bytes per read: big reads keep syscalls and Python calls per sample low
+TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 ON_ERROR = ("raise", "skip")
 
 
@@ -48,9 +49,10 @@ class SkipLog:
         warnings.warn(f"skipped {samples} sample(s): {error}", RuntimeWarning, stacklevel=3)
 
 
-def check_on_error(on_error: str) -> None:
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+def check_on_error(value: str, argument: str = "on_error") -> None:
+    """The one check of an error policy; ConfigError naming ``argument`` (e.g. ``--on-error``)."""
+    if value not in ON_ERROR:
+        raise ConfigError(f"{argument} must be one of {ON_ERROR}, got {value!r}")
 
 
 class _Stream:
@@ -229,10 +231,13 @@ def read_shard(url: str, entry: ShardEntry, model: ModelEntry, *, labels: bool,
     skips = skips if skips is not None else SkipLog()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
     try:
+        _check_local_size(url, entry)
         with open_shard(url) as f:
-            buf = np.empty(entry.bytes, np.uint8)  # the manifest's size: normally exact
+            buf = np.empty(entry.bytes, np.uint8)  # the manifest's size (bounded by check_manifest)
             filled = _read_into(f, memoryview(buf))
-            rest = f.read()
+            rest = f.read(TAIL)
+            if len(rest) == TAIL and f.read(1):
+                raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
     except ShardError as exc:
         if on_error == "raise":
             raise
@@ -246,6 +251,28 @@ def read_shard(url: str, entry: ShardEntry, model: ModelEntry, *, labels: bool,
     stream = io.BytesIO(buf[:filled].tobytes() + rest)  # irregular: walk member by member
     return _walk(stream, str(url), entry.count, member, _empty(entry.count, shape, dtype, labels),
                  on_error, skips)
+
+
+def _local_path(url: str) -> Path | None:
+    """The file a local shard URL (a plain path or ``file:``) names; None for pipes and remotes."""
+    url = str(url)
+    if url.startswith("file:"):
+        return Path(url[len("file://"):] if url.startswith("file://") else url[len("file:"):])
+    return None if "://" in url or url.startswith("pipe:") else Path(url)
+
+
+def _check_local_size(url: str, entry: ShardEntry) -> None:
+    """A local shard must be the size its manifest lists: checked before allocating for it."""
+    path = _local_path(url)
+    if path is None:
+        return
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ShardError(url, f"cannot read ({exc})") from exc
+    if size != entry.bytes:
+        raise ShardError(url, f"{size} bytes on disk, the manifest lists {entry.bytes}"
+                         + (" (truncated?)" if size < entry.bytes else ""))
 
 
 def _empty(n: int, shape: tuple[int, int], dtype, labels: bool) -> ShardData:

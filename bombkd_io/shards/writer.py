@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 
+from bombkd_io.atomic import commit, discard
 from bombkd_io.errors import ConfigError, ShardError
 from bombkd_io.shards.codec import DTYPES, encode_tensor
 from bombkd_io.shards.manifest import NAME_RE, RESERVED_MODELS, ShardEntry
@@ -49,9 +49,7 @@ class _HashingFile:
         return self.file.write(data)
 
     def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        self.file.close()  # durability (fsync) is atomic.commit's, only for a finished shard
 
 
 class ShardSetWriter:
@@ -114,11 +112,14 @@ class ShardSetWriter:
 
     def abort(self) -> None:
         """Drop the shard being written (its temp file); finished shards stay."""
-        if self._tar is not None:
-            self._tar.close()
+        tar, self._tar = self._tar, None
+        if tar is None:
+            return
+        try:
+            tar.close()
+        finally:
             self._file.close()
-            os.unlink(self._tmp)
-            self._tar = None
+            discard(self._tmp)
 
     def __enter__(self) -> ShardSetWriter:
         return self
@@ -144,7 +145,7 @@ class ShardSetWriter:
         self._tar.close()
         self._file.close()
         path = self._path(self._next)
-        os.replace(self._tmp, path)
+        commit(self._tmp, path)
         self.entries.append(ShardEntry(path.name, self._count, self._file.bytes,
                                        self._file.sha256.hexdigest()))
         self._tar, self._next = None, self._next + 1

@@ -2,12 +2,14 @@
 
 - ``probe.py``:  ``probe_video`` / ``probe_videos`` (PyAV) and the route rule (DALI or PyAV).
 - ``dali.py``:   the DALI pipeline (``cpu`` or ``mixed``), resize + centre crop for every clip.
-- ``pyav.py``:   PyAV decoding of the sampled frames only; the torch resize of ``backend="pyav"``.
+- ``pyav.py``:   PyAV decoding of the sampled frames only.
+- ``resize.py``: the torch resize + centre crop, DALI's rounding (``backend="pyav"``, backbones).
 - ``loader.py``: ``ClipLoader`` (background-thread batches, failures recorded) and ``decode_clip``.
 See DECODERS.md for the routing table and the measured DALI-vs-PyAV differences.
 """
 from bombkd_io.video.loader import BACKENDS, ClipBatch, ClipLoader, decode_clip
-from bombkd_io.video.probe import VideoInfo, dali_device, probe_video, probe_videos, route_for
+from bombkd_io.video.probe import (VideoInfo, cuda_index, dali_device, probe_video, probe_videos,
+                                   route_for)
 
-__all__ = ["BACKENDS", "ClipBatch", "ClipLoader", "VideoInfo", "dali_device", "decode_clip",
-           "probe_video", "probe_videos", "route_for"]
+__all__ = ["BACKENDS", "ClipBatch", "ClipLoader", "VideoInfo", "cuda_index", "dali_device",
+           "decode_clip", "probe_video", "probe_videos", "route_for"]

@@ -69,19 +69,28 @@ def raw_sample(frames: np.ndarray, indices: np.ndarray) -> Sample:
 class DaliClipDecoder:
     """Runs batches of samples through ``clip_pipeline``; rebuilt after a pipeline error."""
 
-    def __init__(self, *, size: int, batch_size: int, device: str = "cpu", num_threads: int = 2):
+    def __init__(self, *, size: int, batch_size: int, device: str = "cpu", num_threads: int = 2,
+                 device_id: int | None = None):
         self.size, self.batch_size, self.device = size, batch_size, device
         self.num_threads = num_threads
+        # The GPU is fixed here, on the caller's thread: the pipeline is built later in a decode
+        # thread, where torch's current device (per thread) is always 0.
+        if device == "mixed" and device_id is None:
+            device_id = torch.cuda.current_device()
+        self.device_id = device_id if device == "mixed" else None
+        self._pipe = None
+
+    def close(self) -> None:
+        """Release the pipeline (its threads and buffers); a later ``run`` builds a new one."""
         self._pipe = None
 
     def _pipeline(self):
         if self._pipe is None:
-            device_id = torch.cuda.current_device() if self.device == "mixed" else None
             # Synchronous execution: the ClipLoader's thread already overlaps decode and compute,
             # and a synchronous pipeline fails on the batch that caused the error.
             self._pipe = clip_pipeline(device=self.device, size=self.size,
                                        batch_size=self.batch_size, num_threads=self.num_threads,
-                                       device_id=device_id, exec_async=False,
+                                       device_id=self.device_id, exec_async=False,
                                        exec_pipelined=False, prefetch_queue_depth=1)
             self._pipe.build()
         return self._pipe
@@ -103,16 +112,18 @@ class DaliClipDecoder:
         except Exception as err:    # DALI raises RuntimeError, IndexError, ... for a bad input
             self._pipe = None       # "Current pipeline object is no longer valid."
             raise DaliRunError(dali_error_reason(err)) from err
-        return _to_torch(out.as_tensor())
+        return _to_torch(out.as_tensor(), self.device_id)
 
 
-def _to_torch(tensor) -> torch.Tensor:
+def _to_torch(tensor, device_id: int | None) -> torch.Tensor:
     """A dense DALI tensor -> torch, on its device (a copy: DALI reuses its buffers)."""
     if isinstance(tensor, TensorGPU):
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
-        out = torch.empty(tensor.shape(), dtype=torch.uint8, device="cuda")
-        return feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream())
+        device = torch.device("cuda", device_id)
+        with torch.cuda.device(device):  # the decode thread's current device is 0 otherwise
+            out = torch.empty(tensor.shape(), dtype=torch.uint8, device=device)
+            return feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(device))
     return torch.from_numpy(np.array(tensor))
 
 

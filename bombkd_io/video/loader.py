@@ -19,8 +19,9 @@ import torch
 from bombkd_io.errors import VideoError
 from bombkd_io.sampling import sample_indices
 from bombkd_io.video.dali import DaliClipDecoder, DaliRunError, Sample, encoded_sample, raw_sample
-from bombkd_io.video.probe import VideoInfo, dali_device, probe_video, route_for
-from bombkd_io.video.pyav import decode_frames, resize_crop
+from bombkd_io.video.probe import VideoInfo, cuda_index, dali_device, probe_video, route_for
+from bombkd_io.video.pyav import decode_frames
+from bombkd_io.video.resize import resize_crop
 
 BACKENDS = ("dali", "pyav")
 
@@ -50,13 +51,25 @@ class ClipLoader:
                              f"{frames}, {size}, {batch_size}, {prefetch}")
         self.videos, self.frames, self.size = list(videos), frames, size
         self.batch_size, self.prefetch = batch_size, prefetch
-        self.device = dali_device(device)
+        self.device, self.device_id = dali_device(device), cuda_index(device)
         self.decoder = DaliClipDecoder(size=size, batch_size=batch_size, device=self.device,
-                                       num_threads=num_threads)
+                                       num_threads=num_threads, device_id=self.device_id)
         self._lock = threading.Lock()    # one pipeline: streams of batches() take turns on it
         # PyAV-routed videos decode outside DALI; PyAV releases the GIL while decoding, so a
         # batch's videos decode side by side, like DALI's own threads do for the rest.
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="bombkd-pyav")
+
+    def close(self) -> None:
+        """Release the DALI pipeline and the PyAV threads. Call it when done (or use ``with``);
+        a closed loader decodes no more."""
+        self._pool.shutdown(wait=True)
+        self.decoder.close()
+
+    def __enter__(self) -> ClipLoader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def decode_batch(self, positions: Sequence[int]) -> ClipBatch:
         """One batch, in the calling thread."""
@@ -101,7 +114,7 @@ class ClipLoader:
         return (torch.cat(clips) if clips else self._empty()), good
 
     def _empty(self) -> torch.Tensor:
-        on = "cuda" if self.device == "mixed" else "cpu"
+        on = torch.device("cuda", self.device_id) if self.device == "mixed" else "cpu"
         return torch.empty((0, self.frames, self.size, self.size, 3), dtype=torch.uint8, device=on)
 
     def batches(self, batches: Iterable[Sequence[int]]) -> Iterator[ClipBatch]:
@@ -166,8 +179,11 @@ def decode_clip(path: str | Path, frames: int = 16, size: int = 112, backend: st
     if backend == "pyav":
         return resize_crop(decode_frames(info.path, indices), size)
     dev = dali_device(device)
-    decoder = DaliClipDecoder(size=size, batch_size=1, device=dev, num_threads=1)
+    decoder = DaliClipDecoder(size=size, batch_size=1, device=dev, num_threads=1,
+                              device_id=cuda_index(device))
     try:
         return decoder.run([make_sample(info, indices, dev)])[0].cpu().numpy()
     except DaliRunError as err:
         raise VideoError(info.path, str(err)) from err
+    finally:
+        decoder.close()

@@ -16,6 +16,7 @@ import av
 from tqdm import tqdm
 
 from bombkd_io.errors import VideoError
+from bombkd_io.shards.reader import check_on_error
 
 # Codecs DALI's fn.decoders.video decodes per device (its docs, and verified on CPU).
 DALI_CODECS = {
@@ -50,6 +51,24 @@ def dali_device(device: str | None) -> str:
     if device == "cpu":
         return "cpu"
     raise ValueError(f"unknown device {device!r}; expected 'cpu', 'gpu' or None (auto)")
+
+
+def cuda_index(device: str | None) -> int | None:
+    """The CUDA device a "mixed" pipeline uses: ``N`` of "cuda:N", else torch's current device;
+    None on the CPU. Call it on the caller's thread: torch's current device is per thread."""
+    if dali_device(device) == "cpu":
+        return None
+    import torch
+    if device is not None and device.startswith("cuda:"):
+        index = device[len("cuda:"):]
+        if not index.isdigit():
+            raise ValueError(f"device {device!r}: expected 'cuda:N' with a GPU number N")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else None
+        if count is not None and int(index) >= count:
+            raise ValueError(f"device {device!r}: this machine has {count} GPU(s), "
+                             f"cuda:0 to cuda:{count - 1}")
+        return int(index)
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
 def route_for(codec: str, pix_fmt: str, device: str | None) -> str:
@@ -115,8 +134,7 @@ def probe_video(path: str | Path, device: str | None = "cpu") -> VideoInfo:
 def probe_videos(paths: Iterable[str | Path], device: str | None = "cpu", on_error: str = "skip",
                  progress: bool = False) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
     """Probe many files. ``on_error="skip"`` records ``(path, reason)``; ``"raise"`` stops."""
-    if on_error not in ("skip", "raise"):
-        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    check_on_error(on_error)
     ok, failed = [], []
     for path in tqdm(list(paths), desc="probe", unit="video", disable=not progress):
         try:

@@ -1,4 +1,4 @@
-"""PyAV decoding of the sampled frames only, and the torch resize used by ``backend="pyav"``.
+"""PyAV decoding of the sampled frames only (their resize is ``resize.py``'s).
 
 Decoding is sequential for inter-coded video (every frame depends on earlier ones), but only the
 wanted frames are converted to RGB and decoding stops after the last wanted one; for intra-only
@@ -10,8 +10,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import torch
-import torch.nn.functional as F
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from bombkd_io.errors import VideoError
@@ -71,26 +69,3 @@ def _intra_frames(container, stream, wanted: set[int]):
                 yield number, frame
         number += 1
 
-
-def resize_crop(frames: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side to ``size`` (bilinear, antialiased), then a centre ``size x size`` crop.
-
-    Output sizes and crop offsets follow DALI's ``resize_shorter`` + ``crop`` (round half up), so
-    the two backends differ only by their filters. ``[T, H, W, 3] -> [T, S, S, 3]`` uint8.
-    """
-    t, h, w, _ = frames.shape
-    short = min(h, w)
-    out_h, out_w = _round(h * size / short), _round(w * size / short)
-    # uint8 in channels-last memory (what the permuted view is) takes torch's vectorised uint8
-    # kernel: ~40x faster than the float path for these sizes.
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)   # [T, 3, H, W]
-    if (out_h, out_w) != (h, w):
-        x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True,
-                          align_corners=False)
-    top, left = _round((out_h - size) / 2), _round((out_w - size) / 2)
-    x = x[:, :, top:top + size, left:left + size]
-    return np.ascontiguousarray(x.permute(0, 2, 3, 1).numpy())       # [T, S, S, 3]
-
-
-def _round(value: float) -> int:
-    return int(np.floor(value + 0.5))

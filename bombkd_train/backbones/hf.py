@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bombkd_io.errors import ConfigError
 from bombkd_io.sampling import sample_indices
+from bombkd_io.video.resize import resize_crop_tensor
 
 POOLS = ("time", "mean", "none")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -153,14 +153,10 @@ class Backbone(torch.nn.Module):
 
 
 def _resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Shorter side to ``size`` (bilinear, antialiased), then a centre crop: the clip contract."""
+    """The clip contract's resize + centre crop (DALI's rounding), per frame."""
     b, t, c, h, w = x.shape
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    x = F.interpolate(x.reshape(b * t, c, h, w), size=(nh, nw), mode="bilinear",
-                      antialias=True, align_corners=False)         # [B*T, 3, nh, nw]
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return x[:, :, top:top + size, left:left + size].reshape(b, t, c, size, size)
+    x = resize_crop_tensor(x.reshape(b * t, c, h, w), size)      # [B*T, 3, size, size]
+    return x.reshape(b, t, c, size, size)                       # [B, T, 3, size, size]
 
 
 def arch_for(config, source: str) -> Arch:

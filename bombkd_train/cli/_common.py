@@ -18,6 +18,12 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=EXIT_BAD_INPUT)
 
 
+def names(values: list[str] | None) -> list[str]:
+    """The names of a list option that takes comma-separated names and may be repeated:
+    ``--teachers a,b --teachers c`` -> ``["a", "b", "c"]`` (blanks dropped)."""
+    return [n.strip() for value in values or [] for n in value.split(",") if n.strip()]
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn a ``BombkdError`` raised inside the block into ``error: <message>`` and exit code 2.

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import numpy as np
 import typer
 
+from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import VideoError
 from bombkd_io.sample_data import CODECS
 from bombkd_train.cli._common import fail, user_errors
@@ -48,7 +49,8 @@ def probe(
     if device not in (None, "cpu", "gpu", "cuda"):
         raise fail(f"--device {device!r}: expected cpu or gpu")
     if save_frames is not None and len(videos) != 1:
-        raise fail(f"--save-frames takes one video, got {len(videos)}")
+        raise fail(f"--save-frames takes one video, got {len(videos)}; probe the others "
+                   f"without it, e.g. `bombkd probe {videos[0]} --save-frames {save_frames}`")
     bad = 0
     for path in videos:
         try:
@@ -72,8 +74,6 @@ def probe(
 
 def write_contact_sheet(clip: np.ndarray, out: Path, columns: int = 8) -> None:
     """Frames ``[T, S, S, 3]`` tiled ``columns`` wide into one PNG (temp name, then rename)."""
-    import os
-
     from PIL import Image
 
     t, s = clip.shape[0], clip.shape[1]
@@ -83,9 +83,8 @@ def write_contact_sheet(clip: np.ndarray, out: Path, columns: int = 8) -> None:
         r, c = divmod(i, columns)
         sheet[r * s:(r + 1) * s, c * s:(c + 1) * s] = frame
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    Image.fromarray(sheet).save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        Image.fromarray(sheet).save(tmp, format="PNG")
 
 
 def register(app: typer.Typer) -> None:

@@ -13,7 +13,7 @@ import typer
 
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.shards.manifest import manifest_path
-from bombkd_train.cli._common import fail, user_errors
+from bombkd_train.cli._common import fail, names, user_errors
 
 
 def featurize_command(
@@ -52,11 +52,11 @@ def featurize_command(
 
     if fp16 and dtype not in (None, "float16"):
         raise fail(f"--fp16 and --dtype {dtype} contradict each other; pass one of them")
-    names = [t.strip() for group in teachers or [] for t in group.split(",") if t.strip()]
     config = FeaturizeConfig(dataset=dataset, root=str(root), split=split, student=student,
-                             out=str(out), teachers=names, format=format, shard_size=shard_size,
-                             dtype=dtype or "float16", frames=frames, size=size, batch_size=batch,
-                             workers=workers, pool=pool, device=device, resume=resume)
+                             out=str(out), teachers=names(teachers), format=format,
+                             shard_size=shard_size, dtype=dtype or "float16", frames=frames,
+                             size=size, batch_size=batch, workers=workers, pool=pool,
+                             device=device, resume=resume)
     with user_errors():
         if dry_run:
             estimate = estimate_featurize(config)

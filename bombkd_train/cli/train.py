@@ -1,12 +1,13 @@
 """``bombkd train-converters``, ``bombkd train``, ``bombkd eval`` and ``bombkd demo``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from bombkd_train.cli._common import user_errors
+from bombkd_train.cli._common import names, user_errors
 
 Loader = Annotated[str, typer.Option(
     "--loader", help="wds: cached features; dali: decode the videos")]
@@ -32,11 +33,9 @@ OnError = Annotated[str, typer.Option(
     "--on-error", "--on_error",
     help="wds: a corrupt shard stops the run (raise) or is skipped and reported (skip)")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="no progress bars")]
-Teachers = Annotated[str, typer.Option("--teachers", help="comma-separated teacher names")]
+Teachers = Annotated[list[str], typer.Option(
+    "--teachers", help="teacher names, comma-separated (A,B,C); may be repeated")]
 SaveDir = Annotated[str, typer.Option("--save-dir", "--save_dir")]
-
-def _names(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def train_converters_cmd(
@@ -57,11 +56,11 @@ def train_converters_cmd(
 ) -> None:
     """Fit one converter per teacher (student -> teacher features) from a feature cache."""
     from bombkd_train.converters import ConverterTrainConfig, train_converters
-    from bombkd_train.trainer import resolve_device
+    from bombkd_train.dist import resolve_device
 
     with user_errors():
         result = train_converters(ConverterTrainConfig(
-            root=root, split=split, teachers=_names(teachers), save_dir=save_dir, epochs=epochs,
+            root=root, split=split, teachers=names(teachers), save_dir=save_dir, epochs=epochs,
             kind=kind, val_frac=val_frac, lr=lr, batch=batch, seed=seed, dataset=dataset,
             workers=workers, device=resolve_device(device), progress=not quiet))
     where = f"{result.held_out} held-out samples" if result.held_out else "the training samples"
@@ -93,16 +92,19 @@ def train_cmd(
 
     with user_errors():
         result = train(TrainConfig(
-            loader=loader, root=root, split=split, teachers=_names(teachers),
+            loader=loader, root=root, split=split, teachers=names(teachers),
             converters=converters, classes=classes, dataset=dataset, student=student,
             frames=frames, size=size, batch=batch, epochs=epochs, lr=lr, gate_l1=gate_l1,
             seed=seed, workers=workers, shard_size=shard_size, cache=cache, on_error=on_error,
             save_dir=save_dir,
             resume=resume, val_split=val_split, device=device, progress=not quiet))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun rank 0 reports for all ranks (the other ranks write nothing)
     last = result.last
     if last:
+        skipped = f", {last['skipped']} samples skipped" if last["skipped"] else ""
         typer.echo(f"epoch {last['epoch']}: loss {last['loss']:.4f}, top-1 {last['top1']:.1f}%, "
-                   f"{last['samples_per_s']:.1f} samples/s")
+                   f"{last['samples_per_s']:.1f} samples/s{skipped}")
     if result.checkpoint:
         typer.echo(f"wrote {result.checkpoint}")
     else:
@@ -122,8 +124,8 @@ def eval_cmd(
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix (eval.json, confusion.png)."""
     from bombkd_train.evaluate import EvalConfig, evaluate
+    from bombkd_train.dist import resolve_device
     from bombkd_train.loaders import DataConfig
-    from bombkd_train.trainer import resolve_device
 
     with user_errors():
         dev = resolve_device(device)

@@ -1,0 +1,50 @@
+"""Devices and torch.distributed for the training side: one place to join, ask and sum.
+
+``torchrun`` describes the process group in the environment (``WORLD_SIZE``, ``LOCAL_RANK``);
+``init_distributed`` joins it once. Everything else asks ``is_distributed`` and sums across
+ranks with ``all_reduce_sum``. (``bombkd_io`` never imports this package; its loader asks
+torch.distributed for the rank itself.)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` where there is a GPU, else ``cpu``."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def is_distributed() -> bool:
+    """Whether this process is in an initialised process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(device: str) -> tuple[str, int, int]:
+    """Device, rank and world size; joins the process group that ``torchrun`` describes."""
+    device = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+    if is_distributed():
+        return device, dist.get_rank(), dist.get_world_size()
+    return device, 0, 1
+
+
+def all_reduce_sum(t: torch.Tensor, device: str) -> torch.Tensor:
+    """``t`` summed over all ranks, as a new CPU tensor (``device``: where the backend sums,
+    the rank's GPU for NCCL). Without a process group, ``t`` itself."""
+    if not is_distributed():
+        return t
+    moved = t.to(device)
+    dist.all_reduce(moved)
+    return moved.cpu()
