@@ -42,3 +42,7 @@ class ConfigError(BombkdError, ValueError):
     def __init__(self, problems: list[str] | str):
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("; ".join(self.problems))
+
+
+class TrainingError(BombkdError, RuntimeError):
+    """A run that cannot go on (a non-finite loss); stopped before a checkpoint is written."""

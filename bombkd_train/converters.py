@@ -316,6 +316,13 @@ def train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
     from bombkd_io.loader import make_cached_loader
 
     cfg.validate()
+    out = Path(cfg.save_dir) / "converters.pt"
+    if out.exists():
+        # fusion runs load their converters by this path (train --resume, eval): replacing the
+        # file would silently change what they evaluate and resume with
+        raise ConfigError(f"--save-dir {cfg.save_dir}: already holds converters.pt, which fusion "
+                          "runs trained with it load by path; pass another --save-dir (or "
+                          "delete the file to replace it)")
     # a teacher the cache lacks is a DatasetError here, naming what the cache holds
     loader = make_cached_loader(cfg.root, cfg.split, models=("student", *cfg.teachers),
                                 batch_size=cfg.batch, seed=cfg.seed, num_workers=cfg.workers,
@@ -335,5 +342,5 @@ def train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
     ckpt = converters_checkpoint(
         converters, student={"backbone": stu.backbone, "dim": stu.dim, "tokens": stu.tokens},
         val_cosine=cosine, config=asdict(cfg), stats=stats)
-    path = save_checkpoint(ckpt, Path(cfg.save_dir) / "converters.pt")
+    path = save_checkpoint(ckpt, out)
     return ConverterResult(path=path, cosine=cosine, held_out=int(held.sum()))

@@ -12,6 +12,7 @@ RNG state and config, so ``--resume`` ends with the same weights as an uninterru
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from bombkd_io.atomic import atomic_path
-from bombkd_io.errors import ConfigError
+from bombkd_io.errors import ConfigError, TrainingError
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
 from bombkd_train.converters import load_converters, load_feature_stats
 from bombkd_train.dist import all_reduce_sum, init_distributed, is_distributed
@@ -216,6 +217,8 @@ class Trainer:
             if n == 0:
                 continue
             loss_v, top1, top5, *gates = _step_stats(loss, out, labels, names).tolist()
+            if not math.isfinite(loss_v):
+                raise _non_finite(loss_v, epoch, self.step, batch.get("key"), self.cfg)
             sums += torch.tensor([loss_v * n, top1, top5, n, 0, *(g * n for g in gates)],
                                  dtype=torch.float64)
             now = time.perf_counter()
@@ -363,3 +366,13 @@ def _set_rng(rng: dict) -> None:
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _non_finite(loss: float, epoch: int, step: int, keys, cfg: TrainConfig) -> TrainingError:
+    """Stop a run whose loss is nan/inf before it writes a checkpoint of broken weights."""
+    shown = ", ".join(map(str, (keys or [])[:4])) + (", ..." if len(keys or []) > 4 else "")
+    check = (f"`bombkd inspect {cfg.root} --split {cfg.split} --verify` checks the cache"
+             if cfg.loader == "wds" else "`bombkd probe` checks the videos")
+    return TrainingError(f"epoch {epoch + 1}, step {step}: the loss is {loss} (batch: {shown}); "
+                         f"corrupt features or a diverging run: {check}, or lower --lr "
+                         f"{cfg.lr:g}; no checkpoint was written for this epoch")

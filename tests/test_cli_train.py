@@ -145,3 +145,24 @@ def test_teachers_may_be_repeated_and_comma_separated(cache, tmp_path):
     assert "skipped" not in result.stdout  # nothing was left out
     ckpt = torch.load(tmp_path / "r" / "fusion_ep1.pt", weights_only=True)
     assert ckpt["config"]["teachers"] == ["ta", "tb"]
+
+
+def test_corrupt_feature_values_stop_training_before_a_checkpoint(cache, tmp_path):
+    # bytes flipped inside a tensor's data keep the tar and msgpack valid; the values turn nan
+    import shutil
+    import tarfile
+
+    root = tmp_path / "cache"
+    shutil.copytree(cache, root)
+    shard = root / "synth-train-student-000001.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".student.mp"))
+    raw = bytearray(shard.read_bytes())
+    end = member.offset_data + member.size            # the raw float32 data ends the member
+    raw[end - 64:end] = b"\xff" * 64                  # 16 float32 nans
+    shard.write_bytes(bytes(raw))
+    _fails(_train(root, tmp_path / "run", "--epochs", "1"), "the loss is nan",
+           f"bombkd inspect {root} --split train --verify", "no checkpoint was written")
+    assert not list((tmp_path / "run").glob("fusion_ep*.pt"))
+    records = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert "NaN" not in records  # metrics.jsonl stays strict JSON

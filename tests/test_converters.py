@@ -132,3 +132,27 @@ def test_checkpoints_are_atomic_and_refuse_pickled_code(tmp_path):
         load_checkpoint(path, kind="k", argument="--x")
     assert str(refused.value).startswith(f"--x {path}: ") and "weights_only" not in str(refused.value)
     assert "\n" not in str(refused.value)
+
+
+def test_train_converters_refuses_to_replace_converters_a_fusion_run_loads(tmp_path):
+    # fusion checkpoints name their converters by path (train --resume, eval): a second
+    # train-converters into the same --save-dir would silently change what they load
+    from typer.testing import CliRunner
+
+    from bombkd_train.cli.main import app
+    from synthetic_cache import TEACHERS, make_feature_cache
+
+    root = make_feature_cache(tmp_path / "cache", count=16)
+    args = ["train-converters", "--root", str(root), "--split", "train", "--teachers",
+            ",".join(TEACHERS), "--save-dir", str(tmp_path / "conv"), "--epochs", "0", "--quiet"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    path = tmp_path / "conv" / "converters.pt"
+    before = path.read_bytes()
+    again = CliRunner().invoke(app, [*args[:-3], "--epochs", "1", "--quiet", "--seed", "3"])
+    assert again.exit_code == 2, again.output
+    assert again.stderr.startswith(f"error: --save-dir {tmp_path / 'conv'}: already holds "
+                                   "converters.pt"), again.stderr
+    assert "pass another --save-dir" in again.stderr
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [
+        "converters.pt"]
