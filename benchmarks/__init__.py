@@ -1,0 +1,1 @@
+"""bombkd benchmark suite: `pytest benchmarks --benchmark` (see README.md here)."""

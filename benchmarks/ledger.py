@@ -1,0 +1,141 @@
+"""The run's sizes, and the ledger every benchmark writes its timings and checks into.
+
+Speed is only ever asserted as a ratio of two measurements taken in the same run, side by side:
+the workloads a check compares are timed in alternating rounds inside one pytest-benchmark test
+(its table and JSON show the round), and each workload's round times are recorded here under a
+key; the check reads both keys back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+import pytest
+
+from benchmarks.report import Check, Measurement
+
+SIZES = ("small", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchSize:
+    """How much work each benchmark does. ``small`` is CI on 2 cores; ``full`` is the README's."""
+
+    name: str
+    classes: int            # sample dataset: classes x per_class videos (vp9)
+    per_class: int
+    frames: int             # clip length and side, as in training
+    size: int
+    student: str            # tiny backbone that plays the student
+    teachers: tuple[str, ...]
+    batch_size: int
+    shard_size: int
+    rounds: int             # timed rounds per workload (one epoch each for training)
+    cheap_epochs: int       # epochs per round for training without video (too quick for one)
+    parity_epochs: int
+    codec_per_class: int    # per-codec datasets for the decoder comparison
+    loader_samples: int     # the corpus' features repeated to this many, for the loader twin
+    scale_samples: int      # samples of the 1x cache in the scale benchmark (4x = 4 times this)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+BENCH_SIZES = {
+    "small": BenchSize(name="small", classes=4, per_class=8, frames=16, size=112,
+                       student="tiny-vjepa2", teachers=("tiny-videomae", "tiny-timesformer"),
+                       batch_size=8, shard_size=8, rounds=3, cheap_epochs=20,
+                       parity_epochs=2, codec_per_class=4, loader_samples=3000,
+                       scale_samples=2000),
+    "full": BenchSize(name="full", classes=6, per_class=40, frames=16, size=112,
+                      student="tiny-vjepa2",
+                      teachers=("tiny-videomae", "tiny-timesformer", "tiny-vivit"),
+                      batch_size=8, shard_size=16, rounds=5, cheap_epochs=10,
+                      parity_epochs=3, codec_per_class=10, loader_samples=20000,
+                      scale_samples=5000),
+}
+
+
+@dataclasses.dataclass
+class Workload:
+    """``fn()`` processes ``count`` ``unit``s; timed under ``key`` ("area/name")."""
+
+    key: str
+    fn: Callable[[], object]
+    count: int
+    unit: str = "samples"
+
+
+class Ledger:
+    """Timed workloads and checks of one run, in the order they happened."""
+
+    def __init__(self) -> None:
+        self.measurements: dict[str, Measurement] = {}
+        self.checks: list[Check] = []
+        self.notes: dict = {}   # figures one test leaves for a later check (not timings)
+
+    def time(self, benchmark, key: str, fn: Callable[[], object], *, count: int,
+             unit: str = "samples", rounds: int = 3, warmup: int = 1, group: str | None = None):
+        """Time one workload; see ``interleave``. Returns ``fn``'s last result."""
+        return self.interleave(benchmark, [Workload(key, fn, count, unit)], rounds=rounds,
+                               warmup=warmup, group=group)[key]
+
+    def interleave(self, benchmark, workloads: list[Workload], *, rounds: int = 3,
+                   warmup: int = 1, group: str | None = None) -> dict[str, object]:
+        """Time workloads side by side: every round runs each once, in a rotating order.
+
+        A check compares two of them, and load on the machine comes and goes; alternating
+        them, and keeping the best round of each, leaves the ratio steady. pytest-benchmark
+        times the whole round (``benchmark.pedantic``); each workload's own round times are
+        recorded here under its key (also under ``--benchmark-disable``, as one round).
+        Returns each workload's last result.
+        """
+        seconds: dict[str, list[float]] = {w.key: [] for w in workloads}
+        results: dict[str, object] = {}
+        turn = iter(range(1 << 30))
+
+        def one_round() -> None:
+            shift = next(turn) % len(workloads)
+            for w in workloads[shift:] + workloads[:shift]:
+                start = time.perf_counter()
+                results[w.key] = w.fn()
+                seconds[w.key].append(time.perf_counter() - start)
+
+        benchmark.group = group or workloads[0].key.split("/")[0]
+        benchmark.extra_info.update({w.key: {"count": w.count, "unit": w.unit} for w in workloads})
+        benchmark.pedantic(one_round, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        for w in workloads:
+            kept = seconds[w.key][-rounds:]
+            self.measurements[w.key] = Measurement(key=w.key, count=w.count, unit=w.unit,
+                                                   seconds=kept)
+            benchmark.extra_info[w.key]["per_second"] = self.measurements[w.key].rate
+        return results
+
+    def add(self, key: str, *, count: int, seconds: list[float],
+            unit: str = "samples") -> Measurement:
+        """Record a workload timed elsewhere (e.g. inside a subprocess)."""
+        self.measurements[key] = Measurement(key=key, count=count, unit=unit, seconds=list(seconds))
+        return self.measurements[key]
+
+    def get(self, key: str) -> Measurement:
+        """A recorded workload; skips the calling check when it was not run (deselected)."""
+        if key not in self.measurements:
+            pytest.skip(f"needs the timed workload {key!r} from the same run; run the whole "
+                        "benchmark module (do not deselect it, and do not use --benchmark-only)")
+        return self.measurements[key]
+
+    def check(self, name: str, what: str, figure: float, op: str, limit: float, *,
+              unit: str = "", details: dict | None = None) -> Check:
+        """Record and print one line: what was measured, the figure and its limit."""
+        verdict = "pass" if (figure >= limit if op == ">=" else figure <= limit) else "FAIL"
+        line = f"{name}: {what}: {_num(figure)}{unit} (limit {op} {_num(limit)}{unit}) -> {verdict}"
+        check = Check(name=name, figure=float(figure), op=op, limit=float(limit), unit=unit,
+                      line=line, details=dict(details or {}))
+        self.checks.append(check)
+        print(line)
+        return check
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"

@@ -1,0 +1,101 @@
+"""Large caches, and reading one in a fresh process (time per sample, peak RSS).
+
+``write_cache`` writes a student shard set of any size with the library's ``ShardSetWriter`` and
+manifest: real features repeated (a large epoch for the cached-loader benchmark), or features of
+a ViT-L-sized student, ``[8, 1024]`` fp16 = 16 KiB a sample, so that holding the data in memory
+would show in the RSS (the scale benchmark). Run as a script, this file reads one cache through
+``make_cached_loader`` for a few epochs and prints one JSON line: samples, seconds per epoch, RSS
+before reading and peak RSS (``VmHWM``; ``ru_maxrss`` beside it), so each size's peak is its own.
+
+    python benchmarks/scale.py CACHE_ROOT --epochs 3 --batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+SPLIT, DATASET = "train", "scale"
+TOKENS, DIM = 8, 1024
+
+
+def write_cache(root: Path, count: int, *, features: np.ndarray | None = None,
+                labels: np.ndarray | None = None, like=None, shard_size: int = 1000,
+                dataset: str = DATASET, dtype: str = "float16") -> int:
+    """A student cache of ``count`` samples under ``root``; returns its bytes.
+
+    Sample ``i`` holds ``features[i % N]`` (``[N, T', D]``) with label ``labels[i % N]``;
+    ``like`` (a ModelEntry) names the backbone and clip they came from, so a trainer takes the
+    cache for its own. Without features: random ViT-L-sized ones, ``[8, 1024]``.
+    """
+    from bombkd_io.shards.manifest import Manifest, ModelEntry, save_manifest
+    from bombkd_io.shards.writer import ShardSetWriter
+
+    if features is None:
+        rng = np.random.default_rng(0)
+        features = rng.standard_normal((shard_size, TOKENS, DIM)).astype(np.float16)
+        labels = np.arange(shard_size) % 10
+        like = ModelEntry("student", "synthetic-vitl", DIM, TOKENS, 16, 224, "time", dtype)
+    writer = ShardSetWriter(root, dataset, SPLIT, "student", shard_size, dtype)
+    for i in range(count):
+        key = f"{i:07d}_tiled"
+        writer.write(key, features[i % len(features)],
+                     {"cls": int(labels[i % len(labels)]), "json": {"path": key}})
+    entry = ModelEntry("student", like.backbone, like.dim, like.tokens, like.frames, like.size,
+                       like.pooling, dtype, writer.close())
+    classes = [f"class{c}" for c in range(int(labels.max()) + 1)]
+    save_manifest(Manifest(dataset, SPLIT, classes, shard_size, {"student": entry}, count), root)
+    return entry.bytes
+
+
+def _status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (KiB); 0 where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss_kib() -> int:
+    """Peak RSS of this process image. ``VmHWM`` where Linux has it: ``ru_maxrss`` also counts
+    the peak of the process this one was forked from before ``exec`` (here: pytest itself)."""
+    return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def measure(root: str, *, epochs: int, batch: int) -> dict:
+    """Read every epoch of the cache with the training loader; time and memory."""
+    from bombkd_io.loader import make_cached_loader
+
+    loader = make_cached_loader(root, SPLIT, batch_size=batch, num_workers=0, pin_memory=False)
+    rss_before = _status_kib("VmRSS")
+    seconds, samples = [], 0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        start, samples = time.perf_counter(), 0
+        for b in loader:
+            samples += len(b["label"])
+        seconds.append(time.perf_counter() - start)
+    return {"samples": samples, "seconds": seconds, "rss_before_kib": rss_before,
+            "peak_rss_kib": peak_rss_kib(),
+            "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args(argv)
+    print(json.dumps(measure(args.root, epochs=args.epochs, batch=args.batch)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

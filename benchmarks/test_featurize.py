@@ -1,0 +1,40 @@
+"""Featurize: clips/s of ``featurize`` (decode + student + teachers + shards), and the share of
+its time spent writing shards (encoding, tar writing, hashing), as ``FeaturizeStats`` records it.
+
+The twin with the features already in memory is the writing itself: ``write_s`` is timed around
+the writer calls only, so a share near zero says the models, not the cache format, set the pace.
+"""
+from __future__ import annotations
+
+import itertools
+
+from benchmarks.workloads import featurize_config
+from bombkd_train.featurize import FeaturizeStats, featurize
+
+WRITE_SHARE_MAX = 0.10
+
+
+def test_featurize(benchmark, ledger, corpus, bench_size, bench_dir):
+    runs = itertools.count()
+    stats: list[FeaturizeStats] = []
+
+    def run() -> int:
+        out = bench_dir / f"featurize-{next(runs)}"
+        stats.append(FeaturizeStats())
+        return featurize(featurize_config(corpus.videos, out, bench_size, "float16"),
+                         stats=stats[-1]).count
+
+    count = ledger.time(benchmark, "featurize/float16", run, count=corpus.count, unit="clips",
+                        rounds=1, warmup=0, group="featurize")
+    assert count == corpus.count
+    last = stats[-1]
+    ledger.add("featurize/writing", count=corpus.count, seconds=[last.write_s], unit="clips")
+    share = last.write_s / last.total_s
+    models = sum(last.infer_s.values())
+    check = ledger.check(
+        "featurize", f"{last.clips_per_s:.1f} clips/s with {1 + len(bench_size.teachers)} models; "
+        f"share of time writing shards", share, "<=", WRITE_SHARE_MAX,
+        details={"clips_per_s": last.clips_per_s, "total_s": last.total_s,
+                 "write_s": last.write_s, "models_s": models,
+                 "decode_wait_s": last.decode_wait_s, "probe_s": last.probe_s})
+    assert check.passed, check.line

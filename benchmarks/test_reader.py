@@ -1,0 +1,145 @@
+"""The shard reader on its own, and at scale.
+
+Caches of N and 4N samples of ViT-L-sized student features (``benchmarks/scale.py``; N is the
+size's ``scale_samples``) are written with the library's writer, then:
+
+    read/reader    ``iter_shard`` over every shard of the N cache (tar walk + msgpack decode)
+    read/raw       the same files read sequentially in 1 MiB chunks, nothing decoded
+                   (both from storage: each round first drops these files from the page cache)
+    scale/1x, 4x   the cached training loader over each cache, in a fresh process (peak RSS)
+
+Checks: the reader keeps at least a tenth of the raw read speed of the same bytes; at 4N a
+sample costs at most 1.25x its time at N, and peak RSS grows by at most 10% while the data grows
+4x (the loader streams shards, it never holds the dataset).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.ledger import Workload
+from benchmarks.scale import write_cache
+from bombkd_io.shards.manifest import load_manifest
+from bombkd_io.shards.reader import iter_shard
+
+HERE = Path(__file__).resolve().parent
+READER_VS_RAW_MIN = 0.10
+PER_SAMPLE_RATIO_MAX = 1.25
+RSS_RATIO_MAX = 1.10
+CHUNK = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def scale_caches(bench_dir, bench_size):
+    """factor -> (cache root, bytes): the N and 4N caches, written once."""
+    out = {}
+    for factor in (1, 4):
+        root = bench_dir / f"scale-{factor}x"
+        out[factor] = (root, write_cache(root, factor * bench_size.scale_samples))
+    os.sync()  # written pages must be clean before they can be dropped from the page cache
+    return out
+
+
+def _shards(root: Path) -> list[Path]:
+    manifest = load_manifest(root, "train")
+    return [root / s.name for s in manifest.models["student"].shards]
+
+
+def _drop_from_page_cache(paths: list[Path]) -> None:
+    """Make the next read come from storage (no-op where posix_fadvise is missing)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def test_reader_vs_raw(benchmark, ledger, scale_caches, bench_size):
+    root, size = scale_caches[1]
+    shards = _shards(root)
+
+    def with_reader() -> int:
+        _drop_from_page_cache(shards)
+        return sum(1 for path in shards for _ in iter_shard(str(path)))  # decodes every sample
+
+    def raw() -> int:
+        _drop_from_page_cache(shards)
+        total = 0
+        for path in shards:
+            with open(path, "rb", buffering=0) as f:
+                while chunk := f.read(CHUNK):
+                    total += len(chunk)
+        return total
+
+    done = ledger.interleave(benchmark, [Workload("read/reader", with_reader, size, "bytes"),
+                                         Workload("read/raw", raw, size, "bytes")],
+                             rounds=bench_size.rounds + 2, group="read")
+    assert done == {"read/reader": bench_size.scale_samples, "read/raw": size}
+    reader, raw_read = ledger.get("read/reader"), ledger.get("read/raw")
+    check = ledger.check(
+        "reader-vs-raw", f"shard reader {reader.rate / 1e6:.0f} MB/s vs raw sequential read "
+        f"{raw_read.rate / 1e6:.0f} MB/s of the same bytes", reader.rate / raw_read.rate, ">=",
+        READER_VS_RAW_MIN, unit="x", details={"reader_bps": reader.rate, "raw_bps": raw_read.rate})
+    assert check.passed, check.line
+
+
+def _read_in_subprocess(root: Path, epochs: int) -> dict:
+    cmd = [sys.executable, str(HERE / "scale.py"), str(root), "--epochs", str(epochs)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_scale_read(ledger, scale_caches, bench_size):
+    """The 1x and 4x caches read in alternating fresh processes, twice each."""
+    runs, epochs = {1: [], 4: []}, 2 * bench_size.rounds + 1
+    for _ in range(2):
+        for factor in (1, 4):
+            runs[factor].append(_read_in_subprocess(scale_caches[factor][0], epochs))
+    for factor, results in runs.items():
+        assert {r["samples"] for r in results} == {factor * bench_size.scale_samples}
+        seconds = [s for r in results for s in r["seconds"][1:]]  # first epoch: warm-up
+        m = ledger.add(f"scale/{factor}x", count=results[0]["samples"], seconds=seconds)
+        ledger.notes.setdefault("scale", {})[factor] = {
+            "samples": m.count, "bytes": scale_caches[factor][1],
+            "per_sample_s": m.best_s / m.count,
+            "peak_rss_kib": max(r["peak_rss_kib"] for r in results),
+            "rss_before_kib": max(r["rss_before_kib"] for r in results)}
+
+
+def test_scale_cost_per_sample(ledger):
+    one, four = _scale(ledger, 1), _scale(ledger, 4)
+    ratio = four["per_sample_s"] / one["per_sample_s"]
+    check = ledger.check(
+        "scale-time", f"time per sample at 4x ({four['samples']}) vs 1x ({one['samples']}) "
+        "samples, cached loader", ratio, "<=", PER_SAMPLE_RATIO_MAX, unit="x",
+        details={"per_sample_us_1x": 1e6 * one["per_sample_s"],
+                 "per_sample_us_4x": 1e6 * four["per_sample_s"]})
+    assert check.passed, check.line
+
+
+def test_scale_peak_rss(ledger):
+    one, four = _scale(ledger, 1), _scale(ledger, 4)
+    ratio = four["peak_rss_kib"] / one["peak_rss_kib"]
+    check = ledger.check(
+        "scale-rss", f"peak RSS at 4x {four['peak_rss_kib'] / 1024:.0f} MiB vs 1x "
+        f"{one['peak_rss_kib'] / 1024:.0f} MiB (data {four['bytes'] / 2**20:.0f} vs "
+        f"{one['bytes'] / 2**20:.0f} MiB)", ratio, "<=", RSS_RATIO_MAX, unit="x",
+        details={k: {f: v for f, v in _scale(ledger, k).items() if f != "seconds"}
+                 for k in (1, 4)})
+    assert check.passed, check.line
+
+
+def _scale(ledger, factor: int) -> dict:
+    found = ledger.notes.get("scale", {}).get(factor)
+    if found is None:
+        pytest.skip("needs test_scale_read from the same run")
+    return found
