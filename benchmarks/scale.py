@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -51,6 +52,18 @@ def write_cache(root: Path, count: int, *, features: np.ndarray | None = None,
     classes = [f"class{c}" for c in range(int(labels.max()) + 1)]
     save_manifest(Manifest(dataset, SPLIT, classes, shard_size, {"student": entry}, count), root)
     return entry.bytes
+
+
+def drop_from_page_cache(paths: list[Path]) -> None:
+    """Make the next read come from storage (no-op where posix_fadvise is missing)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _status_kib(field: str) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.ledger import Workload
-from benchmarks.scale import write_cache
+from benchmarks.scale import drop_from_page_cache, write_cache
 from bombkd_io.shards.manifest import load_manifest
 from bombkd_io.shards.reader import iter_shard
 
@@ -50,28 +50,16 @@ def _shards(root: Path) -> list[Path]:
     return [root / s.name for s in manifest.models["student"].shards]
 
 
-def _drop_from_page_cache(paths: list[Path]) -> None:
-    """Make the next read come from storage (no-op where posix_fadvise is missing)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def test_reader_vs_raw(benchmark, ledger, scale_caches, bench_size):
     root, size = scale_caches[1]
     shards = _shards(root)
 
     def with_reader() -> int:
-        _drop_from_page_cache(shards)
+        drop_from_page_cache(shards)
         return sum(1 for path in shards for _ in iter_shard(str(path)))  # decodes every sample
 
     def raw() -> int:
-        _drop_from_page_cache(shards)
+        drop_from_page_cache(shards)
         total = 0
         for path in shards:
             with open(path, "rb", buffering=0) as f:

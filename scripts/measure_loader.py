@@ -27,6 +27,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for benchmarks/
+
+from benchmarks.scale import drop_from_page_cache  # noqa: E402
 from bombkd_io.loader import make_cached_loader
 from bombkd_io.shards.manifest import Manifest, ModelEntry, save_manifest
 from bombkd_io.shards.writer import ShardSetWriter
@@ -51,16 +54,6 @@ def make_cache(root: Path, samples: int, shard_size: int = 1000) -> Manifest:
                         samples)
     save_manifest(manifest, root)
     return manifest
-
-
-def drop_from_page_cache(paths: list[Path]) -> None:
-    """Make the next read of ``paths`` come from storage (posix_fadvise DONTNEED)."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def time_loader(root: Path, workers: int, batch: int, paths: list[Path], cold: bool,
