@@ -144,14 +144,16 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not a readable JSON manifest ({exc})") from exc
+        raise FormatError(f"{path}: not a readable JSON manifest ({exc}); bombkd writes it last and atomically, so "
+                          "it was changed since: restore it, or featurize again into a new --out"
+                          ) from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise FormatError(f"{path}: format is {got!r}, expected {FORMAT_NAME!r}")
     if data.get("version") != FORMAT_VERSION:
         raise FormatError(f"{path}: {FORMAT_NAME} version {data.get('version')!r} is not "
-                          f"supported; expected version {FORMAT_VERSION} (upgrade bombkd or "
-                          "re-run `bombkd featurize`)")
+                          f"supported; expected version {FORMAT_VERSION} (upgrade bombkd, or featurize "
+                          "again into a new --out)")
     try:
         manifest = _from_json(data)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
