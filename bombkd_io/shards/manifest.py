@@ -144,9 +144,9 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not a readable JSON manifest ({exc}); bombkd writes it last and atomically, so "
-                          "it was changed since: restore it, or featurize again into a new --out"
-                          ) from exc
+        raise FormatError(f"{path}: not a readable JSON manifest ({exc}); bombkd writes it "
+                          "last and atomically, so it was changed since: restore it, or "
+                          "featurize again into a new --out") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
         raise FormatError(f"{path}: format is {got!r}, expected {FORMAT_NAME!r}")
