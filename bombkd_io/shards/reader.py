@@ -45,8 +45,12 @@ class SkipLog:
 
     def add(self, error: ShardError, samples: int) -> None:
         self.samples += samples
-        self.problems.append(f"{error} ({samples} sample(s) skipped)")
-        warnings.warn(f"skipped {samples} sample(s): {error}", RuntimeWarning, stacklevel=3)
+        # the error's own fix suggests skipping: say where and why, and how to repair instead
+        where = f"{error.shard} (sample {error.sample})" if error.sample else error.shard
+        line = f"{where}: {error.reason}"
+        self.problems.append(f"{line} ({samples} sample(s) skipped)")
+        warnings.warn(f"skipped {samples} sample(s): {line}; `bombkd featurize --resume` "
+                      "rewrites shards that do not verify", RuntimeWarning, stacklevel=3)
 
 
 def check_on_error(value: str, argument: str = "on_error") -> None:
