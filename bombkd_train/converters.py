@@ -140,14 +140,11 @@ def converters_checkpoint(converters: dict[str, Converter], *, student: dict, va
     }
 
 
-def load_feature_stats(path) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-channel ``{"mean", "std"}`` of the training features (``"student"`` and per teacher)."""
-    return load_checkpoint(path, kind=CHECKPOINT_KIND, argument="--converters").get("stats", {})
-
-
 def load_converters(path, *, student_dim: int, student_tokens: int,
-                    teachers: list[str] | None = None) -> dict[str, Converter]:
-    """Frozen converters from a checkpoint, checked against the student that will feed them.
+                    teachers: list[str] | None = None) -> tuple[dict[str, Converter], dict]:
+    """Frozen converters from a checkpoint, checked against the student that will feed them,
+    and the per-channel ``{"mean", "std"}`` of the training features (``"student"`` and per
+    teacher) recorded beside them.
 
     ``teachers`` picks (and orders) the teachers; ``None`` takes all, in checkpoint order.
     Raises ``ConfigError`` naming the file when a teacher is missing or a dimension differs.
@@ -173,7 +170,7 @@ def load_converters(path, *, student_dim: int, student_tokens: int,
                          kind=entry["kind"], hidden=entry["hidden"])
         conv.load_state_dict(state)
         out[name] = conv.eval().requires_grad_(False)
-    return out
+    return out, ckpt.get("stats", {})
 
 
 # --- training --------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import ConfigError
 from bombkd_train.checkpoint import load_checkpoint
-from bombkd_train.converters import load_converters, load_feature_stats
+from bombkd_train.converters import load_converters
 from bombkd_train.dist import all_reduce_sum
 from bombkd_train.fusion import FusionHead, FusionModel
 from bombkd_train.loaders import DataConfig, open_source
@@ -128,9 +128,9 @@ def load_fusion(ckpt: dict, *, converters: str | None = None, student_dim: int,
     head = FusionHead.from_spec(ckpt["head"])
     head.load_state_dict(ckpt["model"])
     path = converters or ckpt["config"]["converters"]
-    convs = load_converters(path, student_dim=student_dim, student_tokens=student_tokens,
-                            teachers=head.teacher_names)
-    return FusionModel(convs, head, load_feature_stats(path)).eval()
+    convs, stats = load_converters(path, student_dim=student_dim, student_tokens=student_tokens,
+                                   teachers=head.teacher_names)
+    return FusionModel(convs, head, stats).eval()
 
 
 def evaluate(cfg: EvalConfig) -> tuple[EvalResult, Path]:

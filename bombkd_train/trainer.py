@@ -27,7 +27,7 @@ from tqdm import tqdm
 from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import ConfigError, TrainingError
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
-from bombkd_train.converters import load_converters, load_feature_stats
+from bombkd_train.converters import load_converters
 from bombkd_train.dist import all_reduce_sum, init_distributed, is_distributed
 from bombkd_train.evaluate import FUSION_KIND, evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
@@ -144,8 +144,9 @@ class Trainer:
 
     def setup_model(self) -> None:
         stu = self.source.student
-        converters = load_converters(self.cfg.converters, student_dim=stu.dim,
-                                     student_tokens=stu.tokens, teachers=self.cfg.teachers)
+        converters, stats = load_converters(self.cfg.converters, student_dim=stu.dim,
+                                            student_tokens=stu.tokens,
+                                            teachers=self.cfg.teachers)
         torch.manual_seed(self.cfg.seed)  # the seed alone fixes the head's initial weights
         head = FusionHead(stu.dim, teacher_specs(converters), self.cfg.classes,
                           rank=self.cfg.fusion_rank)
@@ -153,7 +154,6 @@ class Trainer:
             self._check_resume(self.state)
             head.load_state_dict(self.state["model"])
         self.head = head
-        stats = load_feature_stats(self.cfg.converters)
         self.fusion = self.model = FusionModel(converters, head, stats).to(self.device)
         if self.world > 1:
             ids = [self.device] if self.device.startswith("cuda") else None

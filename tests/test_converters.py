@@ -59,7 +59,7 @@ def test_checkpoint_round_trips_with_weights_only(tmp_path):
     raw = torch.load(path, weights_only=True)
     assert raw["teachers"] == ["t-a", "t-b"] and raw["student"]["dim"] == 16
     assert raw["converters"]["t-a"]["out_tokens"] == 4 and raw["converters"]["t-b"]["kind"] == "mlp"
-    loaded = load_converters(path, student_dim=16, student_tokens=8, teachers=["t-b", "t-a"])
+    loaded, _ = load_converters(path, student_dim=16, student_tokens=8, teachers=["t-b", "t-a"])
     assert list(loaded) == ["t-b", "t-a"]
     x = torch.randn(2, 8, 16)
     for name, conv in loaded.items():
