@@ -117,8 +117,19 @@ def test_golden_cache_through_the_loader():
 
 def test_float32_cache_is_exact(tmp_path):
     root = make_cache(tmp_path, n=6, dtype="float32")
+    seen = 0
     for b in make_cached_loader(root, "train", models=("student", "videomae"), num_workers=0):
         check_batch(b, teachers=True)
+        seen += len(b["key"])
+    assert seen == 6
+    # values fp16 cannot hold come back bit for bit: nothing on the way goes through fp16
+    fine = np.float32(1 + 2 ** -20)
+    writer = ShardSetWriter(tmp_path / "fine", "ds", "train", "student", 4, "float32")
+    writer.write("000000_clip", np.full((2, 4), fine, np.float32), {"cls": 0, "json": {}})
+    entry = ModelEntry("student", "tiny", 4, 2, 4, 32, "time", "float32", writer.close())
+    save_manifest(Manifest("ds", "train", ["c0"], 4, {"student": entry}, 1), tmp_path / "fine")
+    (batch,) = list(make_cached_loader(tmp_path / "fine", "train", num_workers=0))
+    assert np.float16(fine) != fine and (batch["student"].numpy() == fine).all()
 
 
 def test_errors_before_training(cache, tmp_path):
