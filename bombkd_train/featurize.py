@@ -4,7 +4,7 @@ The stages, in order (each clip is decoded once per distinct (frames, size) the 
 and the student and every teacher run on that one decode):
 
     index_dataset        VideoIndex, items in split order
-    probe_videos         the decodable items (the "ok list"); unreadable ones are recorded
+    probe_index          the decodable items (the "ok list"); unreadable ones are recorded
     shard plan           shard k starts where shard k-1 ended and takes S decoded samples
     ClipLoader.batches   uint8 clips per need, decoded in a background thread
     Backbone             features [B, T', D] per model
@@ -32,7 +32,7 @@ from bombkd_io.errors import DatasetError, VideoError
 from bombkd_io.shards.manifest import Manifest, save_manifest
 from bombkd_io.shards.reader import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
-from bombkd_io.video import ClipLoader, probe_videos
+from bombkd_io.video import ClipLoader, probe_index
 from bombkd_train.backbones import Backbone, create_backbone
 from bombkd_train.featurize_estimate import DiskEstimate, check_free_space, estimate_bytes
 from bombkd_train.threads import model_threads
@@ -148,17 +148,10 @@ class _Run:
 
     def _probe(self) -> None:
         start = time.perf_counter()
-        items = self.index.items
         # the video package maps "cpu" / "cuda[:N]" to its decoder device itself
-        infos, failed = probe_videos([it.path for it in items], device=self.config.device,
-                                     on_error="skip", progress=sys.stderr.isatty())
-        by_path = {info.path: info for info in infos}
-        self.ok = [i for i, it in enumerate(items) if it.path in by_path]  # ok pos -> index pos
-        self.infos = [by_path[items[i].path] for i in self.ok]
-        if not self.ok:
-            first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
-            raise DatasetError(f"none of the {len(items)} videos of {self.config.dataset} "
-                               f"{self.config.split} in {self.config.root} can be read{first}")
+        self.ok, self.infos, failed = probe_index(  # ok pos -> index pos, and their infos
+            self.index, range(len(self.index.items)), self.config.device,
+            progress=sys.stderr.isatty())
         self.state.set_probe(self.ok, failed)
         self.loaders: dict[Need, ClipLoader] = {}
         self.stats.probe_s = time.perf_counter() - start

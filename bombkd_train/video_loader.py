@@ -3,7 +3,7 @@
 The stages, in order (each a plain step of ``__iter__``):
 
     index_dataset          -> VideoItems in split-file order
-    probe_videos           -> the decodable ones (failures recorded, not fatal)
+    probe_index            -> the decodable ones (failures recorded, not fatal)
     epoch_batches          -> this rank's batches of positions, the plan the cached loader follows
     ClipLoader.batches     -> uint8 clips [B, T, S, S, 3], decoded in a background thread
     student backbone       -> float32 features [B, T', D], while the next batch decodes
@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from bombkd_io.datasets import VideoIndex, index_dataset, item_key
-from bombkd_io.errors import DatasetError
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE, check_streams, epoch_batches
-from bombkd_io.video import ClipLoader, probe_videos
+from bombkd_io.video import ClipLoader, probe_index
 from bombkd_train.backbones import create_backbone
 from bombkd_train.threads import decode_threads_for, model_threads
 
@@ -70,16 +69,8 @@ class VideoFeatureLoader:
         # i here is sample i of that cache; ``unmatched``: those that are not in this index
         excluded, self.unmatched = match_paths(self.index, exclude)
         wanted = [i for i in range(len(self.index.items)) if i not in excluded]
-        infos, self.failed = probe_videos([self.index.items[i].path for i in wanted],
-                                          device=device, on_error="skip")
-        by_path = {info.path: info for info in infos}
         # index positions of the decodable items (keys use the index position)
-        self.positions = [i for i in wanted if self.index.items[i].path in by_path]
-        infos = [by_path[self.index.items[i].path] for i in self.positions]
-        if not self.positions:
-            first = f" (first: {self.failed[0][0]}: {self.failed[0][1]})" if self.failed else ""
-            raise DatasetError(f"none of the {len(wanted)} {split} videos of {dataset} in {root} "
-                               f"can be read{first}")
+        self.positions, infos, self.failed = probe_index(self.index, wanted, device)
         # every (rank, worker) stream needs a shard, as in the cached loader: refused here, at once
         num_shards = -(-len(self.positions) // shard_size)
         check_streams(num_shards, world_size, num_workers, where=f"{root} ({split})")

@@ -232,3 +232,25 @@ def test_clip_loader_close_releases_pipeline_and_threads(codec_videos):
 def test_probe_videos_checks_on_error(codec_videos):
     with pytest.raises(ConfigError, match="on_error must be one of"):
         probe_videos([codec_videos["vp9"]], on_error="warn")
+
+
+def test_probe_index_keeps_readable_positions_in_order_and_refuses_an_unreadable_split(
+        tmp_path, codec_videos, bad_videos):
+    import shutil
+
+    from bombkd_io.datasets import index_dataset
+    from bombkd_io.errors import DatasetError
+    from bombkd_io.video import probe_index
+
+    for name, src in (("a_good", codec_videos["vp9"]), ("b_bad", bad_videos["garbage"]),
+                      ("c_good", codec_videos["mjpeg"])):
+        (tmp_path / "videos" / "Cls").mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, tmp_path / "videos" / "Cls" / f"{name}{src.suffix}")
+    index = index_dataset("folder", tmp_path / "videos", "train")
+    names = [p.rsplit("/", 1)[-1].split(".")[0] for p in (it.path for it in index.items)]
+    ok, infos, failed = probe_index(index, range(len(index.items)))
+    assert [names[i] for i in ok] == ["a_good", "c_good"]
+    assert [i.path for i in infos] == [index.items[i].path for i in ok]
+    assert [f[0] for f in failed] == [index.items[names.index("b_bad")].path]
+    with pytest.raises(DatasetError, match="none of the 1 .*can be read.*b_bad"):
+        probe_index(index, [names.index("b_bad")])

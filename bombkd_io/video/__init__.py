@@ -1,6 +1,6 @@
 """Video probing, routing and decoding: one clip contract, ``[T, S, S, 3]`` uint8 RGB.
 
-- ``probe.py``:  ``probe_video`` / ``probe_videos`` (PyAV) and the route rule (DALI or PyAV).
+- ``probe.py``:  ``probe_video`` / ``probe_videos`` / ``probe_index`` (PyAV) and the route rule.
 - ``dali.py``:   the DALI pipeline (``cpu`` or ``mixed``), resize + centre crop for every clip.
 - ``pyav.py``:   PyAV decoding of the sampled frames only.
 - ``resize.py``: the torch resize + centre crop, DALI's rounding (``backend="pyav"``, backbones).
@@ -8,8 +8,8 @@
 See DECODERS.md for the routing table and the measured DALI-vs-PyAV differences.
 """
 from bombkd_io.video.loader import BACKENDS, ClipBatch, ClipLoader, decode_clip
-from bombkd_io.video.probe import (VideoInfo, cuda_index, dali_device, probe_video, probe_videos,
-                                   route_for)
+from bombkd_io.video.probe import (VideoInfo, cuda_index, dali_device, probe_index, probe_video,
+                                   probe_videos, route_for)
 
 __all__ = ["BACKENDS", "ClipBatch", "ClipLoader", "VideoInfo", "cuda_index", "dali_device",
-           "decode_clip", "probe_video", "probe_videos", "route_for"]
+           "decode_clip", "probe_index", "probe_video", "probe_videos", "route_for"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import av
 from tqdm import tqdm
 
-from bombkd_io.errors import VideoError
+from bombkd_io.datasets import VideoIndex
+from bombkd_io.errors import DatasetError, VideoError
 from bombkd_io.shards.reader import check_on_error
 
 # Codecs DALI's fn.decoders.video decodes per device (its docs, and verified on CPU).
@@ -144,3 +145,18 @@ def probe_videos(paths: Iterable[str | Path], device: str | None = "cpu", on_err
                 raise
             failed.append((os.fspath(path), err.reason))
     return ok, failed
+
+
+def probe_index(index: VideoIndex, positions: Sequence[int], device: str | None = "cpu", *,
+                progress: bool = False) -> tuple[list[int], list[VideoInfo], list[tuple[str, str]]]:
+    """Probe the items of ``index`` at ``positions``: the decodable positions (in order), their
+    infos, and ``(path, reason)`` of the others. DatasetError when none can be read."""
+    infos, failed = probe_videos([index.items[i].path for i in positions], device,
+                                 on_error="skip", progress=progress)
+    by_path = {info.path: info for info in infos}
+    ok = [i for i in positions if index.items[i].path in by_path]
+    if not ok:
+        first = f" (first: {failed[0][0]}: {failed[0][1]})" if failed else ""
+        raise DatasetError(f"none of the {len(positions)} {index.split} videos of {index.dataset} "
+                           f"in {index.root} can be read{first}")
+    return ok, [by_path[index.items[i].path] for i in ok], failed
