@@ -1,9 +1,12 @@
 """The run's sizes, and the ledger every benchmark writes its timings and checks into.
 
 Speed is only ever asserted as a ratio of two measurements taken in the same run, side by side:
-the workloads a check compares are timed in alternating rounds inside one pytest-benchmark test
-(its table and JSON show the round), and each workload's round times are recorded here under a
-key; the check reads both keys back.
+the workloads a check compares are timed in alternating rounds (A, B, A, B, ...) inside one
+pytest-benchmark test, and each workload's round times are recorded here under a key. A check
+takes the ratio round by round (``Ledger.per_round``) and judges the median of those ratios
+against its limit; the printed line and the JSON give min / median / max, so a reader sees the
+spread. Load from other processes comes and goes; it hits both sides of one round alike, so
+the ratio of a round is steadier than either rate, and the median ignores a round it spoiled.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from collections.abc import Callable
 
 import pytest
 
-from benchmarks.report import Check, Measurement
+from benchmarks.report import Check, Measurement, median
 
 SIZES = ("small", "full")
 
@@ -31,7 +34,7 @@ class BenchSize:
     teachers: tuple[str, ...]
     batch_size: int
     shard_size: int
-    rounds: int             # timed rounds per workload (one epoch each for training)
+    rounds: int             # timed rounds per workload (one epoch each for training), >= 5
     cheap_epochs: int       # epochs per round for training without video (too quick for one)
     parity_epochs: int
     codec_per_class: int    # per-codec datasets for the decoder comparison
@@ -45,7 +48,7 @@ class BenchSize:
 BENCH_SIZES = {
     "small": BenchSize(name="small", classes=4, per_class=8, frames=16, size=112,
                        student="tiny-vjepa2", teachers=("tiny-videomae", "tiny-timesformer"),
-                       batch_size=8, shard_size=8, rounds=3, cheap_epochs=20,
+                       batch_size=8, shard_size=8, rounds=5, cheap_epochs=20,
                        parity_epochs=2, codec_per_class=4, loader_samples=3000,
                        scale_samples=2000),
     "full": BenchSize(name="full", classes=6, per_class=40, frames=16, size=112,
@@ -85,11 +88,10 @@ class Ledger:
                    warmup: int = 1, group: str | None = None) -> dict[str, object]:
         """Time workloads side by side: every round runs each once, in a rotating order.
 
-        A check compares two of them, and load on the machine comes and goes; alternating
-        them, and keeping the best round of each, leaves the ratio steady. pytest-benchmark
-        times the whole round (``benchmark.pedantic``); each workload's own round times are
-        recorded here under its key (also under ``--benchmark-disable``, as one round).
-        Returns each workload's last result.
+        A check compares them round by round (``per_round``). pytest-benchmark times the whole
+        round (``benchmark.pedantic``); each workload's own round times are recorded here under
+        its key (also under ``--benchmark-disable``, as one round). Returns each workload's
+        last result.
         """
         seconds: dict[str, list[float]] = {w.key: [] for w in workloads}
         results: dict[str, object] = {}
@@ -125,13 +127,32 @@ class Ledger:
                         "benchmark module (do not deselect it, and do not use --benchmark-only)")
         return self.measurements[key]
 
-    def check(self, name: str, what: str, figure: float, op: str, limit: float, *,
-              unit: str = "", details: dict | None = None) -> Check:
-        """Record and print one line: what was measured, the figure and its limit."""
-        verdict = "pass" if (figure >= limit if op == ">=" else figure <= limit) else "FAIL"
-        line = f"{name}: {what}: {_num(figure)}{unit} (limit {op} {_num(limit)}{unit}) -> {verdict}"
-        check = Check(name=name, figure=float(figure), op=op, limit=float(limit), unit=unit,
-                      line=line, details=dict(details or {}))
+    def per_round(self, figure: Callable[..., float], *keys: str) -> list[float]:
+        """``figure(rate_a, rate_b, ...)`` for each round of the workloads ``keys``, timed in the
+        same ``interleave`` (so round i of each ran side by side)."""
+        rates = [self.get(key).rates for key in keys]
+        if len({len(r) for r in rates}) != 1:
+            raise ValueError(f"{keys}: not timed in the same rounds ({[len(r) for r in rates]})")
+        return [figure(*values) for values in zip(*rates)]
+
+    def ratios(self, key: str, other: str) -> list[float]:
+        """Rate of ``key`` over rate of ``other``, round by round."""
+        return self.per_round(lambda a, b: a / b, key, other)
+
+    def check(self, name: str, what: str, figure: float | list[float], op: str, limit: float,
+              *, unit: str = "", details: dict | None = None) -> Check:
+        """Record and print one line: what was measured, the figure and its limit.
+
+        ``figure``: one value, or the figure of each round, whose median is judged."""
+        rounds = [float(f) for f in figure] if isinstance(figure, (list, tuple)) else []
+        value = median(rounds) if rounds else float(figure)
+        verdict = "pass" if (value >= limit if op == ">=" else value <= limit) else "FAIL"
+        spread = (f" (median of {len(rounds)} rounds, min {_num(min(rounds))}, "
+                  f"max {_num(max(rounds))})" if len(rounds) > 1 else "")
+        line = (f"{name}: {what}: {_num(value)}{unit}{spread} (limit {op} {_num(limit)}{unit}) "
+                f"-> {verdict}")
+        check = Check(name=name, figure=value, op=op, limit=float(limit), unit=unit, line=line,
+                      details=dict(details or {}), rounds=rounds)
         self.checks.append(check)
         print(line)
         return check

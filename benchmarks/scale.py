@@ -83,19 +83,22 @@ def peak_rss_kib() -> int:
     return _status_kib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def measure(root: str, *, epochs: int, batch: int) -> dict:
-    """Read every epoch of the cache with the training loader; time and memory."""
+def measure(roots: list[str], *, epochs: int, batch: int) -> dict:
+    """Read every epoch of each cache with the training loader, the caches in turn."""
     from bombkd_io.loader import make_cached_loader
 
-    loader = make_cached_loader(root, SPLIT, batch_size=batch, num_workers=0, pin_memory=False)
+    loaders = [make_cached_loader(root, SPLIT, batch_size=batch, num_workers=0, pin_memory=False)
+               for root in roots]
     rss_before = _status_kib("VmRSS")
-    seconds, samples = [], 0
+    seconds = [[] for _ in roots]
+    samples = [0 for _ in roots]
     for epoch in range(epochs):
-        loader.set_epoch(epoch)
-        start, samples = time.perf_counter(), 0
-        for b in loader:
-            samples += len(b["label"])
-        seconds.append(time.perf_counter() - start)
+        for i in [(epoch + j) % len(roots) for j in range(len(roots))]:
+            loaders[i].set_epoch(epoch)
+            start, samples[i] = time.perf_counter(), 0
+            for b in loaders[i]:
+                samples[i] += len(b["label"])
+            seconds[i].append(time.perf_counter() - start)
     return {"samples": samples, "seconds": seconds, "rss_before_kib": rss_before,
             "peak_rss_kib": peak_rss_kib(),
             "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
@@ -103,11 +106,11 @@ def measure(root: str, *, epochs: int, batch: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("root")
+    parser.add_argument("roots", nargs="+")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args(argv)
-    print(json.dumps(measure(args.root, epochs=args.epochs, batch=args.batch)))
+    print(json.dumps(measure(args.roots, epochs=args.epochs, batch=args.batch)))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from bombkd_io.errors import ConfigError
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
+from bombkd_train.threads import model_threads
 
 CONVERTER_KINDS = ("linear", "mlp")
 CHECKPOINT_KIND = "bombkd-converters"
@@ -310,9 +311,14 @@ def _cosine(loader, converters: dict[str, Converter], rows: torch.Tensor,
 
 def train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
     """Fit one converter per teacher: least-squares start, then ``epochs`` of L2 + cosine."""
+    cfg.validate()
+    with model_threads(cfg.device, cfg.workers):  # a busy machine: see bombkd_train.threads
+        return _train_converters(cfg)
+
+
+def _train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
     from bombkd_io.loader import make_cached_loader
 
-    cfg.validate()
     out = Path(cfg.save_dir) / "converters.pt"
     if out.exists():
         # fusion runs load their converters by this path (train --resume, eval): replacing the

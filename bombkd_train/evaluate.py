@@ -20,6 +20,7 @@ from bombkd_train.converters import load_converters
 from bombkd_train.dist import all_reduce_sum
 from bombkd_train.fusion import FusionHead, FusionModel
 from bombkd_train.loaders import DataConfig, open_source
+from bombkd_train.threads import model_threads
 
 FUSION_KIND = "bombkd-fusion"
 
@@ -149,9 +150,10 @@ def evaluate(cfg: EvalConfig) -> tuple[EvalResult, Path]:
                               f"in {cfg.fusion} has {ckpt['head']['num_classes']}")
         model = load_fusion(ckpt, converters=cfg.converters, student_dim=source.student.dim,
                             student_tokens=source.student.tokens)
-        result = evaluate_model(model.to(cfg.data.device), source.loader, source.classes,
-                                ckpt["head"]["num_classes"], device=cfg.data.device,
-                                progress=cfg.progress)
+        with model_threads(cfg.data.device, cfg.data.workers):  # see bombkd_train.threads
+            result = evaluate_model(model.to(cfg.data.device), source.loader, source.classes,
+                                    ckpt["head"]["num_classes"], device=cfg.data.device,
+                                    progress=cfg.progress)
     finally:
         source.close()  # the video loader's decoder threads and pipeline
     out = Path(cfg.out) if cfg.out else Path(cfg.fusion).parent / f"eval-{cfg.split}"

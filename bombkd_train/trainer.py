@@ -11,6 +11,7 @@ RNG state and config, so ``--resume`` ends with the same weights as an uninterru
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -32,6 +33,7 @@ from bombkd_train.dist import all_reduce_sum, init_distributed, is_distributed
 from bombkd_train.evaluate import FUSION_KIND, evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
 from bombkd_train.loaders import DataConfig, open_source
+from bombkd_train.threads import model_threads
 
 # Settings a resumed run must share with the run that wrote the checkpoint (besides the plan).
 RESUME_KEYS = ("split", "teachers", "classes", "lr", "weight_decay", "gate_l1", "fusion_rank")
@@ -117,6 +119,9 @@ class Trainer:
         self.determinism = (torch.are_deterministic_algorithms_enabled(),
                             torch.is_deterministic_algorithms_warn_only_enabled())
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # torch's CPU threads, capped for a shared machine (see bombkd_train.threads)
+        self.threads = contextlib.ExitStack()
+        self.threads.enter_context(model_threads(self.device, cfg.workers))
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -283,11 +288,13 @@ class Trainer:
                                "settings or pass another --save-dir"])
 
     def close(self) -> None:
-        """Release the loaders, restore the determinism setting, leave our process group."""
+        """Release the loaders, restore the determinism and thread settings, leave our process
+        group."""
         for source in (self.source, self.val):
             if source is not None:
                 source.close()
         torch.use_deterministic_algorithms(self.determinism[0], warn_only=self.determinism[1])
+        self.threads.close()
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
