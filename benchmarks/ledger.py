@@ -44,6 +44,38 @@ class BenchSize:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def limit(self, check: str, target: float) -> float | None:
+        """The limit ``check`` is held to in this run: its ``target`` (the full suite's, and the
+        small suite's on a GPU), or the small suite's CI limit on a CPU-only machine (``None``:
+        not checked at this size)."""
+        import torch
+
+        if self.name == "small" and not torch.cuda.is_available():
+            return SMALL_CPU_LIMITS.get(check, target)
+        return target
+
+
+# The small suite runs in CI on every submission, on a shared 2-core CPU machine, so its limits
+# are set from measurements of the suite itself, not from the targets: each is below every
+# figure (the median of a run's rounds) seen in 20 consecutive runs on an idle machine and 5 with
+# one competing busy process, and above what a deliberate regression of the path it guards
+# gives (README, "Performance": the figures and the regressions). A check whose figure is far
+# above its target gets a tighter CI limit, so it still catches a real slowdown; a check whose
+# small-size figure is noisier than its target allows gets a looser one. Checks not listed use
+# their target. The full suite (``--benchmark-size full``) always uses the targets.
+# ``None``: not checked at this size (the figure is printed, the check is skipped with the
+# reason), where no limit both passes every measured run and fails the regression it guards.
+# Measured 2026-12-02 on the 2-core CI machine (README, "Performance": every figure).
+SMALL_CPU_LIMITS: dict[str, float | None] = {
+    "speedup": 16.0,         # target 5:   runs 19.7 .. 34.9; 3 ms more per cached batch: 13.9
+    "cached-loader": 0.75,   # target 0.9: runs 0.83 .. 1.02 (0.9 failed 10 of 20 idle runs)
+    "reader-vs-raw": 0.45,   # target 0.3: runs 0.51 .. 0.67; an extra copy + hash per shard: 0.39
+    "decode-vp9": 1.5,       # target 0.8: runs 2.00 .. 3.57; 60 ms more per clip batch: 0.90
+    "decode-h264": 0.75,     # target 0.7: runs 0.92 .. 1.45
+    "featurize": 0.05,       # target 0.1: runs 0.015 .. 0.025; 3 ms more per sample written: 0.19
+    "scale-time": 1.2,       # target 1.25: runs 0.86 .. 1.10; epoch plan once per batch: 1.22
+    "video-overlap": None,   # target 0.9: runs 0.93 .. 1.49; no overlap at all: 0.95
+}
 
 BENCH_SIZES = {
     "small": BenchSize(name="small", classes=4, per_class=8, frames=16, size=112,

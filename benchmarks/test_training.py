@@ -128,33 +128,34 @@ def test_busy_machine(benchmark, ledger, runners, bench_size):
     check = ledger.check(
         "busy-machine", f"cached-mode training with one competing busy process "
         f"{with_.rate:.0f} vs without {without.rate:.0f} samples/s",
-        ledger.ratios("busy/with", "busy/without"), ">=", BUSY_MIN,
+        ledger.ratios("busy/with", "busy/without"), ">=",
+        bench_size.limit("busy-machine", BUSY_MIN),
         details={"with_per_s": with_.rate, "without_per_s": without.rate,
                  "torch_threads": torch.get_num_threads()})
     assert check.passed, check.line
 
 
-def test_speedup(ledger):
+def test_speedup(ledger, bench_size):
     video, cached = ledger.get("train/video"), ledger.get("train/cached")
     check = ledger.check(
         "speedup", f"fusion training, cached mode {cached.rate:.1f} vs video mode "
         f"{video.rate:.1f} samples/s", ledger.ratios("train/cached", "train/video"),
-        ">=", SPEEDUP_MIN, unit="x", details={"cached_per_s": cached.rate,
+        ">=", bench_size.limit("speedup", SPEEDUP_MIN), unit="x", details={"cached_per_s": cached.rate,
                                              "video_per_s": video.rate})
     assert check.passed, check.line
 
 
-def test_cached_loader_efficiency(ledger):
+def test_cached_loader_efficiency(ledger, bench_size):
     cached, memory = ledger.get("train/shards"), ledger.get("train/memory")
     check = ledger.check(
         "cached-loader", f"training from shards {cached.rate:.0f} vs from memory "
         f"{memory.rate:.0f} samples/s", ledger.ratios("train/shards", "train/memory"),
-        ">=", CACHED_EFFICIENCY_MIN,
+        ">=", bench_size.limit("cached-loader", CACHED_EFFICIENCY_MIN),
         details={"cached_per_s": cached.rate, "memory_per_s": memory.rate})
     assert check.passed, check.line
 
 
-def test_video_mode_overlap(ledger):
+def test_video_mode_overlap(ledger, bench_size):
     """GPU: decode (DALI "mixed") and the student run on different engines, so video mode
     should reach 0.8 of its slower stage. CPU only: both stages use every core, so the best
     possible is about back to back (``serial``); there video mode must keep 0.9 of that."""
@@ -171,9 +172,14 @@ def test_video_mode_overlap(ledger):
     else:
         def figure(v, d, s):
             return v / _back_to_back(d, s)
-        limit = VIDEO_SERIAL_MIN
+        limit = bench_size.limit("video-overlap", VIDEO_SERIAL_MIN)
         what += f"; CPU only, vs back to back {serial:.1f}"
     rounds = ledger.per_round(figure, "train/video", "video/decode", "video/student")
+    if limit is None:
+        print(f"video-overlap: {what}: median of rounds {sorted(rounds)[len(rounds) // 2]:.3g}")
+        pytest.skip("video-overlap is checked on a CPU-only machine at --benchmark-size full "
+                    "only: at small size its figure on a busy machine (0.93) is as low as that "
+                    "of a video mode with no overlap at all (0.95); see README, Performance")
     check = ledger.check("video-overlap", what, rounds, ">=", limit,
                          details={"video_per_s": video.rate, "decode_per_s": decode.rate,
                                   "student_per_s": student.rate, "of_slower": video.rate / slower,

@@ -70,7 +70,8 @@ def test_decode(benchmark, ledger, codec_videos, bench_size, codec):
     fast, pyav = ledger.get(f"decode/{codec}/loader"), ledger.get(f"decode/{codec}/pyav")
     route = infos[0].route
     on_gpu = torch_device() == "cuda"
-    limit = PYAV_ROUTE_MIN if route == "pyav" else GPU_DALI_MIN if on_gpu else CPU_DALI_MIN
+    limit = bench_size.limit(f"decode-{codec}", PYAV_ROUTE_MIN if route == "pyav" else
+                             GPU_DALI_MIN if on_gpu else CPU_DALI_MIN)
     check = ledger.check(
         f"decode-{codec}", f"{codec} clips/s, clip loader ({route} route, "
         f"{'GPU' if on_gpu else 'CPU'}) {fast.rate:.1f} vs PyAV {pyav.rate:.1f}",
