@@ -7,10 +7,14 @@ for writers that keep a temporary file open across calls (the shard writer).
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from bombkd_io.errors import OutputError
 
 _COUNTER = itertools.count()  # temp names unique within a process (threads), pid across processes
 
@@ -68,3 +72,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         discard(tmp)
         raise
+
+
+def format_bytes(n: float) -> str:
+    """``1234567`` -> ``"1.2 MB"``: a size in the unit that fits (decimal, like ``df -H``)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_failed(path: str | Path, exc: BaseException, fix: str) -> OutputError:
+    """The error for an output that could not be written: where, why, the free space, the fix."""
+    folder = Path(path).parent
+    try:
+        free = f"; {format_bytes(shutil.disk_usage(folder).free)} free there"
+    except OSError:
+        free = ""
+    why = "no space left on the device" if is_disk_full(exc) else \
+        (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    error = OutputError(f"cannot write {path}: {why}{free}; {fix}")
+    error.errno = errno.ENOSPC if is_disk_full(exc) else errno.EIO
+    return error

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bombkd_io.errors import DatasetError
+from bombkd_io.names import check_name
 
 DATASETS = ("ucf101", "hmdb51", "folder", "csv", "jsonl")
 VIDEO_EXTS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv")
@@ -189,6 +190,7 @@ def index_dataset(dataset: str, root: str | Path, split: str) -> VideoIndex:
     """Index ``split`` of ``dataset`` under ``root`` (a manifest file for csv/jsonl)."""
     if dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
+    check_name(split, "split")  # it names a folder (folder datasets) and the cache's files
     root = Path(root).expanduser()
     if not root.exists():
         raise DatasetError(f"{root}: dataset root does not exist; check --root")

@@ -46,3 +46,7 @@ class ConfigError(BombkdError, ValueError):
 
 class TrainingError(BombkdError, RuntimeError):
     """A run that cannot go on (a non-finite loss); stopped before a checkpoint is written."""
+
+
+class OutputError(BombkdError, OSError):
+    """An output that cannot be written (a full disk, a folder that is a file)."""

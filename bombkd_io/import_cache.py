@@ -16,14 +16,22 @@ Accepted input (``SRC``), the layouts TC-BombKD writes plus a pickle-free one:
 A pickle holds a list of records ``{"student": [T', D], "<teacher>": [T', D] or "teachers":
 {name: array}, "label": int, "path": str}`` (or one dict of columns). Student features may be
 called ``student``/``feats``/``features``/``student_feat``/``x``/``z0``; a ``t_`` prefix on a
-teacher name is dropped; label -1 or none means unlabelled. Pickles run code when loaded, so
-they are read only with ``trust_pickle=True``; ``.npy``/``.npz`` load with ``allow_pickle=False``.
+teacher name is dropped; label -1 or none means unlabelled.
+
+The source may be a stranger's. Pickles run code when loaded, so a file is read as a pickle only
+with ``trust_pickle=True``, whatever its name: what a file is is decided by its first bytes
+(``\x93NUMPY``: npy, ``PK\x03\x04``: npz, anything else: pickle). ``.npy``/``.npz`` load with
+``allow_pickle=False`` after their headers are checked (no object arrays; a shape must fit in
+the bytes the file holds). Names in an index are plain file names beside it; the dataset and
+split must be valid names (``bombkd_io.names``); nothing is written outside ``out``, and
+nothing there is overwritten.
 """
 from __future__ import annotations
 
 import json
 import pickle
 import re
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +41,7 @@ from tqdm import tqdm
 
 from bombkd_io.datasets import VideoItem, item_key
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
+from bombkd_io.names import check_name, name_problem
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.shards.manifest import Manifest, ModelEntry, manifest_path, save_manifest
 from bombkd_io.shards.writer import ShardSetWriter
@@ -42,10 +51,12 @@ TEACHER_DICT_KEYS = ("teachers", "teacher_feats")
 LABEL_KEYS = ("label", "labels", "y", "cls")
 PATH_KEYS = ("path", "video", "video_path", "paths")
 META_KEYS = ("meta_json", "meta", "metadata", "index", "idx")
-NAME_RE = re.compile(  # features_{dataset}_{split}[_shard_NNNNN](.index.json|.pkl)
+TC_NAME_RE = re.compile(  # features_{dataset}_{split}[_shard_NNNNN](.index.json|.pkl)
     r"^features_(?P<dataset>.+)_(?P<split>[^_]+?)(?:_shard_\d+)?(?:\.index\.json|\.pkl)$")
 PICKLE_HELP = ("pickle files can run arbitrary code when loaded; pass --trust-pickle only for a "
                "cache you made yourself or trust")
+FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")  # a shard named in an index
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
 
 
 @dataclass
@@ -63,29 +74,50 @@ class Source:
     shards: list[Path]
     index: dict
     name_hint: dict  # dataset/split parsed from the file name
+    index_path: Path | None = None
 
 
 def import_tc_cache(src, out, *, split: str | None = None, dataset: str | None = None,
                     trust_pickle: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
                     dtype: str | None = None) -> Manifest:
     """Convert ``src`` into ``{dataset}-{split}`` format-1 shards under ``out``; its manifest."""
+    out = Path(out)
+    problems = [f"--{what}: {p}" for value, what in ((dataset, "dataset"), (split, "split"))
+                if value is not None and (p := name_problem(value, what))]
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out}: exists and is not a directory; pass a folder")
+    if problems:
+        raise ConfigError(problems)
     source = find_source(Path(src))
     meta = {**source.name_hint, **{k: v for k, v in source.index.items() if v is not None}}
-    dataset, split = dataset or meta.get("dataset"), split or meta.get("split")
-    problems = []
-    if not dataset or not split:
-        problems.append(f"{src}: cannot tell the dataset and split; pass --dataset and --split")
+    if not (dataset or meta.get("dataset")) or not (split or meta.get("split")):
+        raise ConfigError(f"{src}: cannot tell the dataset and split; pass --dataset and --split")
+    where = source.index_path or src
+    dataset = dataset or check_name(meta["dataset"], "dataset", where=where)
+    split = split or check_name(meta["split"], "split", where=where)
     if shard_size < 1:
         problems.append(f"--shard-size must be >= 1, got {shard_size}")
     if dtype not in (None, "float16", "float32"):
         problems.append(f"--dtype must be float16 or float32, got {dtype!r}")
-    if any(p.suffix == ".pkl" for p in source.shards) and not trust_pickle:
-        problems.append(f"{src} holds pickle files; {PICKLE_HELP}")
-    if dataset and split and manifest_path(out, dataset, split).exists():
-        problems.append(f"{manifest_path(out, dataset, split)} exists; choose another --out")
+    pickles = [p for p in source.shards if p.is_file() and file_kind(p) == "pickle"]
+    if pickles and not trust_pickle:
+        problems.append(f"{pickles[0]} is a pickle (by its content, whatever its name); "
+                        f"{PICKLE_HELP}")
+    existing = sorted(out.glob(f"{dataset}-{split}-*.tar")) if out.is_dir() else []
+    if manifest_path(out, dataset, split).exists() or existing:
+        found = manifest_path(out, dataset, split) if not existing else existing[0]
+        problems.append(f"--out {out}: already holds {found.name} of a {dataset}-{split} "
+                        "cache; choose another --out (nothing is overwritten)")
     if problems:
         raise ConfigError(problems)
-    return _convert(source, Path(out), dataset, split, shard_size, dtype, meta)
+    return _convert(source, out, dataset, split, shard_size, dtype, meta)
+
+
+def file_kind(path: Path) -> str:
+    """"npy", "npz" or "pickle", by the file's first bytes (never by its name)."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return "npy" if head == NPY_MAGIC else "npz" if head[:4] == ZIP_MAGIC else "pickle"
 
 
 def _convert(source: Source, out: Path, dataset: str, split: str, shard_size: int,
@@ -173,11 +205,8 @@ def find_source(src: Path) -> Source:
     hint = _name_hint(src.name)
     if src.is_file() and src.name.endswith(".index.json"):
         return _from_index(src)
-    if src.is_file() and src.suffix == ".pkl":
+    if src.is_file():  # a single shard file: a pickle, whatever its name (read by content)
         return Source([src], {}, hint)
-    if src.is_file():
-        raise DatasetError(f"{src}: not a TC-BombKD cache (expected *.index.json, *.pkl or a "
-                           "directory)")
     indexes = sorted(src.glob("features_*.index.json"))
     if len(indexes) == 1:
         return _from_index(indexes[0])
@@ -197,7 +226,7 @@ def find_source(src: Path) -> Source:
 
 
 def _name_hint(name: str) -> dict:
-    m = NAME_RE.match(name)
+    m = TC_NAME_RE.match(name)
     return {"dataset": m["dataset"], "split": m["split"]} if m else {}
 
 
@@ -211,16 +240,20 @@ def _from_index(path: Path) -> Source:
                  for e in entries]
         if all(isinstance(e, dict) and "start" in e for e in entries):
             names = [n for _, n in sorted(zip((int(e["start"]) for e in entries), names))]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise FormatError(f"{path}: not a TC-BombKD index ({type(exc).__name__}: {exc}); "
                           "expected {\"shards\": [{\"file\": ..., \"start\": ...}, ...]}") from exc
+    bad = next((n for n in names if not isinstance(n, str) or not FILE_RE.match(n)), None)
+    if bad is not None:
+        raise FormatError(f"{path}: lists shard {bad!r}; an index may only name files beside "
+                          "it (letters, digits, '_', '-', '.'; no paths); refusing to read it")
     shards = [path.parent / n for n in names]
     missing = [str(s) for s in shards if not s.exists()]
     if missing:
         raise DatasetError(f"{path}: lists shards that do not exist: {missing[:5]}")
     meta = {k: index.get(k) for k in ("dataset", "split", "student", "teachers", "dtype",
                                       "num_frames", "classes")}
-    return Source(shards, meta, _name_hint(path.name))
+    return Source(shards, meta, _name_hint(path.name), path)
 
 
 # ---- reading records ---------------------------------------------------------------------------
@@ -237,6 +270,10 @@ def _records(source: Source) -> Iterator[tuple[str, Record]]:
 def _load_shard(shard: Path) -> list[dict]:
     if shard.is_dir():
         return _load_npy_dir(shard)
+    kind = file_kind(shard)
+    if kind != "pickle":
+        raise FormatError(f"{shard}: a .{kind} file where a pickle shard is expected; put the "
+                          "arrays in an npy_dir (see `bombkd import-cache --help`)")
     try:
         with open(shard, "rb") as f:
             data = pickle.load(f)  # only reached with trust_pickle (checked before any I/O)
@@ -267,16 +304,54 @@ def _load_npy_dir(folder: Path) -> list[dict]:
     if npz:
         records = []
         for f in npz:
-            with np.load(f, allow_pickle=False) as z:
-                rec = {k: z[k] for k in z.files if k not in META_KEYS}
+            rec = {k: v for k, v in load_arrays(f).items() if k not in META_KEYS}
             rec.setdefault("path", f.stem)
             records.append(rec)
         return records
-    columns = {f.stem: np.load(f, allow_pickle=False, mmap_mode="r")
-               for f in sorted(folder.glob("*.npy"))}
+    columns = {f.stem: load_arrays(f)[f.stem] for f in sorted(folder.glob("*.npy"))}
     if (folder / "paths.json").is_file():
         columns["path"] = json.loads((folder / "paths.json").read_text(encoding="utf-8"))
     return _columns_to_records(columns, folder)
+
+
+def load_arrays(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npy`` (under its stem) or ``.npz`` file, by content, with every
+    header checked before anything is allocated; FormatError naming the file otherwise."""
+    kind = file_kind(path)
+    try:
+        if kind == "npy":
+            with open(path, "rb") as f:
+                _check_npy_header(f, path.stat().st_size, str(path))
+            return {path.stem: np.load(path, allow_pickle=False, mmap_mode="r")}
+        if kind == "npz":
+            with zipfile.ZipFile(path) as z:
+                for info in z.infolist():
+                    with z.open(info) as f:
+                        _check_npy_header(f, info.file_size, f"{path}:{info.filename}")
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+    except FormatError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise FormatError(f"{path}: not a readable .{kind} file ({type(exc).__name__}: "
+                          f"{exc})") from exc
+    raise FormatError(f"{path}: not an .npy or .npz file (no numpy or zip signature); if it "
+                      "is a pickle, name it in an index or pass it as SRC with --trust-pickle")
+
+
+def _check_npy_header(f, size: int, where: str) -> None:
+    """An npy header: no object dtype, and a shape whose bytes fit in ``size``."""
+    version = np.lib.format.read_magic(f)
+    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+            else np.lib.format.read_array_header_2_0)
+    shape, _, dtype = read(f)
+    if dtype.hasobject:
+        raise FormatError(f"{where}: holds Python objects (a pickle inside); only numeric "
+                          "arrays are read")
+    nbytes = dtype.itemsize * int(np.prod(shape, dtype=object))
+    if nbytes > size:
+        raise FormatError(f"{where}: declares shape {list(shape)} {dtype} ({nbytes} bytes), "
+                          f"but holds {size} bytes: truncated or crafted")
 
 
 def _normalise(item, where: str, teacher_names: list[str]) -> Record:
@@ -294,13 +369,29 @@ def _normalise(item, where: str, teacher_names: list[str]) -> Record:
     for key, value in item.items():  # flat teachers: the index's names, else float arrays
         if key not in known and (key in named if named else _is_features(value)):
             teachers[_role(key)] = value
-    label = next((item[k] for k in LABEL_KEYS if k in item), None)
-    label = None if label is None else int(np.asarray(label).reshape(-1)[0])
+    label = _label(next((item[k] for k in LABEL_KEYS if k in item), None), where)
     path = next((item[k] for k in PATH_KEYS if k in item), None)
     return Record(_features(item[skey], where, "student"),
                   {n: _features(v, where, n) for n, v in sorted(teachers.items())},
                   None if label is None or label < 0 else label,
                   None if path is None else str(path))
+
+
+def _label(value, where: str) -> int | None:
+    """A record's label as an int (None: unlabelled); FormatError for anything else."""
+    if value is None:
+        return None
+    try:
+        label = np.asarray(value).reshape(-1)[0]
+        if not (np.issubdtype(label.dtype, np.integer) or
+                (np.issubdtype(label.dtype, np.floating) and float(label).is_integer())):
+            raise ValueError(f"{label!r} is not an integer")
+        label = int(label)
+        if label >= 1 << 31:
+            raise ValueError(f"{label} is not a class id")
+        return label
+    except (ValueError, TypeError, IndexError, OverflowError) as exc:
+        raise FormatError(f"{where}: label {str(value)[:40]!r} is not a class id ({exc})") from exc
 
 
 def _is_features(value) -> bool:

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bombkd_io.errors import ConfigError, DatasetError
+from bombkd_io.names import locate
 from bombkd_io.sampling import (batch_sizes, check_streams, epoch_batches, shard_order,
                                 stream_shards)
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
@@ -70,6 +71,7 @@ class CachedFeatureDataset(IterableDataset):
             raise DatasetError(f"{path}: Cached features do not contain labels; re-run "
                                "`bombkd featurize` to write a cache with labels")
         self.entries = {m: self.manifest.model(m) for m in models}
+        self.classes = len(self.manifest.classes)  # labels outside [0, classes) are bad samples
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.rank, self.world_size, self.on_error = rank, world_size, on_error
         self.skips, self.worker = SkipLog(), 0  # samples left out this epoch (on_error="skip")
@@ -113,8 +115,8 @@ class CachedFeatureDataset(IterableDataset):
     def _read(self, shards: list[int]) -> Iterator[tuple[int, dict[str, ShardData]]]:
         for k in shards:
             data = {name: read_shard(self._url(entry.shards[k].name), entry.shards[k], entry,
-                                     labels=name == "student", on_error=self.on_error,
-                                     skips=self.skips)
+                                     labels=name == "student", classes=self.classes,
+                                     on_error=self.on_error, skips=self.skips)
                     for name, entry in self.entries.items()}
             _check_keys(data, {n: self._url(e.shards[k].name) for n, e in self.entries.items()})
             yield k, data
@@ -124,8 +126,8 @@ class CachedFeatureDataset(IterableDataset):
             size = len(data["student"].keys)
             yield k, data, shard_order(self.seed, self.epoch, k, size)
 
-    def _url(self, name: str) -> str:
-        return str(self.root / name)
+    def _url(self, name: str):
+        return locate(str(self.root), name)
 
     def _pack(self, pieces: list[Piece]) -> dict | None:
         """One batch as raw bytes: each model's rows gathered into one buffer in the cache dtype.

@@ -12,16 +12,21 @@ from typing import Any
 
 import torch
 
-from bombkd_io.atomic import atomic_path
+from bombkd_io.atomic import atomic_path, write_failed
 from bombkd_io.errors import ConfigError, FormatError
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     """Write ``obj`` to ``path`` atomically: a temporary file in its folder, then a rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            torch.save(obj, f)  # through our file object: a failed write keeps its OSError
+    except (OSError, RuntimeError) as exc:  # torch wraps a failed write in a RuntimeError
+        cause = exc.__context__ if isinstance(exc.__context__, OSError) else exc
+        raise write_failed(path, cause, "free some space (or pass another --save-dir) and run "
+                           "again with --resume; earlier checkpoints are intact") from exc
     return path
 
 

@@ -212,6 +212,9 @@ class ConverterTrainConfig:
             problems.append(f"--lr {self.lr}: must be > 0")
         if self.batch < 1:
             problems.append(f"--batch {self.batch}: must be >= 1")
+        if Path(self.save_dir).exists() and not Path(self.save_dir).is_dir():
+            problems.append(f"--save-dir {self.save_dir}: exists and is not a directory; pass "
+                            "a folder")
         if problems:
             raise ConfigError(problems)
 

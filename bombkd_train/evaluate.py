@@ -136,6 +136,8 @@ def load_fusion(ckpt: dict, *, converters: str | None = None, student_dim: int,
 
 def evaluate(cfg: EvalConfig) -> tuple[EvalResult, Path]:
     """``bombkd eval``: returns the result and the path of ``eval.json``."""
+    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out {cfg.out}: exists and is not a directory; pass a folder")
     ckpt = load_checkpoint(cfg.fusion, kind=FUSION_KIND, argument="--fusion")
     # the student (and its clips) the head was trained on, unless the user overrides them
     stu = ckpt["student"]

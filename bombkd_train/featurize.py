@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from bombkd_io.datasets import VideoIndex, index_dataset, item_key
 from bombkd_io.errors import DatasetError, VideoError
+from bombkd_io.names import locate
 from bombkd_io.shards.manifest import Manifest, save_manifest
 from bombkd_io.shards.reader import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
@@ -182,7 +183,7 @@ class _Run:
             return True
         if not self.config.resume:
             return False
-        return not verify_shard(str(self.out / entry.name), entry)
+        return not verify_shard(locate(str(self.out), entry.name), entry)
 
     def _new_shards(self) -> None:
         k, pos = len(self.state.layout), self.state.frontier()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bombkd_io.atomic import format_bytes
 from bombkd_io.datasets import VideoIndex
 from bombkd_io.errors import ConfigError
 from bombkd_io.shards.codec import encode_tensor
@@ -43,12 +44,12 @@ class DiskEstimate:
     def summary(self) -> str:
         if not self.per_model:
             return f"nothing to write: {self.out} already holds every model asked for"
-        lines = [f"{role:>18}: {n / 1e6:10.2f} MB" for role, n in self.per_model.items()]
+        lines = [f"{role:>18}: {format_bytes(n):>10}" for role, n in self.per_model.items()]
         verdict = "fits" if self.fits else "DOES NOT FIT"
         return "\n".join([f"would write {self.samples} samples in {self.shards} shard(s) per "
                           f"model to {self.out}:", *lines,
-                          f"{'total':>18}: {self.total / 1e6:10.2f} MB ({self.total} bytes); "
-                          f"{self.free / 1e9:.1f} GB free: {verdict}"])
+                          f"{'total':>18}: {format_bytes(self.total):>10} ({self.total} bytes); "
+                          f"{format_bytes(self.free)} free: {verdict}"])
 
 
 def _member(size: int) -> int:
@@ -104,6 +105,6 @@ def free_bytes(out) -> int:
 def check_free_space(out: Path, need: int) -> None:
     free = free_bytes(out)
     if need > free:
-        raise ConfigError(f"--out {out}: this run writes {need / 1e9:.2f} GB, only "
-                          f"{free / 1e9:.2f} GB are free there; free some space or choose "
+        raise ConfigError(f"--out {out}: this run writes {format_bytes(need)}, only "
+                          f"{format_bytes(free)} are free there; free some space or choose "
                           "another --out")

@@ -23,8 +23,9 @@ from bombkd_io.atomic import atomic_path
 from bombkd_io.datasets import DATASETS, VideoIndex
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
-from bombkd_io.shards.manifest import (NAME_RE, RESERVED_MODELS, Manifest, ModelEntry, ShardEntry,
-                                       manifest_path, read_manifest)
+from bombkd_io.names import check_name, name_problem, shard_name
+from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, manifest_path,
+                                       read_manifest)
 from bombkd_train.backbones import POOLS, Backbone, check_backbone_name
 
 FORMATS, DTYPES = ("wds",), ("float16", "float32")
@@ -56,6 +57,8 @@ class FeaturizeConfig:
         for name in ("dataset", "root", "split", "student", "out"):
             if not getattr(self, name):
                 p.append(f"--{name} is required")
+        if self.split and (problem := name_problem(self.split, "split")):
+            p.append(f"--split: {problem}")
         if self.dataset and self.dataset not in DATASETS:
             p.append(f"--dataset {self.dataset!r}: expected one of {list(DATASETS)}")
         if self.format not in FORMATS:
@@ -96,7 +99,7 @@ class FeaturizeConfig:
 def teacher_role(name: str) -> str:
     """A teacher's name in shard files and manifests: the registry name, or the last part of a
     hub id / directory, reduced to ``[A-Za-z0-9_-]``."""
-    if NAME_RE.match(name) and name not in RESERVED_MODELS:
+    if name_problem(name, "model") is None:
         return name
     return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(name.rstrip("/")).name).strip("-") or "teacher"
 
@@ -296,23 +299,35 @@ def save_progress(state: CacheState, out: Path) -> None:
 
 
 def _read_progress(path: Path, config: FeaturizeConfig, index: VideoIndex) -> CacheState:
+    """The progress file of an unfinished run; its names must be the ones this run would write
+    (it may be a stranger's: nothing in it becomes a path unchecked)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         if data.get("format") != PROGRESS_FORMAT or data.get("version") != 1:
             raise FormatError(f"{path}: not a {PROGRESS_FORMAT} version 1 file")
+        if (data["dataset"], data["split"]) != (config.dataset, config.split):
+            raise FormatError(f"{path}: is for {data['dataset']!r}-{data['split']!r}, not "
+                              f"{config.dataset}-{config.split}")
         models, done = {}, {}
         for role, m in data["models"].items():
+            check_name(role, "model", where=path)
             models[role] = ModelEntry(role, m["backbone"], m["dim"], m["tokens"], m["frames"],
                                       m["size"], m["pooling"], m["dtype"])
             done[role] = {int(k): ShardEntry(**s) for k, s in m["shards"].items()}
+            for k, entry in done[role].items():
+                if entry.name != shard_name(config.dataset, config.split, role, k):
+                    raise FormatError(f"{path}: shard {k} of {role} is named {entry.name!r}, not "
+                                      f"{shard_name(config.dataset, config.split, role, k)!r}")
         failed = {int(f["index"]): {"path": f["path"], "reason": f["reason"]}
                   for f in data["failed"]}
         old = replace(config, shard_size=int(data["shard_size"]))
         return CacheState(old, replace(index, classes=list(data["classes"])), models, done,
                           [int(c) for c in data["layout"]], bool(data["final"]), failed)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FormatError(f"{path}: unreadable progress file ({exc}); delete it and the "
-                          "shards beside it to start over") from exc
+    except FormatError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise FormatError(f"{path}: unreadable progress file ({type(exc).__name__}: {exc}); "
+                          "delete it and the shards beside it to start over") from exc
 
 
 def remove_stale_temps(out: Path, dataset: str, split: str, roles: list[str]) -> None:

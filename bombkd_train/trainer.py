@@ -87,7 +87,9 @@ class TrainConfig:
                   (self.epochs < 1, f"--epochs {self.epochs}: must be >= 1"),
                   (self.lr <= 0, f"--lr {self.lr}: must be > 0"),
                   (self.gate_l1 < 0, f"--gate-l1 {self.gate_l1}: must be >= 0"),
-                  (self.fusion_rank < 1, f"--fusion-rank {self.fusion_rank}: must be >= 1")]
+                  (self.fusion_rank < 1, f"--fusion-rank {self.fusion_rank}: must be >= 1"),
+                  (Path(self.save_dir).exists() and not Path(self.save_dir).is_dir(),
+                   f"--save-dir {self.save_dir}: exists and is not a directory; pass a folder")]
         problems += [msg for bad, msg in checks if bad]
         if problems:
             raise ConfigError(problems)

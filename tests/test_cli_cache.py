@@ -61,7 +61,7 @@ def test_import_cache(tmp_path):
     assert (tmp_path / "out" / "ucf101-train.index.json").is_file()
     assert run("inspect", tmp_path / "out", "--verify").exit_code == 0
     result = run("import-cache", src, "--out", tmp_path / "out", "--trust-pickle")
-    assert result.exit_code == 2 and "exists" in result.output
+    assert result.exit_code == 2 and "already holds" in result.output
 
 
 def test_help_explains_pickle():

@@ -1,28 +1,30 @@
 """The cache manifest ``{dataset}-{split}.index.json``: what a cache holds and how to check it.
 
 Written last and atomically, so a cache with a manifest is complete. Readers refuse another
-``format`` or ``version`` with an error naming the expected value.
+``format`` or ``version`` with an error naming the expected value. A manifest may be a
+stranger's: before anything is built from it, every name must fit ``bombkd_io.names`` (a shard
+is exactly ``{dataset}-{split}-{model}-{k:06d}.tar``) and every count and size the limits below,
+checked without allocating in proportion to what the file claims.
 """
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import DatasetError, FormatError
+from bombkd_io.names import (MANIFEST_SUFFIX, check_name, locate, manifest_name, name_problem,
+                             name_problems, shard_name)
 from bombkd_io.sampling import shard_ranges
 from bombkd_io.shards.codec import DTYPES
 
 FORMAT_NAME = "bombkd-features"
 FORMAT_VERSION = 1
-MANIFEST_SUFFIX = ".index.json"
-NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # model (role) names and keys: no dots, no slashes
-RESERVED_MODELS = ("cls", "json")
 # Sanity bounds on what a manifest (possibly a stranger's) may ask a reader to allocate.
 MAX_SHARD_BYTES = 64 << 30   # one shard file, and one shard's decoded features
 MAX_SHARD_SIZE = 1 << 24     # samples per shard
+MAX_MANIFEST_BYTES = 256 << 20  # the manifest file itself (a million shards is ~200 MB)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,10 @@ def _model_json(m: ModelEntry) -> dict:
 
 
 def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
-    return Path(root) / f"{dataset}-{split}{MANIFEST_SUFFIX}"
+    """``root/{dataset}-{split}.index.json``; ``ConfigError`` for a dataset or split that is not
+    a valid name (``--split ../x`` must not reach outside ``root``)."""
+    name = manifest_name(check_name(dataset, "dataset"), check_name(split, "split"))
+    return Path(locate(str(root), name))
 
 
 def save_manifest(manifest: Manifest, root: str | Path) -> Path:
@@ -112,6 +117,7 @@ def load_manifest(root: str | Path, split: str, dataset: str | None = None) -> M
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: no such cache directory (make one with `bombkd featurize`)")
+    check_name(split, "split")
     if dataset is not None:
         found = [manifest_path(root, dataset, split)]
         found = [p for p in found if p.is_file()]
@@ -142,9 +148,13 @@ def read_manifest(path: str | Path) -> Manifest:
     """Parse and check one manifest file; ``FormatError`` naming the file and the problem."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, over the limit of "
+                             f"{MAX_MANIFEST_BYTES}")
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise FormatError(f"{path}: not a readable JSON manifest ({exc}); bombkd writes it "
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise FormatError(f"{path}: not a readable JSON manifest ({why}); bombkd writes it "
                           "last and atomically, so it was changed since: restore it, or "
                           "featurize again into a new --out") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
@@ -152,11 +162,11 @@ def read_manifest(path: str | Path) -> Manifest:
         raise FormatError(f"{path}: format is {got!r}, expected {FORMAT_NAME!r}")
     if data.get("version") != FORMAT_VERSION:
         raise FormatError(f"{path}: {FORMAT_NAME} version {data.get('version')!r} is not "
-                          f"supported; expected version {FORMAT_VERSION} (upgrade bombkd, or featurize "
-                          "again into a new --out)")
+                          f"supported; expected version {FORMAT_VERSION} (upgrade bombkd, or "
+                          "featurize again into a new --out)")
     try:
         manifest = _from_json(data)
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
         raise FormatError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
     problems = check_manifest(manifest)
     if problems:
@@ -167,37 +177,65 @@ def read_manifest(path: str | Path) -> Manifest:
 def _from_json(data: dict) -> Manifest:
     models = {}
     for name, m in data["models"].items():
-        shards = [ShardEntry(str(s["name"]), int(s["count"]), int(s["bytes"]), str(s["sha256"]))
-                  for s in m["shards"]]
-        models[name] = ModelEntry(name, str(m["backbone"]), int(m["dim"]), int(m["tokens"]),
-                                  int(m["frames"]), int(m["size"]), str(m["pooling"]),
-                                  str(m["dtype"]), shards)
-    failed = [{"path": str(f["path"]), "reason": str(f["reason"])} for f in data.get("failed", [])]
-    return Manifest(str(data["dataset"]), str(data["split"]), [str(c) for c in data["classes"]],
-                    int(data["shard_size"]), models, int(data["count"]), failed,
-                    bool(data.get("labels", True)))
+        shards = [ShardEntry(_str(s["name"]), _int(s["count"]), _int(s["bytes"]),
+                             _str(s["sha256"])) for s in m["shards"]]
+        models[name] = ModelEntry(name, _str(m["backbone"]), _int(m["dim"]), _int(m["tokens"]),
+                                  _int(m["frames"]), _int(m["size"]), _str(m["pooling"]),
+                                  _str(m["dtype"]), shards)
+    failed = [{"path": _str(f["path"]), "reason": _str(f["reason"])}
+              for f in data.get("failed", [])]
+    return Manifest(_str(data["dataset"]), _str(data["split"]),
+                    [_str(c) for c in data["classes"]], _int(data["shard_size"]), models,
+                    _int(data["count"]), failed, bool(data.get("labels", True)))
+
+
+def _int(value) -> int:
+    """A JSON integer (not a bool, a float or a string of digits)."""
+    if type(value) is not int:
+        raise TypeError(f"expected an integer, got {value!r:.40}")
+    return value
+
+
+def _str(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {value!r:.40}")
+    return value
 
 
 def check_manifest(m: Manifest) -> list[str]:
     """Every inconsistency at once: names, dtypes, and shard k of every model covering
-    samples ``[k*S, (k+1)*S)`` (the epoch order relies on it)."""
-    problems = []
+    samples ``[k*S, (k+1)*S)`` (the epoch order relies on it) under its one valid name.
+
+    Counts are compared arithmetically first: nothing here grows with what ``count`` claims."""
+    problems = name_problems((m.dataset, "dataset"), (m.split, "split"))
+    if problems:
+        return problems  # shard names are built from these
     if not 1 <= m.shard_size <= MAX_SHARD_SIZE:
-        problems.append(f"shard_size must be in [1, {MAX_SHARD_SIZE}], got {m.shard_size}")
-        return problems
-    expected = [len(r) for r in shard_ranges(m.count, m.shard_size)]
+        return [f"shard_size must be in [1, {MAX_SHARD_SIZE}], got {m.shard_size}"]
     if "student" not in m.models:
         problems.append(f"no 'student' model (models: {sorted(m.models)})")
+    num_shards = -(-m.count // m.shard_size) if m.count >= 0 else -1
     for name, entry in m.models.items():
-        if not NAME_RE.match(name) or name in RESERVED_MODELS:
-            problems.append(f"model name {name!r} must match {NAME_RE.pattern} and not be "
-                            f"{RESERVED_MODELS}")
+        if problem := name_problem(name, "model"):
+            problems.append(problem)
+            continue
         if entry.dtype not in DTYPES:
             problems.append(f"model {name}: dtype {entry.dtype!r} not in {sorted(DTYPES)}")
+        if len(entry.shards) != num_shards:
+            problems.append(f"model {name}: {len(entry.shards)} shards listed; count={m.count} "
+                            f"in shards of {m.shard_size} needs {max(num_shards, 0)}")
+            continue
+        expected = [len(r) for r in shard_ranges(m.count, m.shard_size)]
         counts = [s.count for s in entry.shards]
         if counts != expected:
-            problems.append(f"model {name}: shard counts {counts} do not split count={m.count} "
-                            f"into shards of {m.shard_size} ({expected})")
+            problems.append(f"model {name}: shard counts {counts[:8]} do not split "
+                            f"count={m.count} into shards of {m.shard_size}")
+        wrong = next(((k, s.name) for k, s in enumerate(entry.shards)
+                      if s.name != shard_name(m.dataset, m.split, name, k)), None)
+        if wrong:
+            problems.append(f"model {name}: shard {wrong[0]} is named {wrong[1]!r}, not "
+                            f"{shard_name(m.dataset, m.split, name, wrong[0])!r} (a shard is "
+                            "named {dataset}-{split}-{model}-{k:06d}.tar: no paths, no URLs)")
         problems += _size_problems(name, entry, m.shard_size)
     return problems
 

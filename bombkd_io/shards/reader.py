@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from bombkd_io.errors import ConfigError, FormatError, ShardError
+from bombkd_io.names import is_url, locate
 from bombkd_io.shards.codec import DTYPES, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
 from bombkd_io.shards.tarfmt import BLOCK, padded, parse_header, read_regular, split_name
@@ -35,6 +37,7 @@ from bombkd_io.shards.tarfmt import BLOCK, padded, parse_header, read_regular, s
 CHUNK = 8 << 20  # bytes per read: big reads keep syscalls and Python calls per sample low
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 ON_ERROR = ("raise", "skip")
+LABEL_RE = re.compile(rb"-?[0-9]{1,18}")
 
 
 @dataclass
@@ -86,12 +89,41 @@ class _Stream:
         return view
 
     def _refill(self, need: int) -> None:
+        """Make the next ``need`` bytes readable (fewer at the end of the file). The buffer grows
+        only with bytes that arrive: a tar header claiming terabytes in a small shard costs one
+        chunk, then a "truncated" error - never an allocation of the claimed size."""
         rest = self.buf[self.pos:]
-        buf = bytearray(max(self.chunk, need))  # fresh buffer: views already handed out stay valid
+        size = max(self.chunk, min(need, len(rest) + self.chunk))
+        left = getattr(self.file, "left", None)  # what the source still holds, where it knows
+        if left is not None:
+            size = len(rest) + min(size - len(rest), left)
+        buf = bytearray(size)  # fresh buffers: views already handed out stay valid
         buf[:len(rest)] = rest
         filled = len(rest) + _read_into(self.file, memoryview(buf)[len(rest):])
+        while filled == len(buf) < need:  # more is wanted and the file went on: double
+            bigger = bytearray(min(need, 2 * len(buf)))
+            bigger[:filled] = buf
+            buf = bigger
+            filled += _read_into(self.file, memoryview(buf)[filled:])
         self.offset += self.pos
         self.buf, self.pos = memoryview(buf)[:filled], 0
+
+
+class _ViewFile:
+    """A read-only file over bytes already in memory, without copying them (unlike BytesIO)."""
+
+    def __init__(self, view: memoryview):
+        self.view, self.pos = view, 0
+
+    @property
+    def left(self) -> int:
+        return len(self.view) - self.pos
+
+    def readinto(self, out: memoryview) -> int:
+        n = min(len(out), len(self.view) - self.pos)
+        out[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
 
 
 def _read_into(fileobj, view: memoryview) -> int:
@@ -168,10 +200,12 @@ def iter_samples(fileobj, shard: str) -> Iterator[tuple[str, dict[str, memoryvie
 
 
 @contextlib.contextmanager
-def open_shard(url: str) -> Iterator:
-    """A shard opened through ``webdataset.gopen``; I/O errors become ShardError naming it."""
+def open_shard(url) -> Iterator:
+    """A shard opened as a local file (a ``Path``, or a string without a URL scheme), else
+    through ``webdataset.gopen`` (a URL the user typed as the root: ``file:``, ``pipe:``,
+    ``http(s)``, ...); I/O errors become ShardError naming it."""
     try:
-        with wds.gopen(str(url), "rb") as f:
+        with (wds.gopen(url, "rb") if is_url(url) else open(url, "rb")) as f:
             yield f
     except ShardError:
         raise
@@ -187,7 +221,7 @@ def decode_sample(shard: str, key: str, fields: dict[str, memoryview]) -> dict:
             if suffix.endswith(".mp"):
                 out[suffix[:-3]] = decode_tensor(payload, where=f"{shard} sample {key}")
             elif suffix == "cls":
-                out["cls"] = int(bytes(payload).decode("ascii"))
+                out["cls"] = parse_label(payload, shard, key)
             elif suffix == "json":
                 out["json"] = json.loads(bytes(payload).decode("utf-8"))
         except (FormatError, ValueError, UnicodeDecodeError) as exc:
@@ -228,9 +262,13 @@ class ShardData:
     present: np.ndarray       # bool [N]
 
 
-def read_shard(url: str, entry: ShardEntry, model: ModelEntry, *, labels: bool,
-               on_error: str = "raise", skips: SkipLog | None = None) -> ShardData:
-    """Read one shard whole into ``[count, T', D]`` (the hot path of the cached loader)."""
+def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
+               classes: int | None = None, on_error: str = "raise",
+               skips: SkipLog | None = None) -> ShardData:
+    """Read one shard whole into ``[count, T', D]`` (the hot path of the cached loader).
+
+    ``classes``: labels must lie in ``[0, classes)``; a sample whose label does not is a bad
+    sample like any other (ShardError naming it, or skipped and counted)."""
     check_on_error(on_error)
     skips = skips if skips is not None else SkipLog()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
@@ -247,14 +285,47 @@ def read_shard(url: str, entry: ShardEntry, model: ModelEntry, *, labels: bool,
             raise
         skips.add(exc, entry.count)
         return _empty(entry.count, shape, dtype, labels)
+    fast = None
     if filled == len(buf) and not rest:
         fast = read_regular(buf, entry.count, member, shape, dtype, labels)
-        if fast is not None:
-            keys, features, cls = fast
-            return ShardData(keys, features, cls, np.ones(entry.count, bool))
-    stream = io.BytesIO(buf[:filled].tobytes() + rest)  # irregular: walk member by member
-    return _walk(stream, str(url), entry.count, member, _empty(entry.count, shape, dtype, labels),
-                 on_error, skips)
+    if fast is not None:
+        keys, features, cls = fast
+        data = ShardData(keys, features, cls, np.ones(entry.count, bool))
+    else:  # irregular: walk member by member, naming the first bad sample
+        stream = (_ViewFile(memoryview(buf)[:filled]) if not rest
+                  else io.BytesIO(buf[:filled].tobytes() + rest))
+        data = _walk(stream, str(url), entry.count, member,
+                     _empty(entry.count, shape, dtype, labels), on_error, skips)
+    return _check_labels(data, str(url), classes, on_error, skips)
+
+
+def parse_label(payload, shard: str, key: str) -> int:
+    """A ``.cls`` member: an ASCII decimal integer of at most 18 digits (it must fit int64)."""
+    text = bytes(payload)
+    if not LABEL_RE.fullmatch(text):
+        raise ShardError(shard, f"member {key}.cls is {text[:24]!r}, not a decimal class id", key)
+    return int(text)
+
+
+def _check_labels(data: ShardData, shard: str, classes: int | None, on_error: str,
+                  skips: SkipLog) -> ShardData:
+    """Labels outside ``[0, classes)`` make their samples bad ones (raised, or skipped)."""
+    if data.labels is None or classes is None:
+        return data
+    bad = data.present & ((data.labels < 0) | (data.labels >= classes))
+    if not bad.any():
+        return data
+    first = int(np.argmax(bad))
+    error = ShardError(shard, f"label {data.labels[first]} is outside [0, {classes}): the "
+                       f"manifest lists {classes} classes", data.keys[first],
+                       fix="featurize the cache again, or pass --on-error skip")
+    if on_error == "raise":
+        raise error
+    skips.add(error, int(bad.sum()))
+    data.present[bad] = False
+    for pos in np.flatnonzero(bad):
+        data.keys[pos] = None
+    return data
 
 
 def _local_path(url: str) -> Path | None:
@@ -326,7 +397,7 @@ def _fill(data: ShardData, pos: int, shard: str, key: str, fields: dict, member:
         if cls is None:
             raise ShardError(shard, "Cached features do not contain labels (no .cls member)",
                              key, fix="re-run `bombkd featurize` to write them")
-        data.labels[pos] = int(bytes(cls))
+        data.labels[pos] = parse_label(cls, shard, key)
     data.features[pos] = array
     data.keys[pos] = key
     data.present[pos] = True
@@ -368,13 +439,15 @@ def verify_cache(root, manifest, *, progress: bool = True) -> list[str]:
         keys = None
         for name, model in manifest.models.items():
             entry = model.shards[k]
-            path = str(root / entry.name)
+            path = locate(str(root), entry.name)
             try:
                 size, digest = hash_file(path)
                 if (size, digest) != (entry.bytes, entry.sha256):
                     problems.append(f"{path}: {size} bytes, sha256 {digest[:12]}...; the "
                                     f"manifest lists {entry.bytes} bytes, {entry.sha256[:12]}...")
-                data = read_shard(path, entry, model, labels=name == "student" and manifest.labels)
+                labelled = name == "student" and manifest.labels
+                data = read_shard(path, entry, model, labels=labelled,
+                                  classes=len(manifest.classes) if labelled else None)
             except ShardError as exc:
                 problems.append(str(exc))
                 continue

@@ -6,6 +6,7 @@ are deterministic (fixed mtime, owner and mode): the same features give the same
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -16,19 +17,16 @@ import webdataset as wds
 from bombkd_io.atomic import commit, discard
 from bombkd_io.errors import ConfigError, ShardError
 from bombkd_io.shards.codec import DTYPES, encode_tensor
-from bombkd_io.shards.manifest import NAME_RE, RESERVED_MODELS, ShardEntry
+from bombkd_io.names import KEY_RE, name_problems, shard_name
+from bombkd_io.shards.manifest import ShardEntry
 
 TAR_NAME_MAX = 100  # ustar name field; longer member names would need a prefix split at "/"
 
 
-def shard_name(dataset: str, split: str, model: str, k: int) -> str:
-    return f"{dataset}-{split}-{model}-{k:06d}.tar"
-
-
 def check_key(key: str, model: str) -> None:
     """Keys are ``[A-Za-z0-9_-]+`` (no dots: webdataset splits the member name at the first one)."""
-    if not isinstance(key, str) or not NAME_RE.match(key):
-        raise ShardError(model, f"sample key {key!r} must match {NAME_RE.pattern} (no dots)",
+    if not isinstance(key, str) or not KEY_RE.match(key):
+        raise ShardError(model, f"sample key {key!r} must match {KEY_RE.pattern} (no dots)",
                          fix="sanitise the key (bombkd_io.datasets.item_key does)")
     if len(f"{key}.{model}.mp") > TAR_NAME_MAX:
         raise ShardError(model, f"sample key {key!r} is too long for a tar member name "
@@ -62,10 +60,9 @@ class ShardSetWriter:
 
     def __init__(self, root, dataset: str, split: str, model: str, shard_size: int,
                  dtype: str = "float16", *, start_shard: int = 0):
-        problems = []
-        if not NAME_RE.match(model) or model in RESERVED_MODELS:
-            problems.append(f"model name {model!r} must match {NAME_RE.pattern} and not be one "
-                            f"of {RESERVED_MODELS}")
+        problems = name_problems((dataset, "dataset"), (split, "split"), (model, "model"))
+        if Path(root).exists() and not Path(root).is_dir():
+            problems.append(f"{root} exists and is not a directory; pass a folder as --out")
         if dtype not in DTYPES:
             problems.append(f"dtype {dtype!r} must be one of {sorted(DTYPES)}")
         if shard_size < 1:
@@ -115,10 +112,12 @@ class ShardSetWriter:
         tar, self._tar = self._tar, None
         if tar is None:
             return
-        try:
-            tar.close()
+        try:  # closing can fail too (a full disk): the shard is dropped whatever happens
+            with contextlib.suppress(OSError):
+                tar.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
         finally:
-            self._file.close()
             discard(self._tmp)
 
     def __enter__(self) -> ShardSetWriter:

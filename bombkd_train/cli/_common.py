@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import typer
 
+from bombkd_io.atomic import is_disk_full, write_failed
 from bombkd_io.errors import BombkdError
 
 EXIT_BAD_INPUT = 2
@@ -26,7 +27,8 @@ def names(values: list[str] | None) -> list[str]:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn a ``BombkdError`` raised inside the block into ``error: <message>`` and exit code 2.
+    """Turn a ``BombkdError`` (or a full disk) raised inside the block into
+    ``error: <message>`` and exit code 2.
 
     Use as ``with user_errors(): library_call(...)`` in a command body; other exceptions (bugs)
     keep their traceback.
@@ -35,3 +37,10 @@ def user_errors() -> Iterator[None]:
         yield
     except BombkdError as exc:
         raise fail(str(exc)) from exc
+    except OSError as exc:
+        if not is_disk_full(exc):
+            raise
+        # every output is written under a temporary name first: nothing finished is lost
+        error = write_failed(exc.filename or "the output", exc, "free some space and run the "
+                             "same command again (featurize: with --resume; train: --resume)")
+        raise fail(str(error)) from exc
