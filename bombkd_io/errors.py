@@ -1,7 +1,8 @@
-"""The small family of errors bombkd raises on bad input.
+"""The small family of errors bombkd raises on bad input, and its one warning.
 
 Each carries the offending path (video, shard, manifest) or argument and says what to do.
 They subclass the builtin type a caller would expect, so ``except ValueError`` still works.
+``DataWarning`` is for data that is used but looks wrong (filter it like any ``UserWarning``).
 """
 from __future__ import annotations
 
@@ -46,3 +47,7 @@ class ConfigError(BombkdError, ValueError):
 
 class TrainingError(BombkdError, RuntimeError):
     """A run that cannot go on (a non-finite loss); stopped before a checkpoint is written."""
+
+
+class DataWarning(UserWarning):
+    """Input that is used but looks wrong: a class folder with no videos, a decode with warnings."""
