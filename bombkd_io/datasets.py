@@ -5,8 +5,10 @@
   (also found as ``root/../ucfTrainTestlist`` or ``root/splits``); ids are classInd.txt order - 1.
 - ``hmdb51``: ``root/<class>/<video>`` + ``<class>_test_split<N>.txt`` files (``1`` train,
   ``2`` test, ``0`` unused) in ``root/testTrainMulti_7030_splits`` (or ``root/splits``, ``root``).
-- ``folder``: ``root/<split>/<class>/<video>``, or ``root/<class>/<video>`` with no split dirs
-  (then every split is the whole folder); ids are sorted class names.
+- ``folder``: ``root/<split>/<class>/<video>``; ``--split all`` takes ``root/<class>/<video>`` (a
+  root with no split folders) whole. A split with no folder is refused (using the whole folder
+  would make train and test the same videos); a class folder with no videos warns
+  (``DataWarning``: often a ``--root`` one level too high). Ids are sorted class names.
 - ``csv`` / ``jsonl``: a manifest file with ``path,label[,split]``; relative paths resolve
   against the manifest's directory; labels may be names or integers.
 """
@@ -15,10 +17,11 @@ from __future__ import annotations
 import csv
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from bombkd_io.errors import DatasetError
+from bombkd_io.errors import DataWarning, DatasetError
 from bombkd_io.names import check_name
 
 DATASETS = ("ucf101", "hmdb51", "folder", "csv", "jsonl")
@@ -124,19 +127,52 @@ def index_hmdb51(root: Path, split: str) -> VideoIndex:
 
 
 SPLIT_DIRS = ("train", "test", "val", "validation")
+WHOLE_FOLDER = "all"    # the folder --split that takes every class folder under the root
 
 
 def index_folder(root: Path, split: str) -> VideoIndex:
-    base = root / split if (root / split).is_dir() else root
-    if base == root and any((root / name).is_dir() for name in SPLIT_DIRS):
-        raise DatasetError(f"{root}: has split folders but no {split!r} folder; pass one of "
-                           f"{[n for n in SPLIT_DIRS if (root / n).is_dir()]} as --split")
+    base = _split_folder(root, split)
     class_dirs = sorted(d for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     classes = [d.name for d in class_dirs]
-    items = [VideoItem(str(f.absolute()), label, d.name)
-             for label, d in enumerate(class_dirs)
-             for f in sorted(d.iterdir()) if f.suffix.lower() in VIDEO_EXTS]
+    items = []
+    for label, folder in enumerate(class_dirs):
+        videos = [f for f in sorted(folder.iterdir()) if f.suffix.lower() in VIDEO_EXTS]
+        if not videos:
+            _warn_empty_class(folder, label)
+        items += [VideoItem(str(f.absolute()), label, folder.name) for f in videos]
     return _checked(VideoIndex("folder", split, str(root), classes, items), base)
+
+
+def _split_folder(root: Path, split: str) -> Path:
+    """``root/split``; the root itself only for ``--split all`` on a root with no split folders.
+
+    A missing split folder is refused: taking the whole folder instead would make every split
+    the same videos (and evaluate on the training set)."""
+    if (root / split).is_dir():
+        return root / split
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    splits = [name for name in folders if name in SPLIT_DIRS]
+    if splits:
+        raise DatasetError(f"{root}: has split folders {splits} but no {split!r} folder; pass "
+                           "one of them as --split")
+    if split == WHOLE_FOLDER:
+        return root
+    shown = ", ".join(folders[:8]) + (f", ... ({len(folders)} folders)" if len(folders) > 8
+                                      else "")
+    raise DatasetError(f"{root}: no {split!r} folder for --split {split} (it holds "
+                       f"[{shown or 'no folders'}]); pass --split {WHOLE_FOLDER} to use the whole "
+                       f"folder, its subfolders being the classes, or as --root the folder that "
+                       f"holds {split}/")
+
+
+def _warn_empty_class(folder: Path, label: int) -> None:
+    """A class folder with no videos keeps its class id (ids stay the sorted folder names), but
+    is most often the sign of a wrong --root."""
+    nested = any(d.is_dir() for d in folder.iterdir())
+    hint = ("it holds folders: is --root one level too high?" if nested
+            else "is it a class? check --root")
+    warnings.warn(f"{folder}: class folder {label} holds no video files; {hint}", DataWarning,
+                  stacklevel=4)
 
 
 def index_manifest(manifest: Path, split: str, kind: str) -> VideoIndex:

@@ -1,7 +1,8 @@
-"""The small family of errors bombkd raises on bad input.
+"""The small family of errors bombkd raises on bad input, and its one warning.
 
 Each carries the offending path (video, shard, manifest) or argument and says what to do.
 They subclass the builtin type a caller would expect, so ``except ValueError`` still works.
+``DataWarning`` is for data that is used but looks wrong (filter it like any ``UserWarning``).
 """
 from __future__ import annotations
 
@@ -50,3 +51,7 @@ class TrainingError(BombkdError, RuntimeError):
 
 class OutputError(BombkdError, OSError):
     """An output that cannot be written (a full disk, a folder that is a file)."""
+
+
+class DataWarning(UserWarning):
+    """Input that is used but looks wrong: a class folder with no videos, a decode with warnings."""

@@ -6,7 +6,7 @@ and the student and every teacher run on that one decode):
     index_dataset        VideoIndex, items in split order
     probe_index          the decodable items (the "ok list"); unreadable ones are recorded
     shard plan           shard k starts where shard k-1 ended and takes S decoded samples
-    ClipLoader.batches   uint8 clips per need, decoded in a background thread
+    ClipLoader.batches   uint8 clips per need, decoded in a background thread, with warnings
     Backbone             features [B, T', D] per model
     ShardSetWriter       shard k of every model: same samples, order and keys
     progress / manifest  the progress file after every shard; the manifest last, atomically
@@ -14,6 +14,11 @@ and the student and every teacher run on that one decode):
 Shard k of a run is a pure function of where it starts: its batches are consecutive chunks of
 ``batch_size`` from that position (one more round per failed video), so a shard can be redone
 alone (``--resume``, or a teacher added later) and comes out byte-identical.
+
+A video that probes or decodes with warnings (libav messages, fewer frames than its header
+claims, frames repeated although others were asked for: ``bombkd_io.video.health``) is cached
+and listed in the manifest's ``suspect``; with ``--strict`` it is left out and listed in
+``failed`` instead (not in shards written before: their samples are fixed).
 """
 from __future__ import annotations
 
@@ -58,16 +63,35 @@ class FeaturizeStats:
     write_s: float = 0.0         # encoding + tar writing + hashing
     total_s: float = 0.0
     threads: int = 0             # torch intra-op threads the models ran with
+    failed_videos: list[dict] = field(default_factory=list)   # the manifest's {"path", "reason"}
+    suspect_videos: list[dict] = field(default_factory=list)  # cached, decoded with warnings
 
     @property
     def clips_per_s(self) -> float:
         return self.clips / self.total_s if self.total_s else 0.0
 
     def summary(self, out: str) -> str:
-        return (f"featurized {self.clips} clips ({self.failed} failed) in {self.total_s:.1f}s "
-                f"({self.clips_per_s:.1f} clips/s): {self.shards} shards, "
+        """One line of counts and times, then the failed and suspect videos, a few by name."""
+        suspect = f", {len(self.suspect_videos)} suspect" if self.suspect_videos else ""
+        line = (f"featurized {self.clips} clips ({self.failed} failed{suspect}) in "
+                f"{self.total_s:.1f}s ({self.clips_per_s:.1f} clips/s): {self.shards} shards, "
                 f"{self.bytes / 1e6:.1f} MB in {out} (writing {self.write_s:.1f}s, "
                 f"decode wait {self.decode_wait_s:.1f}s, models {sum(self.infer_s.values()):.1f}s)")
+        named = _named("failed", self.failed_videos) + _named("suspect", self.suspect_videos)
+        if not named:
+            return line
+        return "\n".join([line, *named, f"  all of them, with reasons: `bombkd inspect {out}`"])
+
+
+def _named(what: str, videos: list[dict], shown: int = 3, width: int = 160) -> list[str]:
+    """``what: path: reason`` for the first ``shown`` videos (long reasons cut), then a count."""
+    lines = []
+    for v in videos[:shown]:
+        reason = v["reason"] if len(v["reason"]) <= width else v["reason"][:width - 3] + "..."
+        lines.append(f"  {what}: {v['path']}: {reason}")
+    if len(videos) > shown:
+        lines.append(f"  ... and {len(videos) - shown} more {what}")
+    return lines
 
 
 def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -> Manifest:
@@ -128,6 +152,7 @@ class _Run:
         state.drop_progress()
         remove_stale_temps(self.out, cfg.dataset, cfg.split, list(manifest.models))
         self.stats.failed = len(manifest.failed)
+        self.stats.failed_videos, self.stats.suspect_videos = manifest.failed, manifest.suspect
         return manifest
 
     def _write_shards(self) -> None:
@@ -143,7 +168,7 @@ class _Run:
         with tqdm(total=total, unit="clips", desc=f"featurize {cfg.dataset}-{cfg.split}",
                   disable=None, dynamic_ncols=True) as self.bar:
             for k, start, count, redo in todo:
-                self._shard(k, start, count, redo, strict=True)
+                self._shard(k, start, count, redo, known=True)
             if not state.final:
                 self._new_shards()
 
@@ -153,7 +178,8 @@ class _Run:
         self.ok, self.infos, failed = probe_index(  # ok pos -> index pos, and their infos
             self.index, range(len(self.index.items)), self.config.device,
             progress=sys.stderr.isatty())
-        self.state.set_probe(self.ok, failed)
+        warned = [(info.path, list(info.warnings)) for info in self.infos if info.warnings]
+        self.state.set_probe(self.ok, failed, warned)
         self.loaders: dict[Need, ClipLoader] = {}
         self.stats.probe_s = time.perf_counter() - start
 
@@ -189,14 +215,16 @@ class _Run:
         k, pos = len(self.state.layout), self.state.frontier()
         roles = self.state.all_roles()
         while pos < len(self.ok):
-            pos, count = self._shard(k, pos, self.config.shard_size, roles, strict=False)
+            pos, count = self._shard(k, pos, self.config.shard_size, roles, known=False)
             if count == 0:
                 break
             k += 1
 
     def _shard(self, k: int, start: int, target: int, roles: list[str],
-               strict: bool) -> tuple[int, int]:
-        """Fill shard k of ``roles`` from ok position ``start``; returns (end, samples)."""
+               known: bool) -> tuple[int, int]:
+        """Fill shard k of ``roles`` from ok position ``start``; returns (end, samples).
+
+        ``known``: the shard was written before, and must come out with the same samples."""
         cfg = self.config
         writers = {r: ShardSetWriter(self.out, cfg.dataset, cfg.split, r, cfg.shard_size,
                                      self.state.models[r].dtype, start_shard=k) for r in roles}
@@ -206,7 +234,7 @@ class _Run:
                 want = min(target - kept, len(self.ok) - pos)
                 chunks = [list(range(a, min(a + cfg.batch_size, pos + want)))
                           for a in range(pos, pos + want, cfg.batch_size)]
-                for positions, clips, frame_indices in self._decode(chunks, roles, strict):
+                for positions, clips, frame_indices in self._decode(chunks, roles, known):
                     self._infer_and_write(writers, positions, clips, frame_indices)
                     kept += len(positions)
                 pos += want
@@ -214,7 +242,7 @@ class _Run:
             for w in writers.values():
                 w.abort()
             raise
-        if strict and kept != target:
+        if known and kept != target:
             raise DatasetError(f"shard {k} held {target} samples when the cache was written; "
                                f"the videos now give {kept} (the dataset changed: featurize "
                                f"into a new --out)")
@@ -222,17 +250,17 @@ class _Run:
         return pos, kept
 
     def _decode(self, chunks: list[list[int]], roles: list[str],
-                strict: bool) -> Iterator[tuple[list[int], dict[Need, torch.Tensor], dict]]:
+                known: bool) -> Iterator[tuple[list[int], dict[Need, torch.Tensor], dict]]:
         """Yields (ok positions decoded for every need, clips per need, frame indices by pos)."""
         needs = sorted({self._need(r) for r in roles})
         streams = [self._loader(need).batches(chunks) for need in needs]
         try:
-            yield from self._zip_needs(needs, streams, roles, strict)
+            yield from self._zip_needs(needs, streams, roles, known)
         finally:
             for stream in streams:  # joins the decode threads, also when a model fails
                 stream.close()
 
-    def _zip_needs(self, needs: list[Need], streams: list, roles: list[str], strict: bool):
+    def _zip_needs(self, needs: list[Need], streams: list, roles: list[str], known: bool):
         while True:
             start = time.perf_counter()
             batches = [next(s, None) for s in streams]
@@ -243,7 +271,10 @@ class _Run:
             for batch in batches:
                 failed.update({p: why for p, why in batch.failed if p not in failed})
             for p, why in failed.items():
-                self._record_failure(p, why, strict)
+                self._record_failure(p, why, known)
+            # decoded, but with signs of damage: suspect (--strict: failed, in a new shard)
+            for p, reasons in _merged_warnings(batches).items():
+                self.state.flag(self.ok[p], reasons, cached=known)
             common = set.intersection(*(set(b.positions) for b in batches))
             keep = [p for p in batches[0].positions
                     if p in common and not self.state.is_failed(self.ok[p])]
@@ -252,11 +283,11 @@ class _Run:
             own = needs.index(self._need("student")) if "student" in roles else 0
             yield keep, clips, dict(zip(batches[own].positions, batches[own].frame_indices))
 
-    def _record_failure(self, pos: int, why: str, strict: bool) -> None:
+    def _record_failure(self, pos: int, why: str, known: bool) -> None:
         path = self.index.items[self.ok[pos]].path
         if self.state.is_failed(self.ok[pos]):
             return
-        if strict:
+        if known:
             raise VideoError(path, f"decoded when the cache was written but fails now: {why}",
                              fix="featurize into a new --out")
         self.state.add_failure(self.ok[pos], why)
@@ -313,6 +344,16 @@ class _Run:
                                             device=self.config.device,
                                             num_threads=self.config.workers)
         return self.loaders[need]
+
+
+def _merged_warnings(batches: list) -> dict[int, list[str]]:
+    """Each position's warnings over the batches of every need (each message once)."""
+    merged: dict[int, list[str]] = {}
+    for batch in batches:
+        for pos, notes in batch.warnings.items():
+            have = merged.setdefault(pos, [])
+            have += [n for n in notes if n not in have]
+    return merged
 
 
 def _select(clips: torch.Tensor, positions: list[int], keep: list[int]) -> torch.Tensor:

@@ -51,6 +51,7 @@ class FeaturizeConfig:
     pool: str = "time"
     device: str = "cpu"
     resume: bool = False
+    strict: bool = False         # videos decoded with warnings are left out (failed), not cached
 
     def problems(self) -> list[str]:
         p = []
@@ -125,6 +126,8 @@ class CacheState:
     final: bool = False                           # layout complete (a manifest was written)
     failed: dict[int, dict] = field(default_factory=dict)  # index pos -> {"path", "reason"}
     ok: list[int] | None = None                   # ok pos -> index pos, after probing
+    # index pos -> {"path", "reason"}: cached, but decoded with warnings (health.py)
+    suspect: dict[int, dict] = field(default_factory=dict)
 
     @property
     def progress_path(self) -> Path:
@@ -152,17 +155,26 @@ class CacheState:
     def add_failure(self, index_pos: int, reason: str) -> None:
         self.failed[index_pos] = {"path": self.index.items[index_pos].path, "reason": reason}
 
+    def add_suspect(self, index_pos: int, reasons: list[str]) -> None:
+        """Record (or add to) what looked wrong when this video was read or decoded."""
+        entry = self.suspect.setdefault(index_pos, {"path": self.index.items[index_pos].path,
+                                                    "reason": ""})
+        new = [r for r in dict.fromkeys(reasons) if r not in entry["reason"]]
+        entry["reason"] = "; ".join(([entry["reason"]] if entry["reason"] else []) + new)
+
     def record_shard(self, role: str, k: int, entry: ShardEntry) -> None:
         self.done.setdefault(role, {})[k] = entry
 
-    def set_probe(self, ok: list[int], probe_failed: list[tuple[str, str]]) -> None:
-        """Record unreadable videos; refuse if one the cache holds became unreadable."""
+    def set_probe(self, ok: list[int], probe_failed: list[tuple[str, str]],
+                  probe_warned: list[tuple[str, list[str]]] = ()) -> None:
+        """Record unreadable videos; refuse if one the cache holds became unreadable.
+
+        ``probe_warned``: (path, warnings) of videos that probed with warnings: suspect, or
+        with ``--strict`` failed, unless the cache already holds them."""
         position = {item.path: i for i, item in enumerate(self.index.items)}
         new = [(position[p], why) for p, why in probe_failed if position[p] not in self.failed]
+        last = self._last_cached(ok, [i for i, _ in new])
         if new and self.layout:
-            old_ok = sorted(set(ok) | {i for i, _ in new})
-            kept = [i for i in old_ok if i not in self.failed]
-            last = kept[sum(self.layout) - 1] if sum(self.layout) <= len(kept) else -1
             for i, why in new:
                 if i <= last or self.final:
                     raise DatasetError(f"{self.index.items[i].path}: readable when the cache in "
@@ -171,6 +183,24 @@ class CacheState:
         for i, why in new:
             self.add_failure(i, why)
         self.ok = ok
+        for path, reasons in probe_warned:
+            self.flag(position[path], reasons, cached=self.final or position[path] <= last)
+
+    def flag(self, index_pos: int, reasons: list[str], *, cached: bool) -> None:
+        """A video read or decoded with warnings: suspect; with ``--strict`` failed, unless the
+        cache already holds it (``cached``: its layout is fixed)."""
+        if self.is_failed(index_pos):
+            return
+        if self.config.strict and not cached:
+            self.add_failure(index_pos, "suspect, left out by --strict: " + "; ".join(reasons))
+        else:
+            self.add_suspect(index_pos, reasons)
+
+    def _last_cached(self, ok: list[int], newly_failed: list[int]) -> int:
+        """Index position of the last video the known shards hold (-1: none, or not known)."""
+        count = sum(self.layout)
+        kept = [i for i in sorted(set(ok) | set(newly_failed)) if i not in self.failed]
+        return kept[count - 1] if 0 < count <= len(kept) else -1
 
     def known_starts(self) -> list[int]:
         """Ok position where each known shard starts (and, last, where the next one would)."""
@@ -203,7 +233,9 @@ class CacheState:
                   for role, e in self.models.items()}
         return Manifest(self.config.dataset, self.config.split, list(self.index.classes),
                         self.config.shard_size, models, sum(self.layout),
-                        [self.failed[i] for i in sorted(self.failed)])
+                        [self.failed[i] for i in sorted(self.failed)],
+                        suspect=[self.suspect[i] for i in sorted(self.suspect)
+                                 if i not in self.failed])
 
     def drop_progress(self) -> None:
         self.progress_path.unlink(missing_ok=True)
@@ -278,9 +310,10 @@ def _from_manifest(m: Manifest, config: FeaturizeConfig, index: VideoIndex) -> C
     old_index = replace(index, classes=list(m.classes))
     models = {role: replace(e, shards=[]) for role, e in m.models.items()}
     done = {role: dict(enumerate(e.shards)) for role, e in m.models.items()}
+    suspect = {position[s["path"]]: dict(s) for s in m.suspect if s["path"] in position}
     return CacheState(old, old_index, models, done,
                       [s.count for s in m.models["student"].shards], True,
-                      {position[f["path"]]: dict(f) for f in m.failed})
+                      {position[f["path"]]: dict(f) for f in m.failed}, suspect=suspect)
 
 
 def save_progress(state: CacheState, out: Path) -> None:
@@ -293,6 +326,7 @@ def save_progress(state: CacheState, out: Path) -> None:
             "split": state.config.split, "classes": list(state.index.classes),
             "shard_size": state.config.shard_size, "final": state.final, "layout": state.layout,
             "failed": [{"index": i, **f} for i, f in sorted(state.failed.items())],
+            "suspect": [{"index": i, **s} for i, s in sorted(state.suspect.items())],
             "models": models}
     with atomic_path(progress_path(out, state.config.dataset, state.config.split)) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
@@ -320,9 +354,12 @@ def _read_progress(path: Path, config: FeaturizeConfig, index: VideoIndex) -> Ca
                                       f"{shard_name(config.dataset, config.split, role, k)!r}")
         failed = {int(f["index"]): {"path": f["path"], "reason": f["reason"]}
                   for f in data["failed"]}
+        suspect = {int(s["index"]): {"path": s["path"], "reason": s["reason"]}
+                   for s in data.get("suspect", [])}  # absent from older progress files
         old = replace(config, shard_size=int(data["shard_size"]))
         return CacheState(old, replace(index, classes=list(data["classes"])), models, done,
-                          [int(c) for c in data["layout"]], bool(data["final"]), failed)
+                          [int(c) for c in data["layout"]], bool(data["final"]), failed,
+                          suspect=suspect)
     except FormatError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:

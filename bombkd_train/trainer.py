@@ -235,7 +235,8 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_v:.4f}")
             t_step = now
         wall = time.perf_counter() - t_epoch
-        sums[4] = loader.skipped  # samples this rank's loader left out (--on-error skip)
+        # samples this rank's loader left out: corrupt ones (--on-error skip), unreadable videos
+        sums[4] = loader.skipped
         loss_sum, top1, top5, count, skipped, *gates = all_reduce_sum(sums, self.device).tolist()
         mean = 1.0 / max(count, 1.0)
         return {"kind": "epoch", "epoch": epoch + 1, "step": self.step, "loss": loss_sum * mean,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from bombkd_io.datasets import VideoIndex, index_dataset, item_key
+from bombkd_io.errors import DataWarning
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE, check_streams, epoch_batches
 from bombkd_io.video import ClipLoader, probe_index
 from bombkd_train.backbones import create_backbone
@@ -71,6 +72,11 @@ class VideoFeatureLoader:
         wanted = [i for i in range(len(self.index.items)) if i not in excluded]
         # index positions of the decodable items (keys use the index position)
         self.positions, infos, self.failed = probe_index(self.index, wanted, device)
+        if self.failed:
+            path, why = self.failed[0]
+            warnings.warn(f"{len(self.failed)} of the {len(wanted)} {split} videos in {root} "
+                          f"cannot be read and are left out (first: {path}: {why})",
+                          DataWarning, stacklevel=2)
         # every (rank, worker) stream needs a shard, as in the cached loader: refused here, at once
         num_shards = -(-len(self.positions) // shard_size)
         check_streams(num_shards, world_size, num_workers, where=f"{root} ({split})")
@@ -107,8 +113,12 @@ class VideoFeatureLoader:
 
     @property
     def skipped(self) -> int:
-        """Samples left out so far this epoch: videos that probed fine but did not decode."""
-        return len(self.decode_failed)
+        """Samples left out so far this epoch: this rank's videos that probed fine but did not
+        decode, and (counted by rank 0, as every rank probes them all) the videos that did not
+        probe. Videos ``exclude`` left out are not counted: the cache they come from counts
+        none of its failed videos either."""
+        unreadable = len(self.failed) if self.rank == 0 else 0
+        return unreadable + len(self.decode_failed)
 
     def close(self) -> None:
         """Stop the decoder's threads and release its pipeline; safe to call twice."""

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from bombkd_io.datasets import VideoItem, index_dataset, item_key
-from bombkd_io.errors import DatasetError
+from bombkd_io.errors import DataWarning, DatasetError
 
 
 def _touch(path):
@@ -89,10 +89,11 @@ def test_folder_with_and_without_split_dirs(tmp_path):
     with pytest.raises(DatasetError, match="no 'val' folder"):
         index_dataset("folder", tmp_path / "split", "val")
     _touch(tmp_path / "flat" / "cats" / "x.webm")
-    assert len(index_dataset("folder", tmp_path / "flat", "anything").items) == 1
+    assert len(index_dataset("folder", tmp_path / "flat", "all").items) == 1
     (tmp_path / "empty" / "cats").mkdir(parents=True)
-    with pytest.raises(DatasetError, match="has no videos"):
-        index_dataset("folder", tmp_path / "empty", "train")
+    with pytest.warns(DataWarning, match="cats: class folder 0 holds no video files"), \
+            pytest.raises(DatasetError, match="has no videos"):
+        index_dataset("folder", tmp_path / "empty", "all")
 
 
 def test_csv_and_jsonl_manifests(tmp_path):

@@ -246,7 +246,7 @@ def test_probe_index_keeps_readable_positions_in_order_and_refuses_an_unreadable
                       ("c_good", codec_videos["mjpeg"])):
         (tmp_path / "videos" / "Cls").mkdir(parents=True, exist_ok=True)
         shutil.copy(src, tmp_path / "videos" / "Cls" / f"{name}{src.suffix}")
-    index = index_dataset("folder", tmp_path / "videos", "train")
+    index = index_dataset("folder", tmp_path / "videos", "all")
     names = [p.rsplit("/", 1)[-1].split(".")[0] for p in (it.path for it in index.items)]
     ok, infos, failed = probe_index(index, range(len(index.items)))
     assert [names[i] for i in ok] == ["a_good", "c_good"]

@@ -66,6 +66,8 @@ class Manifest:
     count: int                             # samples in every model's shard set
     failed: list[dict] = field(default_factory=list)  # [{"path", "reason"}] not in the cache
     labels: bool = True                    # student samples carry KEY.cls
+    # [{"path", "reason"}] in the cache, but read or decoded with warnings (optional in format 1)
+    suspect: list[dict] = field(default_factory=list)
 
     @property
     def teachers(self) -> list[str]:
@@ -80,11 +82,14 @@ class Manifest:
         return self.models[name]
 
     def to_json(self) -> dict:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dataset": self.dataset,
-                "split": self.split, "classes": list(self.classes), "shard_size": self.shard_size,
-                "count": self.count, "labels": self.labels,
-                "models": {name: _model_json(m) for name, m in self.models.items()},
-                "failed": list(self.failed)}
+        out = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dataset": self.dataset,
+               "split": self.split, "classes": list(self.classes), "shard_size": self.shard_size,
+               "count": self.count, "labels": self.labels,
+               "models": {name: _model_json(m) for name, m in self.models.items()},
+               "failed": list(self.failed)}
+        if self.suspect:  # written only when there are some: older readers never see it
+            out["suspect"] = list(self.suspect)
+        return out
 
 
 def _model_json(m: ModelEntry) -> dict:
@@ -182,11 +187,15 @@ def _from_json(data: dict) -> Manifest:
         models[name] = ModelEntry(name, _str(m["backbone"]), _int(m["dim"]), _int(m["tokens"]),
                                   _int(m["frames"]), _int(m["size"]), _str(m["pooling"]),
                                   _str(m["dtype"]), shards)
-    failed = [{"path": _str(f["path"]), "reason": _str(f["reason"])}
-              for f in data.get("failed", [])]
     return Manifest(_str(data["dataset"]), _str(data["split"]),
                     [_str(c) for c in data["classes"]], _int(data["shard_size"]), models,
-                    _int(data["count"]), failed, bool(data.get("labels", True)))
+                    _int(data["count"]), _videos(data.get("failed", [])),
+                    bool(data.get("labels", True)), _videos(data.get("suspect", [])))
+
+
+def _videos(entries: list) -> list[dict]:
+    """A manifest's list of videos with a reason (``failed``, ``suspect``)."""
+    return [{"path": _str(v["path"]), "reason": _str(v["reason"])} for v in entries]
 
 
 def _int(value) -> int:
@@ -261,7 +270,8 @@ def _size_problems(name: str, entry: ModelEntry, shard_size: int) -> list[str]:
 
 
 def summarize(m: Manifest, root: str | Path | None = None) -> str:
-    """A human summary: dataset, counts, each model's shape, dtype and bytes, failed videos."""
+    """A human summary: dataset, counts, each model's shape, dtype and bytes; the failed videos
+    (not in the cache) and the suspect ones (in it, but read or decoded with warnings)."""
     where = f" in {root}" if root is not None else ""
     lines = [f"{m.dataset}-{m.split}{where}: {FORMAT_NAME} v{FORMAT_VERSION}, {m.count} samples, "
              f"{len(m.classes)} classes, shards of {m.shard_size}, labels: "
@@ -272,7 +282,16 @@ def summarize(m: Manifest, root: str | Path | None = None) -> str:
                      f"(frames {e.frames}, size {e.size}, pooling {e.pooling})")
     total = sum(e.bytes for e in m.models.values())
     lines.append(f"  total {total / 1e6:.1f} MB; failed videos: {len(m.failed)}")
-    lines += [f"    {f['path']}: {f['reason']}" for f in m.failed[:20]]
-    if len(m.failed) > 20:
-        lines.append(f"    ... and {len(m.failed) - 20} more")
+    lines += _listed(m.failed)
+    if m.suspect:
+        lines.append(f"  suspect videos (cached, but read or decoded with warnings; "
+                     f"`bombkd featurize --strict` leaves them out): {len(m.suspect)}")
+        lines += _listed(m.suspect)
     return "\n".join(lines)
+
+
+def _listed(videos: list[dict], shown: int = 20) -> list[str]:
+    lines = [f"    {v['path']}: {v['reason']}" for v in videos[:shown]]
+    if len(videos) > shown:
+        lines.append(f"    ... and {len(videos) - shown} more")
+    return lines

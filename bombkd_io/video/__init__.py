@@ -5,6 +5,8 @@
 - ``pyav.py``:   PyAV decoding of the sampled frames only.
 - ``resize.py``: the torch resize + centre crop, DALI's rounding (``backend="pyav"``, backbones).
 - ``loader.py``: ``ClipLoader`` (background-thread batches, failures recorded) and ``decode_clip``.
+- ``health.py``: the signs of a damaged file that still decodes (libav messages, a frame count
+  short of the header's, repeated frames), in ``VideoInfo.warnings`` and ``ClipBatch.warnings``.
 See DECODERS.md for the routing table and the measured DALI-vs-PyAV differences.
 """
 from bombkd_io.video.loader import BACKENDS, ClipBatch, ClipLoader, decode_clip

@@ -2,7 +2,9 @@
 
 Every clip goes through the DALI pipeline of ``dali.py``; a video whose codec DALI cannot decode
 on this device is decoded by PyAV (sampled frames only) and enters the same pipeline raw, so the
-resize and crop are the same code for all. A video that fails is recorded, never fatal.
+resize and crop are the same code for all. A video that fails is recorded, never fatal; one that
+decodes with signs of damage (libav messages on the PyAV route, frames repeated although others
+were asked for: ``health.py``) is named in ``ClipBatch.warnings``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from bombkd_io.errors import VideoError
 from bombkd_io.sampling import sample_indices
 from bombkd_io.video.dali import DaliClipDecoder, DaliRunError, Sample, encoded_sample, raw_sample
+from bombkd_io.video.health import libav_messages, repeat_message, repeated_frames
 from bombkd_io.video.probe import VideoInfo, cuda_index, dali_device, probe_video, route_for
 from bombkd_io.video.pyav import decode_frames
 from bombkd_io.video.resize import resize_crop
@@ -32,6 +35,8 @@ class ClipBatch:
     clips: torch.Tensor                   # uint8 [B, T, S, S, 3], on the GPU for device "gpu"
     frame_indices: list[np.ndarray]       # per clip, int64 [T]
     failed: list[tuple[int, str]] = field(default_factory=list)   # (position, reason)
+    # decoded, but maybe wrongly (health.py): position -> libav messages, repeated frames
+    warnings: dict[int, list[str]] = field(default_factory=dict)
 
 
 def make_sample(info: VideoInfo, indices: np.ndarray, device: str) -> Sample:
@@ -76,25 +81,33 @@ class ClipLoader:
         if len(positions) > self.batch_size:
             raise ValueError(f"a batch of {len(positions)} exceeds the loader's batch_size "
                              f"{self.batch_size}")
-        samples, kept, failed = [], [], []
-        for pos, sample in zip(positions, self._pool.map(self._sample, positions)):
+        samples, kept, failed, notes = [], [], [], {}
+        for pos, (sample, messages) in zip(positions, self._pool.map(self._sample, positions)):
             if isinstance(sample, Sample):
                 samples.append(sample)
                 kept.append(int(pos))
+                notes[int(pos)] = messages
             else:
                 failed.append((int(pos), sample))
         with self._lock:
             clips, kept = self._run(samples, kept, failed)
         indices = [sample_indices(self.videos[p].num_frames, self.frames) for p in kept]
-        return ClipBatch(kept, clips, indices, failed)
+        for pos, idx, repeats in zip(kept, indices, repeated_frames(clips, indices)):
+            if repeats:
+                notes[pos].append(repeat_message(repeats, idx))
+        return ClipBatch(kept, clips, indices, failed, {p: notes[p] for p in kept if notes[p]})
 
-    def _sample(self, pos: int) -> Sample | str:
-        """The pipeline input for one position, or the reason it has none."""
+    def _sample(self, pos: int) -> tuple[Sample | str, list[str]]:
+        """The pipeline input for one position (or the reason it has none), and what libav
+        logged meanwhile (PyAV-routed videos decode here; a DALI-routed one is only read)."""
         info = self.videos[int(pos)]
-        try:
-            return make_sample(info, sample_indices(info.num_frames, self.frames), self.device)
-        except (VideoError, ValueError) as err:
-            return getattr(err, "reason", str(err))
+        with libav_messages() as messages:
+            try:
+                sample = make_sample(info, sample_indices(info.num_frames, self.frames),
+                                     self.device)
+            except (VideoError, ValueError) as err:
+                sample = getattr(err, "reason", str(err))
+        return sample, messages
 
     def _run(self, samples: list[Sample], kept: list[int], failed: list) -> tuple:
         """Decode the batch; after a pipeline error, one sample at a time to find the bad one."""

@@ -4,11 +4,13 @@ The frame count is the number of video packets the demuxer returns, which is how
 indexes a file (one packet per displayed frame for the codecs we route to it); reading packets
 costs no decoding. A probe also decodes the first frame, so a file with no decodable frame is
 refused here instead of failing inside a DALI pipeline (where an error invalidates the pipeline).
+What libav logs meanwhile, and a packet count short of the header's claim, become the video's
+``warnings`` (``health.py``): it decodes, but maybe not as it should.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -18,6 +20,7 @@ from tqdm import tqdm
 from bombkd_io.datasets import VideoIndex
 from bombkd_io.errors import DatasetError, VideoError
 from bombkd_io.shards.reader import check_on_error
+from bombkd_io.video.health import claimed_frames, frame_count_shortfall, libav_messages
 
 # Codecs DALI's fn.decoders.video decodes per device (its docs, and verified on CPU).
 DALI_CODECS = {
@@ -40,6 +43,8 @@ class VideoInfo:
     num_frames: int     # decodable frames (video packets), the n of sample_indices(n, T)
     route: str          # "dali" | "pyav" for the device it was probed for
     pix_fmt: str = ""
+    # what looked wrong while probing: libav messages, fewer packets than the header claims
+    warnings: tuple[str, ...] = ()
 
 
 def dali_device(device: str | None) -> str:
@@ -111,8 +116,19 @@ def _count_and_check(container: av.container.InputContainer, stream, path: Path)
 
 
 def probe_video(path: str | Path, device: str | None = "cpu") -> VideoInfo:
-    """Codec, size, fps, frame count and decode route of one file; VideoError names the file."""
+    """Codec, size, fps, frame count and decode route of one file; VideoError names the file.
+
+    ``warnings`` holds what libav logged while reading it and a frame count short of the
+    container's claim (see ``health.py``): such a file decodes, but maybe not as it should."""
     path = check_file(path)
+    with libav_messages() as messages:
+        info, claimed = _probe(path, device)
+    shortfall = frame_count_shortfall(info.num_frames, claimed)
+    return replace(info, warnings=tuple(messages) + ((shortfall,) if shortfall else ()))
+
+
+def _probe(path: Path, device: str | None) -> tuple[VideoInfo, int | None]:
+    """The VideoInfo (no warnings yet) and the frame count the container claims."""
     try:
         with av.open(str(path)) as container:
             if not container.streams.video or container.format.name in TEXT_FORMATS:
@@ -122,6 +138,7 @@ def probe_video(path: str | Path, device: str | None = "cpu") -> VideoInfo:
             codec, pix_fmt = ctx.name, ctx.pix_fmt or ""
             width, height = ctx.width, ctx.height
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            claimed = claimed_frames(container, stream)
             num_frames = _count_and_check(container, stream, path)
     except VideoError:
         raise
@@ -129,7 +146,7 @@ def probe_video(path: str | Path, device: str | None = "cpu") -> VideoInfo:
         reason = getattr(err, "strerror", None) or str(err)
         raise VideoError(path, f"not a readable video ({reason})") from err
     return VideoInfo(str(path), codec, width, height, float(rate) if rate else 0.0, num_frames,
-                     route_for(codec, pix_fmt, device), pix_fmt)
+                     route_for(codec, pix_fmt, device), pix_fmt), claimed
 
 
 def probe_videos(paths: Iterable[str | Path], device: str | None = "cpu", on_error: str = "skip",

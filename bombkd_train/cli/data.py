@@ -63,6 +63,8 @@ def probe(
             continue
         typer.echo(f"{info.path}: {info.codec} {info.width}x{info.height} {info.fps:g} fps "
                    f"{info.num_frames} frames route={info.route}")
+        for warning in info.warnings:   # it decodes, but maybe not as it should
+            typer.echo(f"  warning: {warning}")
     if save_frames is not None:
         with user_errors():
             clip = decode_clip(videos[0], frames=frames, size=size, device=device)

@@ -19,7 +19,8 @@ from bombkd_train.cli._common import fail, names, user_errors
 def featurize_command(
     dataset: Annotated[str, typer.Option(help="ucf101, hmdb51, folder, csv or jsonl")],
     root: Annotated[Path, typer.Option(help="dataset root (videos and split files)")],
-    split: Annotated[str, typer.Option(help="train / test (fold 1), train2, test3, ...")],
+    split: Annotated[str, typer.Option(
+        help="train / test (fold 1), train2, test3, ...; folder: a split folder, or all")],
     student: Annotated[str, typer.Option(help="backbone: registry name, hub id or directory")],
     out: Annotated[Path, typer.Option(help="cache directory (created if missing)")],
     teachers: Annotated[Optional[list[str]], typer.Option(
@@ -43,6 +44,9 @@ def featurize_command(
     = False,
     pool: Annotated[str, typer.Option(help="time ([T',D]), mean ([1,D]) or none (all tokens)")]
     = "time",
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="leave out (as failed) videos read or decoded with warnings: damaged "
+        "or truncated files that still decode")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
 ) -> None:
     """Decode every clip once, run the student and every teacher on it, write one shard set
@@ -56,7 +60,7 @@ def featurize_command(
                              out=str(out), teachers=names(teachers), format=format,
                              shard_size=shard_size, dtype=dtype or "float16", frames=frames,
                              size=size, batch_size=batch, workers=workers, pool=pool,
-                             device=device, resume=resume)
+                             device=device, resume=resume, strict=strict)
     with user_errors():
         if dry_run:
             estimate = estimate_featurize(config)
