@@ -1,0 +1,122 @@
+"""Kills leave nothing behind: loader workers die with a killed `train`, the next run clears a
+killed run's temporary files, a second run into a busy folder is refused, and an interrupted
+featurize says how to finish (and so do `inspect` and `train` on its cache)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bombkd_io.errors import FolderBusyError
+from bombkd_io.lock import lock_folder
+from bombkd_train.cli.main import app
+from bombkd_train.converters import ConverterTrainConfig, train_converters
+from bombkd_train.featurize import FeaturizeConfig, featurize
+from synthetic_cache import TEACHERS, make_feature_cache
+
+TESTS = Path(__file__).parent
+CLI = "from bombkd_train.cli.main import app; app()"
+runner = CliRunner()
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc")
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def _spawn(args: list, log: Path) -> subprocess.Popen:
+    """`bombkd ARGS` in a new process; stdout and stderr to ``log`` (a pipe could fill up)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-c", CLI, *map(str, args)], env=_env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A small synthetic cache with converters fitted on it (``conv/converters.pt``)."""
+    root = make_feature_cache(tmp_path_factory.mktemp("cache"))
+    train_converters(ConverterTrainConfig(root=str(root), split="train", teachers=list(TEACHERS),
+                                          save_dir=str(root / "conv"), epochs=0, batch=16,
+                                          progress=False))
+    return root
+
+
+def _train_args(cache: Path, save_dir: Path, *extra, converters: Path | None = None) -> list[str]:
+    converters = converters or cache / "conv" / "converters.pt"
+    return ["train", "--loader", "wds", "--root", str(cache), "--split", "train", "--teachers",
+            ",".join(TEACHERS), "--converters", str(converters),
+            "--classes", "4", "--batch", "8", "--save-dir", str(save_dir), "--device", "cpu",
+            "--quiet", *extra]
+
+
+def _fails(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] not in "ZX":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie no one reaps counts as dead: it holds no memory and runs nothing)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in "ZX"
+
+
+# --- leftovers -------------------------------------------------------------------------------
+
+
+# --- one run per folder ----------------------------------------------------------------------
+
+HOLD = ("import sys, time\nfrom bombkd_io.lock import lock_folder\n"
+        "lock = lock_folder(sys.argv[1], argument='--save-dir')\n"
+        "print('locked', flush=True)\ntime.sleep(120)\n")
+
+
+def test_the_lock_is_per_folder_and_leaves_nothing(tmp_path):
+    out = tmp_path / "new" / "cache"
+    with lock_folder(out, argument="--out", name="ucf101-train"):
+        with pytest.raises(FolderBusyError, match=f"PID {os.getpid()}"):
+            lock_folder(out, argument="--out", name="ucf101-train")
+        with lock_folder(out, argument="--out", name="ucf101-test"):  # another split: free
+            assert sorted(p.name for p in out.iterdir()) == [".ucf101-test.lock",
+                                                             ".ucf101-train.lock"]
+    assert not (tmp_path / "new").exists()  # the folders it made, empty again, are gone
+
+
+# --- interrupted featurize -------------------------------------------------------------------
+
+
+def _featurize_config(root: Path, out: Path, **kw) -> FeaturizeConfig:
+    return FeaturizeConfig(**{**dict(dataset="ucf101", root=str(root), split="train",
+                                     student="tiny-vjepa2", out=str(out), shard_size=1,
+                                     batch_size=1, workers=1), **kw})
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
