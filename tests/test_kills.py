@@ -91,11 +91,54 @@ def _alive(pid: int) -> bool:
 # --- leftovers -------------------------------------------------------------------------------
 
 
+def test_next_train_run_clears_a_killed_runs_temporary_files(cache, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    # killed while writing its first checkpoint and its metrics file (no --resume: nothing to
+    # resume from), and files that are not the run's temporary files
+    killed = [".fusion_ep1.tmp-999-0.pt", ".metrics.tmp-999-3.jsonl"]
+    unrelated = ["notes.txt", ".notes.tmp-999-0.txt", ".fusion_ep1.pt", "fusion_ep1.pt.tmp",
+                 ".fusion_ep1.tmp-abc-0.pt", ".converters.tmp-999-0.pt"]
+    for name in killed + unrelated:
+        (run / name).write_bytes(b"half")
+    result = runner.invoke(app, _train_args(cache, run, "--epochs", "1"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["fusion_ep1.pt", "metrics.jsonl", *unrelated])
+    # killed while writing the second checkpoint, then resumed
+    (run / ".fusion_ep2.tmp-998-5.pt").write_bytes(b"half")
+    result = runner.invoke(app, _train_args(cache, run, "--epochs", "2", "--resume"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["fusion_ep1.pt", "fusion_ep2.pt", "metrics.jsonl", *unrelated])
+    assert all((run / name).read_bytes() == b"half" for name in unrelated)
+
+
 # --- one run per folder ----------------------------------------------------------------------
 
 HOLD = ("import sys, time\nfrom bombkd_io.lock import lock_folder\n"
         "lock = lock_folder(sys.argv[1], argument='--save-dir')\n"
         "print('locked', flush=True)\ntime.sleep(120)\n")
+
+
+def test_second_train_into_a_busy_save_dir_is_refused(cache, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], env=_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = runner.invoke(app, _train_args(cache, run, "--epochs", "1"))
+        _fails(result, f"--save-dir {run}: another bombkd run (PID {holder.pid})",
+               "wait for it to finish, or pass another --save-dir")
+        assert [p.name for p in run.iterdir()] == [".bombkd.lock"]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    # the killed holder's lock file is still there; the kernel dropped its lock with it
+    assert (run / ".bombkd.lock").exists()
+    result = runner.invoke(app, _train_args(cache, run, "--epochs", "1"))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in run.iterdir()) == ["fusion_ep1.pt", "metrics.jsonl"]
 
 
 def test_the_lock_is_per_folder_and_leaves_nothing(tmp_path):
