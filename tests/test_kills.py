@@ -152,6 +152,17 @@ def test_the_lock_is_per_folder_and_leaves_nothing(tmp_path):
     assert not (tmp_path / "new").exists()  # the folders it made, empty again, are gone
 
 
+def test_second_featurize_into_a_busy_out_is_refused(sample_root, tmp_path):
+    out = tmp_path / "cache"
+    with lock_folder(out, argument="--out", name="ucf101-train"):
+        result = runner.invoke(app, ["featurize", "--dataset", "ucf101", "--root",
+                                     str(sample_root), "--split", "train", "--student",
+                                     "tiny-vjepa2", "--out", str(out)])
+        _fails(result, f"--out {out}: another bombkd run (PID {os.getpid()})",
+               "pass another --out")
+    assert not out.exists()
+
+
 # --- interrupted featurize -------------------------------------------------------------------
 
 

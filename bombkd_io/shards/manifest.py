@@ -18,6 +18,7 @@ from bombkd_io.shards.codec import DTYPES
 FORMAT_NAME = "bombkd-features"
 FORMAT_VERSION = 1
 MANIFEST_SUFFIX = ".index.json"
+PROGRESS_SUFFIX = ".progress.json"  # featurize's record of an unfinished run (bombkd_train)
 NAME_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # model (role) names and keys: no dots, no slashes
 RESERVED_MODELS = ("cls", "json")
 # Sanity bounds on what a manifest (possibly a stranger's) may ask a reader to allocate.
@@ -93,6 +94,10 @@ def _model_json(m: ModelEntry) -> dict:
 
 def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
     return Path(root) / f"{dataset}-{split}{MANIFEST_SUFFIX}"
+
+
+def progress_path(root: str | Path, dataset: str, split: str) -> Path:
+    return Path(root) / f"{dataset}-{split}{PROGRESS_SUFFIX}"
 
 
 def save_manifest(manifest: Manifest, root: str | Path) -> Path:
