@@ -88,6 +88,39 @@ def _alive(pid: int) -> bool:
     return state not in "ZX"
 
 
+@linux
+@pytest.mark.slow
+def test_killed_train_takes_its_loader_workers_along(cache, tmp_path):
+    # Batches big enough (8 x 64 x [4, 16] float32 per transfer, over a pipe's 64 KiB) that a
+    # worker whose parent stops reading blocks for good in its queue's feeder thread, as in the
+    # issue; epochs long enough (256 steps) that the workers seen are mid-epoch when it is killed
+    big = make_feature_cache(tmp_path / "big", count=16384, shard_size=2048, teachers={})
+    proc = _spawn(_train_args(big, tmp_path / "run", "--batch", "64", "--epochs", "100",
+                              "--workers", "2", converters=cache / "conv" / "converters.pt"),
+                  tmp_path / "train.log")
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(_children(proc.pid)) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the workers fill their queue while the loop takes batches
+        workers = _children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert len(workers) == 2, (tmp_path / "train.log").read_text()[-2000:]
+        # torch's own watchdog ends an idle worker after up to 5 s; these must go at once
+        deadline = time.monotonic() + 3
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [w for w in workers if _alive(w)], "workers outlived the killed train"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in filter(_alive, workers):  # a failed run leaves no orphans either
+            os.kill(pid, signal.SIGKILL)
+
+
 # --- leftovers -------------------------------------------------------------------------------
 
 
