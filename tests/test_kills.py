@@ -207,3 +207,47 @@ def _featurize_config(root: Path, out: Path, **kw) -> FeaturizeConfig:
 
 def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.slow
+def test_interrupted_featurize_says_how_to_finish_and_resumes_to_the_same_folder(
+        sample_root, tmp_path):
+    out = tmp_path / "cache"
+    proc = _spawn(["featurize", "--dataset", "ucf101", "--root", sample_root, "--split", "train",
+                   "--student", "tiny-vjepa2", "--out", out, "--shard-size", "1", "--batch", "1",
+                   "--workers", "1"], tmp_path / "featurize.log")
+    progress = out / "ucf101-train.progress.json"
+    deadline = time.monotonic() + 120
+    while not progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C after the first shard
+    assert proc.wait(timeout=60) == 130, (tmp_path / "featurize.log").read_text()[-2000:]
+    assert "interrupted: re-run with --resume to finish" in (tmp_path / "featurize.log").read_text()
+    assert progress.exists() and not (out / "ucf101-train.index.json").exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".") or ".tmp" in p.name]
+
+    # what kill -9 during the progress file's, the manifest's and a shard's write leaves
+    killed = [".ucf101-train.progress.tmp-999-0.json", ".ucf101-train.index.tmp-999-1.json",
+              "ucf101-train-student-000011.tar.tmp"]
+    unrelated = [".ucf101-test.index.tmp-999-0.json", "notes.txt"]
+    for name in killed + unrelated:
+        (out / name).write_bytes(b"half")
+
+    finish = f"--out {out} --resume"
+    _fails(runner.invoke(app, ["inspect", str(out)]),
+           "featurize run into this folder is unfinished", "ucf101-train.progress.json", finish)
+    _fails(runner.invoke(app, _train_args(out, tmp_path / "run")), "unfinished", finish)
+    assert not (tmp_path / "run").exists()
+
+    featurize(_featurize_config(sample_root, out, resume=True))
+    featurize(_featurize_config(sample_root, tmp_path / "whole"))  # never interrupted
+    resumed = _files(out)
+    assert all(resumed.pop(name) == b"half" for name in unrelated)
+    assert resumed == _files(tmp_path / "whole")  # the same bytes, the same file list
+
+
+def test_stray_shards_without_a_manifest_are_an_unfinished_run(tmp_path):
+    (tmp_path / "ucf101-train-student-000000.tar").write_bytes(b"x")
+    _fails(runner.invoke(app, ["inspect", str(tmp_path), "--split", "train"]),
+           "featurize run into this folder is unfinished", "ucf101-train-student-000000.tar",
+           f"--split train --out {tmp_path} --resume")

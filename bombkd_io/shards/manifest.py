@@ -1,7 +1,9 @@
 """The cache manifest ``{dataset}-{split}.index.json``: what a cache holds and how to check it.
 
 Written last and atomically, so a cache with a manifest is complete. Readers refuse another
-``format`` or ``version`` with an error naming the expected value.
+``format`` or ``version`` with an error naming the expected value. Until then featurize keeps a
+progress file ``{dataset}-{split}.progress.json`` beside the shards; a reader that finds one (or
+shards) but no manifest says the featurize run is unfinished and how to finish it.
 """
 from __future__ import annotations
 
@@ -132,6 +134,9 @@ def load_manifest(root: str | Path, split: str, dataset: str | None = None) -> M
 
 def _missing_message(root: Path, split: str, dataset: str | None) -> str:
     wanted = f"{dataset or '<dataset>'}-{split}{MANIFEST_SUFFIX}"
+    unfinished = _unfinished_message(root, split, dataset, wanted)
+    if unfinished:
+        return unfinished
     entries = sorted(p.name for p in root.iterdir())
     listing = ", ".join(entries[:20])
     if len(entries) > 20:
@@ -141,6 +146,23 @@ def _missing_message(root: Path, split: str, dataset: str | None) -> str:
            for n in entries):
         hint = "this looks like a TC-BombKD cache: convert it with `bombkd import-cache`"
     return f"{root}: no manifest {wanted}; the directory holds [{listing or 'nothing'}]; {hint}"
+
+
+def _unfinished_message(root: Path, split: str, dataset: str | None, wanted: str) -> str | None:
+    """What to do about a featurize run into ``root`` that has not written its manifest (it
+    left a progress file or shards); None if there is no sign of one."""
+    pattern = f"{dataset or '*'}-{split}"
+    progress = sorted(root.glob(pattern + PROGRESS_SUFFIX))
+    shards = sorted(root.glob(pattern + "-*.tar")) + sorted(root.glob(pattern + "-*.tar.tmp"))
+    if not progress and not shards:
+        return None
+    found = (progress or shards)[0].name
+    if not dataset and progress:
+        dataset = found[:-len(f"-{split}{PROGRESS_SUFFIX}")]
+    return (f"{root}: the featurize run into this folder is unfinished ({found} is there, the "
+            f"manifest {wanted} is not); finish it with `bombkd featurize --dataset "
+            f"{dataset or '<dataset>'} --split {split} --out {root} --resume` and the first "
+            "run's other arguments (--root, --student, --teachers)")
 
 
 def read_manifest(path: str | Path) -> Manifest:
