@@ -2,14 +2,18 @@
 
 A reader (or a crash) sees the old file or the whole new one, never half of one. ``atomic_path``
 is the one way bombkd writes a finished output file; ``commit`` and ``discard`` are its two ends,
-for writers that keep a temporary file open across calls (the shard writer).
+for writers that keep a temporary file open across calls (the shard writer). A process killed
+mid-write (kill -9) leaves its hidden temporary file; ``remove_temps`` is how the next run that
+holds the folder's lock (``bombkd_io.lock``) clears the ones of its own files.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import itertools
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +21,7 @@ from pathlib import Path
 from bombkd_io.errors import OutputError
 
 _COUNTER = itertools.count()  # temp names unique within a process (threads), pid across processes
+_TEMP_RE = re.compile(r"\.(?P<stem>.+)\.tmp-\d+-\d+(?P<suffix>(?:\.[^.]*)?)")  # temp_path's names
 
 
 def temp_path(path: str | Path) -> Path:
@@ -99,3 +104,29 @@ def write_failed(path: str | Path, exc: BaseException, fix: str) -> OutputError:
     error = OutputError(f"cannot write {path}: {why}{free}; {fix}")
     error.errno = errno.ENOSPC if is_disk_full(exc) else errno.EIO
     return error
+
+
+def temp_target(name: str) -> str | None:
+    """The file name a ``temp_path`` name stands for (``.a.tmp-12-0.pt`` -> ``a.pt``); None for
+    a name ``temp_path`` does not make."""
+    m = _TEMP_RE.fullmatch(name)
+    return m["stem"] + m["suffix"] if m else None
+
+
+def remove_temps(folder: str | Path, patterns: list[str]) -> list[Path]:
+    """Remove the temporary files of ``atomic_path`` writes into ``folder`` whose target name
+    matches one of ``patterns`` (``fnmatch``: ``fusion_ep*.pt``); returns the removed paths.
+
+    Only for a caller holding the folder's lock (``bombkd_io.lock``): then no other run writes
+    those files, and every such temporary file is left over from a killed one.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in sorted(folder.iterdir()):
+        target = temp_target(path.name)
+        if target and any(fnmatch.fnmatchcase(target, p) for p in patterns) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

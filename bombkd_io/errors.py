@@ -45,6 +45,10 @@ class ConfigError(BombkdError, ValueError):
         super().__init__("; ".join(self.problems))
 
 
+class FolderBusyError(ConfigError):
+    """An output folder another bombkd run is writing into (it holds the folder's lock)."""
+
+
 class TrainingError(BombkdError, RuntimeError):
     """A run that cannot go on (a non-finite loss); stopped before a checkpoint is written."""
 

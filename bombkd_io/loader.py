@@ -5,7 +5,8 @@ Worker ``w`` of rank ``r`` reads the shards ``stream_shards`` gives it, permutes
 ``bombkd_io.sampling.epoch_batches`` exactly (and so equal the video loader's). Batches are
 gathered in the worker into one byte buffer per model and sent in groups (the DataLoader runs
 with ``batch_size=None`` and only carries them); the loader casts them to float32 tensors.
-Memory is bounded by a shard or two per model, whatever the split's size.
+Memory is bounded by a shard or two per model, whatever the split's size. Workers die with the
+process that iterates the loader, also when it is killed (``bombkd_io.workers``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from bombkd_io.sampling import (batch_sizes, check_streams, epoch_batches, shard
                                 stream_shards)
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
 from bombkd_io.shards.reader import ShardData, ShardError, SkipLog, check_on_error, read_shard
+from bombkd_io.workers import DieWithParent
 
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
 GROUP = 8  # batches per worker-to-loader transfer: amortises the DataLoader's per-item cost
@@ -251,8 +253,10 @@ class CachedLoader:
         # Batches are made whole in the workers; the DataLoader only carries them.
         # collate_fn: the packed groups are final; DataLoader's default conversion would walk
         # every key string of every batch (a third of the in-process loader's time)
+        # worker_init_fn: workers die with this process, also when it is killed (kill -9)
         self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                 collate_fn=_as_is, prefetch_factor=2 if num_workers else None)
+                                 collate_fn=_as_is, prefetch_factor=2 if num_workers else None,
+                                 worker_init_fn=DieWithParent() if num_workers else None)
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)

@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from bombkd_io.atomic import remove_temps
 from bombkd_io.errors import ConfigError
+from bombkd_io.lock import lock_folder
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
 from bombkd_train.threads import model_threads
 
@@ -313,9 +315,11 @@ def _cosine(loader, converters: dict[str, Converter], rows: torch.Tensor,
 
 
 def train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
-    """Fit one converter per teacher: least-squares start, then ``epochs`` of L2 + cosine."""
+    """Fit one converter per teacher: least-squares start, then ``epochs`` of L2 + cosine.
+    One run per ``save_dir``: it is locked for the run (``bombkd_io.lock``)."""
     cfg.validate()
-    with model_threads(cfg.device, cfg.workers):  # a busy machine: see bombkd_train.threads
+    with lock_folder(cfg.save_dir, argument="--save-dir"), \
+            model_threads(cfg.device, cfg.workers):  # a busy machine: see bombkd_train.threads
         return _train_converters(cfg)
 
 
@@ -329,6 +333,7 @@ def _train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
         raise ConfigError(f"--save-dir {cfg.save_dir}: already holds converters.pt, which fusion "
                           "runs trained with it load by path; pass another --save-dir (or "
                           "delete the file to replace it)")
+    remove_temps(cfg.save_dir, [out.name])  # the lock is ours: a killed run's half-written file
     # a teacher the cache lacks is a DatasetError here, naming what the cache holds
     loader = make_cached_loader(cfg.root, cfg.split, models=("student", *cfg.teachers),
                                 batch_size=cfg.batch, seed=cfg.seed, num_workers=cfg.workers,

@@ -25,6 +25,14 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def launch_rank() -> int:
+    """This process's rank, before or after ``init_distributed``: the process group's, else the
+    one ``torchrun`` gave it (``RANK``), else 0."""
+    if is_distributed():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+
+
 def init_distributed(device: str) -> tuple[str, int, int]:
     """Device, rank and world size; joins the process group that ``torchrun`` describes."""
     device = resolve_device(device)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from bombkd_io.datasets import VideoIndex, index_dataset, item_key
 from bombkd_io.errors import DatasetError, VideoError
+from bombkd_io.lock import lock_folder
 from bombkd_io.names import locate
 from bombkd_io.shards.manifest import Manifest, save_manifest
 from bombkd_io.shards.reader import verify_shard
@@ -98,16 +99,20 @@ def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -
     """Write (or complete) the feature cache ``config`` describes; returns its manifest.
 
     A new teacher on an existing cache adds only its shard set; ``resume`` keeps the shards
-    that verify and redoes the rest. Refuses a cache in ``out`` made with another student.
+    that verify and redoes the rest. Refuses a cache in ``out`` made with another student, and
+    a second run into ``out`` for the same (dataset, split) while one is going.
     """
     stats = stats if stats is not None else FeaturizeStats()
     start = time.perf_counter()
     config.validate()
     index = index_dataset(config.dataset, config.root, config.split)
-    state = load_state(config, index)
-    with model_threads(config.device, config.workers) as threads:
-        stats.threads = threads
-        manifest = _Run(config, index, state, stats).execute()
+    # one run per (dataset, split) in --out; with the lock, temporary files are a killed run's
+    with lock_folder(config.out, argument="--out", name=f"{config.dataset}-{config.split}"):
+        state = load_state(config, index)
+        remove_stale_temps(Path(config.out), config.dataset, config.split, state.all_roles())
+        with model_threads(config.device, config.workers) as threads:
+            stats.threads = threads
+            manifest = _Run(config, index, state, stats).execute()
     stats.total_s = time.perf_counter() - start
     return manifest
 
@@ -150,7 +155,6 @@ class _Run:
         manifest = state.manifest()
         save_manifest(manifest, self.out)
         state.drop_progress()
-        remove_stale_temps(self.out, cfg.dataset, cfg.split, list(manifest.models))
         self.stats.failed = len(manifest.failed)
         self.stats.failed_videos, self.stats.suspect_videos = manifest.failed, manifest.suspect
         return manifest

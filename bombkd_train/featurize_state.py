@@ -19,13 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bombkd_io.atomic import atomic_path
+from bombkd_io.atomic import atomic_path, remove_temps
 from bombkd_io.datasets import DATASETS, VideoIndex
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.names import check_name, name_problem, shard_name
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, manifest_path,
-                                       read_manifest)
+                                       progress_path, read_manifest)
 from bombkd_train.backbones import POOLS, Backbone, check_backbone_name
 
 FORMATS, DTYPES = ("wds",), ("float16", "float32")
@@ -241,10 +241,6 @@ class CacheState:
         self.progress_path.unlink(missing_ok=True)
 
 
-def progress_path(out, dataset: str, split: str) -> Path:
-    return Path(out) / f"{dataset}-{split}.progress.json"
-
-
 def load_state(config: FeaturizeConfig, index: VideoIndex, *, dry_run: bool = False) -> CacheState:
     """What ``config.out`` holds for this (dataset, split), checked against ``config``."""
     out, ds, split = Path(config.out), config.dataset, config.split
@@ -368,7 +364,11 @@ def _read_progress(path: Path, config: FeaturizeConfig, index: VideoIndex) -> Ca
 
 
 def remove_stale_temps(out: Path, dataset: str, split: str, roles: list[str]) -> None:
-    """Temp files of shards this run owns (an interrupted write); never anything else."""
+    """Temp files a killed run left of what this run owns: the shards of ``roles``, the
+    manifest and the progress file of (dataset, split); never anything else. Only while holding
+    the lock on ``out`` for (dataset, split)."""
     for role in roles:
         for tmp in out.glob(f"{dataset}-{split}-{role}-*.tar.tmp"):
             tmp.unlink(missing_ok=True)
+    remove_temps(out, [manifest_path(out, dataset, split).name,
+                       progress_path(out, dataset, split).name])

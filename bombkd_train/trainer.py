@@ -8,6 +8,9 @@ The seed determines the run: it seeds the head's initialisation and the epoch pl
 function of seed and epoch, see ``bombkd_io.sampling``). Checkpoints hold the model, optimizer,
 RNG state and config, so ``--resume`` ends with the same weights as an uninterrupted run. Under
 ``torchrun`` the head is wrapped in DDP and each rank reads its own part of every epoch.
+
+One run per save dir: rank 0 locks it (``bombkd_io.lock``) from the start to ``close()``, and
+clears the temporary files a killed run left of its checkpoints and metrics.
 """
 from __future__ import annotations
 
@@ -25,11 +28,12 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from bombkd_io.atomic import atomic_path
+from bombkd_io.atomic import atomic_path, remove_temps
 from bombkd_io.errors import ConfigError, TrainingError
+from bombkd_io.lock import lock_folder
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
 from bombkd_train.converters import load_converters
-from bombkd_train.dist import all_reduce_sum, init_distributed, is_distributed
+from bombkd_train.dist import all_reduce_sum, init_distributed, is_distributed, launch_rank
 from bombkd_train.evaluate import FUSION_KIND, evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
 from bombkd_train.loaders import DataConfig, open_source
@@ -38,6 +42,7 @@ from bombkd_train.threads import model_threads
 # Settings a resumed run must share with the run that wrote the checkpoint (besides the plan).
 RESUME_KEYS = ("split", "teachers", "classes", "lr", "weight_decay", "gate_l1", "fusion_rank")
 CHECKPOINT_RE = re.compile(r"^fusion_ep(\d+)\.pt$")
+RUN_FILES = ["fusion_ep*.pt", "metrics.jsonl"]  # what a run writes into its save dir
 
 
 @dataclass
@@ -109,8 +114,22 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         self.save_dir = Path(cfg.save_dir)
-        self.start_epoch, self.step, self.state = 0, 0, self._resume_state()
         self.source = self.val = None
+        # under torchrun only rank 0 writes (checkpoints, metrics), so only rank 0 locks
+        self.lock = (lock_folder(self.save_dir, argument="--save-dir") if launch_rank() == 0
+                     else None)
+        try:
+            self._start()
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self) -> None:
+        """The rest of ``__init__``, with the save dir locked (unlocked again if it fails)."""
+        cfg = self.cfg
+        self.start_epoch, self.step, self.state = 0, 0, self._resume_state()
+        if self.lock is not None:  # with the lock held, these temporary files are a killed run's
+            remove_temps(self.save_dir, RUN_FILES)
         # Process-wide state from here on; close() gives it back.
         joined = is_distributed()
         self.device, self.rank, self.world = init_distributed(cfg.device)
@@ -292,14 +311,23 @@ class Trainer:
 
     def close(self) -> None:
         """Release the loaders, restore the determinism and thread settings, leave our process
-        group."""
-        for source in (self.source, self.val):
-            if source is not None:
-                source.close()
-        torch.use_deterministic_algorithms(self.determinism[0], warn_only=self.determinism[1])
-        self.threads.close()
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        group, unlock the save dir."""
+        try:
+            for source in (self.source, self.val):
+                if source is not None:
+                    source.close()
+            torch.use_deterministic_algorithms(self.determinism[0],
+                                               warn_only=self.determinism[1])
+            self.threads.close()
+            if self.owns_group and dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        """Give the save dir back to the next run."""
+        if self.lock is not None:
+            self.lock.release()
 
 
 def train(cfg: TrainConfig) -> TrainResult:

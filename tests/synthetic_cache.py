@@ -21,8 +21,10 @@ TEACHERS = {"ta": dict(dim=24, tokens=2), "tb": dict(dim=8, tokens=8)}
 
 def make_feature_cache(root: str | Path, *, split: str = "train", count: int = 48, classes: int = 4,
                        shard_size: int = 16, dtype: str = "float32", seed: int = 0,
-                       student: str = STUDENT["backbone"], dataset: str = "synth") -> Path:
-    """Write a format-1 cache of ``count`` samples under ``root``; returns ``root``."""
+                       student: str = STUDENT["backbone"], dataset: str = "synth",
+                       teachers: dict = TEACHERS) -> Path:
+    """Write a format-1 cache of ``count`` samples under ``root`` (student and ``teachers``, a
+    subset of ``TEACHERS``); returns ``root``."""
     rng = np.random.default_rng(seed)
     patterns = np.random.default_rng(123).normal(size=(classes, STUDENT["tokens"], STUDENT["dim"]))
     labels = np.arange(count) % classes
@@ -30,7 +32,7 @@ def make_feature_cache(root: str | Path, *, split: str = "train", count: int = 4
     maps = {t: np.random.default_rng(7 + i).normal(size=(STUDENT["dim"], spec["dim"])) / 4
             for i, (t, spec) in enumerate(TEACHERS.items())}
     models = {"student": (student, stu.astype(np.float32), STUDENT)}
-    for t, spec in TEACHERS.items():
+    for t, spec in teachers.items():
         feats = resample_tokens(torch.from_numpy(stu).float(), spec["tokens"]).numpy() @ maps[t]
         models[t] = (f"tiny-{t}", feats.astype(np.float32), spec)
     entries = {}

@@ -5,7 +5,7 @@ import threading
 
 import pytest
 
-from bombkd_io.atomic import atomic_path, commit, discard, temp_path
+from bombkd_io.atomic import atomic_path, commit, discard, remove_temps, temp_path, temp_target
 
 
 def test_writes_through_a_temp_name_and_replaces(tmp_path):
@@ -50,3 +50,22 @@ def test_commit_and_discard(tmp_path):
     commit(tmp, out)
     assert out.read_bytes() == b"shard" and not tmp.exists()
     discard(tmp)                                        # already gone: fine
+
+
+def test_temp_target_reads_back_what_temp_path_made(tmp_path):
+    for name in ("fusion_ep3.pt", "ucf101-train.index.json", "metrics.jsonl", "LOCK", "a.tar"):
+        assert temp_target(temp_path(tmp_path / name).name) == name
+    for name in ("fusion_ep3.pt", "a.tar.tmp", ".a.tmp-x-0.pt", ".a.tmp-1.pt", "a.tmp-1-0.pt"):
+        assert temp_target(name) is None
+
+
+def test_remove_temps_removes_only_the_named_files_temporaries(tmp_path):
+    stale = [".fusion_ep1.tmp-999-0.pt", ".fusion_ep12.tmp-1-7.pt", ".metrics.tmp-3-9.jsonl"]
+    kept = ["fusion_ep1.pt", ".fusion_ep1.tmp-x-0.pt", ".converters.tmp-999-0.pt",
+            ".metrics.tmp-3-9.json", "notes.txt"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    removed = remove_temps(tmp_path, ["fusion_ep*.pt", "metrics.jsonl"])
+    assert sorted(p.name for p in removed) == sorted(stale)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert remove_temps(tmp_path / "missing", ["*"]) == []

@@ -5,6 +5,9 @@ Written last and atomically, so a cache with a manifest is complete. Readers ref
 stranger's: before anything is built from it, every name must fit ``bombkd_io.names`` (a shard
 is exactly ``{dataset}-{split}-{model}-{k:06d}.tar``) and every count and size the limits below,
 checked without allocating in proportion to what the file claims.
+Until then featurize keeps a progress file ``{dataset}-{split}.progress.json`` beside the shards;
+a reader that finds one (or shards) but no manifest says the featurize run is unfinished and how
+to finish it.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from bombkd_io.shards.codec import DTYPES
 
 FORMAT_NAME = "bombkd-features"
 FORMAT_VERSION = 1
+PROGRESS_SUFFIX = ".progress.json"  # featurize's record of an unfinished run (bombkd_train)
 # Sanity bounds on what a manifest (possibly a stranger's) may ask a reader to allocate.
 MAX_SHARD_BYTES = 64 << 30   # one shard file, and one shard's decoded features
 MAX_SHARD_SIZE = 1 << 24     # samples per shard
@@ -105,6 +109,10 @@ def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
     return Path(locate(str(root), name))
 
 
+def progress_path(root: str | Path, dataset: str, split: str) -> Path:
+    return Path(root) / f"{dataset}-{split}{PROGRESS_SUFFIX}"
+
+
 def save_manifest(manifest: Manifest, root: str | Path) -> Path:
     """Check and write the manifest atomically (temp file, then rename); returns its path."""
     problems = check_manifest(manifest)
@@ -138,6 +146,9 @@ def load_manifest(root: str | Path, split: str, dataset: str | None = None) -> M
 
 def _missing_message(root: Path, split: str, dataset: str | None) -> str:
     wanted = f"{dataset or '<dataset>'}-{split}{MANIFEST_SUFFIX}"
+    unfinished = _unfinished_message(root, split, dataset, wanted)
+    if unfinished:
+        return unfinished
     entries = sorted(p.name for p in root.iterdir())
     listing = ", ".join(entries[:20])
     if len(entries) > 20:
@@ -147,6 +158,23 @@ def _missing_message(root: Path, split: str, dataset: str | None) -> str:
            for n in entries):
         hint = "this looks like a TC-BombKD cache: convert it with `bombkd import-cache`"
     return f"{root}: no manifest {wanted}; the directory holds [{listing or 'nothing'}]; {hint}"
+
+
+def _unfinished_message(root: Path, split: str, dataset: str | None, wanted: str) -> str | None:
+    """What to do about a featurize run into ``root`` that has not written its manifest (it
+    left a progress file or shards); None if there is no sign of one."""
+    pattern = f"{dataset or '*'}-{split}"
+    progress = sorted(root.glob(pattern + PROGRESS_SUFFIX))
+    shards = sorted(root.glob(pattern + "-*.tar")) + sorted(root.glob(pattern + "-*.tar.tmp"))
+    if not progress and not shards:
+        return None
+    found = (progress or shards)[0].name
+    if not dataset and progress:
+        dataset = found[:-len(f"-{split}{PROGRESS_SUFFIX}")]
+    return (f"{root}: the featurize run into this folder is unfinished ({found} is there, the "
+            f"manifest {wanted} is not); finish it with `bombkd featurize --dataset "
+            f"{dataset or '<dataset>'} --split {split} --out {root} --resume` and the first "
+            "run's other arguments (--root, --student, --teachers)")
 
 
 def read_manifest(path: str | Path) -> Manifest:

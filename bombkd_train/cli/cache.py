@@ -28,11 +28,11 @@ def inspect(
                                          "sample; exit 2 naming any bad shard")] = False,
 ) -> None:
     """Summarise a feature cache: models, shapes, dtype, counts, bytes, failed videos."""
-    from bombkd_io.shards.manifest import MANIFEST_SUFFIX, load_manifest, summarize
+    from bombkd_io.shards.manifest import load_manifest, summarize
     from bombkd_io.shards.reader import verify_cache
 
     with user_errors():
-        splits = [split] if split else _splits(root, MANIFEST_SUFFIX)
+        splits = [split] if split else _splits(root)
         manifests = [load_manifest(root, s, dataset) for s in splits]
     bad = []
     for m in manifests:
@@ -45,11 +45,14 @@ def inspect(
         raise fail("bad shards:\n" + "\n".join(f"  {p}" for p in bad))
 
 
-def _splits(root: Path, suffix: str) -> list[str]:
-    """Every split with a manifest in ``root`` (``{dataset}-{split}.index.json``)."""
-    from bombkd_io.shards.manifest import load_manifest
+def _splits(root: Path) -> list[str]:
+    """Every split with a manifest in ``root`` (``{dataset}-{split}.index.json``), or with a
+    featurize run still to finish (``{dataset}-{split}.progress.json``: its load says so)."""
+    from bombkd_io.shards.manifest import MANIFEST_SUFFIX, PROGRESS_SUFFIX, load_manifest
 
-    found = sorted({p.name[:-len(suffix)].rsplit("-", 1)[-1] for p in root.glob(f"*-*{suffix}")})
+    found = sorted({p.name[:-len(suffix)].rsplit("-", 1)[-1]
+                    for suffix in (MANIFEST_SUFFIX, PROGRESS_SUFFIX)
+                    for p in root.glob(f"*-*{suffix}")})
     if not found:
         load_manifest(root, "<split>")  # raises the error listing what the directory holds
     return found

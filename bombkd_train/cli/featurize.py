@@ -6,6 +6,7 @@ commas.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +15,8 @@ import typer
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.shards.manifest import manifest_path
 from bombkd_train.cli._common import fail, names, user_errors
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def featurize_command(
@@ -69,7 +72,11 @@ def featurize_command(
                 raise fail(f"--out {out}: not enough free space for this cache")
             return
         stats = FeaturizeStats()
-        manifest = featurize(config, stats=stats)
+        try:
+            manifest = featurize(config, stats=stats)
+        except KeyboardInterrupt:  # finished shards are kept; the one being written is dropped
+            print("interrupted: re-run with --resume to finish", file=sys.stderr)
+            raise typer.Exit(code=EXIT_INTERRUPTED) from None
     typer.echo(stats.summary(str(out)) if stats.clips else
                f"nothing to do: {out} already holds {sorted(manifest.models)} "
                f"for {manifest.count} clips")

@@ -1,0 +1,49 @@
+"""Loader worker processes end with the process that started them, however it ends.
+
+A DataLoader worker of a parent killed with SIGKILL is re-parented and can block for good in
+its queue's feeder thread (writing to a pipe no one reads, the read end still open in its
+siblings). ``DieWithParent`` is a ``worker_init_fn`` that asks Linux to SIGKILL the worker when
+its parent dies (``prctl(PR_SET_PDEATHSIG)``), then checks the parent did not die before that.
+Elsewhere it does nothing but run the ``worker_init_fn`` it wraps.
+
+Linux sends the signal when the *thread* that started the worker ends: start the workers
+(iterate the DataLoader) from a thread that lives as long as they are needed, the main thread
+in bombkd.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(parent: int) -> None:
+    """Have this process killed when its parent ends; exit now if the parent (pid ``parent``)
+    has already gone (it died before the request was made)."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:  # re-parented already: nothing would send the signal
+        os._exit(1)
+
+
+class DieWithParent:
+    """``worker_init_fn``: ``die_with_parent``, then ``then(worker_id)`` if given.
+
+    Made in the process that starts the workers (it records that PID); picklable when ``then``
+    is, so it works with any multiprocessing start method.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None):
+        self.parent, self.then = os.getpid(), then
+
+    def __call__(self, worker_id: int) -> None:
+        die_with_parent(self.parent)
+        if self.then is not None:
+            self.then(worker_id)
