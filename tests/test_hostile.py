@@ -384,6 +384,8 @@ def test_outputs_that_are_files(tmp_path, converters):
     refused(cli("featurize", "--dataset", "folder", "--root", tmp_path, "--split", "train",
                 "--student", "tiny-vjepa2", "--out", taken), f"--out {taken}",
             "not a directory")
+    refused(cli("eval", "--loader", "wds", "--root", root, "--split", "train", "--fusion",
+                tmp_path / "fusion_ep1.pt", "--out", taken), f"--out {taken}", "not a directory")
     assert taken.read_text() == "not a folder"
 
 
