@@ -1,8 +1,10 @@
-"""Read shards back: a lean tar parser over any URL webdataset can open (the hot path).
+"""Read shards back: a lean tar parser over local files and URLs (the hot path).
 
-The mirror image of writer.py. ``webdataset.gopen`` opens the shard (local path, ``file:``,
-``pipe:``, ``http(s)`` through curl, ...); the tar stream is then parsed here, in big reads,
-without webdataset's per-sample dict pipeline.
+The mirror image of writer.py. A local shard is opened as a file; a shard under a URL root the
+user typed goes through ``webdataset.gopen`` (``file:``, ``pipe:``, ``http(s)`` through curl,
+...); its location comes from ``bombkd_io.names.locate``, never from a name read from a file
+alone. The tar stream is then parsed here, in big reads that grow only with the bytes that
+arrive, without webdataset's per-sample dict pipeline.
 
 Stages (each a generator):
   _Stream -> iter_members   yields (key, suffix, payload view) per tar member
