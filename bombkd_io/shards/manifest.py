@@ -1,13 +1,12 @@
 """The cache manifest ``{dataset}-{split}.index.json``: what a cache holds and how to check it.
 
-Written last and atomically, so a cache with a manifest is complete. Readers refuse another
-``format`` or ``version`` with an error naming the expected value. A manifest may be a
-stranger's: before anything is built from it, every name must fit ``bombkd_io.names`` (a shard
-is exactly ``{dataset}-{split}-{model}-{k:06d}.tar``) and every count and size the limits below,
-checked without allocating in proportion to what the file claims.
-Until then featurize keeps a progress file ``{dataset}-{split}.progress.json`` beside the shards;
-a reader that finds one (or shards) but no manifest says the featurize run is unfinished and how
-to finish it.
+Written last and atomically, so a cache with a manifest is complete; until then featurize keeps
+a progress file ``{dataset}-{split}.progress.json`` beside the shards, and a reader that finds one
+(or shards) but no manifest says the featurize run is unfinished and how to finish it. Readers
+refuse another ``format`` or ``version`` with an error naming the expected value. A manifest may
+be a stranger's: before anything is built from it, every name must fit ``bombkd_io.names`` (a
+shard is exactly ``{dataset}-{split}-{model}-{k:06d}.tar``) and every count and size the limits
+below, checked without allocating in proportion to what the file claims.
 """
 from __future__ import annotations
 
