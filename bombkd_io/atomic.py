@@ -79,6 +79,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def folder_problem(folder, argument: str) -> str | None:
+    """Why ``folder`` cannot be an output folder (it exists and is not a directory), or None.
+    The one check for ``--out`` / ``--save-dir``, run before any work."""
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        return f"{argument} {folder}: exists and is not a directory; pass a folder"
+    return None
+
+
 def format_bytes(n: float) -> str:
     """``1234567`` -> ``"1.2 MB"``: a size in the unit that fits (decimal, like ``df -H``)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):

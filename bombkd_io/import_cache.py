@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from bombkd_io.atomic import folder_problem
 from bombkd_io.datasets import VideoItem, item_key
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
 from bombkd_io.names import check_name, name_problem
@@ -84,8 +85,8 @@ def import_tc_cache(src, out, *, split: str | None = None, dataset: str | None =
     out = Path(out)
     problems = [f"--{what}: {p}" for value, what in ((dataset, "dataset"), (split, "split"))
                 if value is not None and (p := name_problem(value, what))]
-    if out.exists() and not out.is_dir():
-        problems.append(f"--out {out}: exists and is not a directory; pass a folder")
+    if problem := folder_problem(out, "--out"):
+        problems.append(problem)
     if problems:
         raise ConfigError(problems)
     source = find_source(Path(src))

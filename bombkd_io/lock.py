@@ -19,6 +19,7 @@ import os
 import warnings
 from pathlib import Path
 
+from bombkd_io.atomic import folder_problem
 from bombkd_io.errors import ConfigError, FolderBusyError
 
 try:
@@ -102,12 +103,14 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def _make_folder(folder: Path, argument: str) -> list[Path]:
     """Create ``folder`` and its missing parents; the ones created, innermost first."""
+    if problem := folder_problem(folder, argument):
+        raise ConfigError(problem)
     missing = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(f"{argument} {folder}: exists and is not a directory; pass a "
-                          "folder") from None
+    except (FileExistsError, NotADirectoryError):  # a parent is a file
+        raise ConfigError(f"{argument} {folder}: a parent folder is a file; pass a folder") \
+            from None
     return missing
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bombkd_io.atomic import remove_temps
+from bombkd_io.atomic import folder_problem, remove_temps
 from bombkd_io.errors import ConfigError
 from bombkd_io.lock import lock_folder
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
@@ -214,9 +214,8 @@ class ConverterTrainConfig:
             problems.append(f"--lr {self.lr}: must be > 0")
         if self.batch < 1:
             problems.append(f"--batch {self.batch}: must be >= 1")
-        if Path(self.save_dir).exists() and not Path(self.save_dir).is_dir():
-            problems.append(f"--save-dir {self.save_dir}: exists and is not a directory; pass "
-                            "a folder")
+        if problem := folder_problem(self.save_dir, "--save-dir"):
+            problems.append(problem)
         if problems:
             raise ConfigError(problems)
 

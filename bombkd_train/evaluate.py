@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bombkd_io.atomic import atomic_path
+from bombkd_io.atomic import atomic_path, folder_problem
 from bombkd_io.errors import ConfigError
 from bombkd_train.checkpoint import load_checkpoint
 from bombkd_train.converters import load_converters
@@ -136,8 +136,8 @@ def load_fusion(ckpt: dict, *, converters: str | None = None, student_dim: int,
 
 def evaluate(cfg: EvalConfig) -> tuple[EvalResult, Path]:
     """``bombkd eval``: returns the result and the path of ``eval.json``."""
-    if cfg.out and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
-        raise ConfigError(f"--out {cfg.out}: exists and is not a directory; pass a folder")
+    if problem := folder_problem(cfg.out, "--out"):
+        raise ConfigError(problem)
     ckpt = load_checkpoint(cfg.fusion, kind=FUSION_KIND, argument="--fusion")
     # the student (and its clips) the head was trained on, unless the user overrides them
     stu = ckpt["student"]

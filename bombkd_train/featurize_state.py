@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bombkd_io.atomic import atomic_path, remove_temps
+from bombkd_io.atomic import atomic_path, folder_problem, remove_temps
 from bombkd_io.datasets import DATASETS, VideoIndex
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
@@ -84,8 +84,8 @@ class FeaturizeConfig:
                      "each teacher needs a distinct name")
         if self.root and not Path(self.root).exists():
             p.append(f"--root {self.root}: no such directory")
-        if self.out and Path(self.out).exists() and not Path(self.out).is_dir():
-            p.append(f"--out {self.out}: exists and is not a directory")
+        if self.out and (problem := folder_problem(self.out, "--out")):
+            p.append(problem)
         return p
 
     def validate(self) -> None:

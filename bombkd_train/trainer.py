@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from bombkd_io.atomic import atomic_path, remove_temps
+from bombkd_io.atomic import atomic_path, folder_problem, remove_temps
 from bombkd_io.errors import ConfigError, TrainingError
 from bombkd_io.lock import lock_folder
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
@@ -92,10 +92,10 @@ class TrainConfig:
                   (self.epochs < 1, f"--epochs {self.epochs}: must be >= 1"),
                   (self.lr <= 0, f"--lr {self.lr}: must be > 0"),
                   (self.gate_l1 < 0, f"--gate-l1 {self.gate_l1}: must be >= 0"),
-                  (self.fusion_rank < 1, f"--fusion-rank {self.fusion_rank}: must be >= 1"),
-                  (Path(self.save_dir).exists() and not Path(self.save_dir).is_dir(),
-                   f"--save-dir {self.save_dir}: exists and is not a directory; pass a folder")]
+                  (self.fusion_rank < 1, f"--fusion-rank {self.fusion_rank}: must be >= 1")]
         problems += [msg for bad, msg in checks if bad]
+        if problem := folder_problem(self.save_dir, "--save-dir"):
+            problems.append(problem)
         if problems:
             raise ConfigError(problems)
 

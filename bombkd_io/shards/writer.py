@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from bombkd_io.atomic import commit, discard
+from bombkd_io.atomic import commit, discard, folder_problem
 from bombkd_io.errors import ConfigError, ShardError
 from bombkd_io.shards.codec import DTYPES, encode_tensor
 from bombkd_io.names import KEY_RE, name_problems, shard_name
@@ -61,8 +61,8 @@ class ShardSetWriter:
     def __init__(self, root, dataset: str, split: str, model: str, shard_size: int,
                  dtype: str = "float16", *, start_shard: int = 0):
         problems = name_problems((dataset, "dataset"), (split, "split"), (model, "model"))
-        if Path(root).exists() and not Path(root).is_dir():
-            problems.append(f"{root} exists and is not a directory; pass a folder as --out")
+        if problem := folder_problem(root, "--out"):
+            problems.append(problem)
         if dtype not in DTYPES:
             problems.append(f"dtype {dtype!r} must be one of {sorted(DTYPES)}")
         if shard_size < 1:
