@@ -3,8 +3,14 @@
 Each carries the offending path (video, shard, manifest) or argument and says what to do.
 They subclass the builtin type a caller would expect, so ``except ValueError`` still works.
 ``DataWarning`` is for data that is used but looks wrong (filter it like any ``UserWarning``).
+``ErrorPolicy`` is the one place that decides between stopping and skipping (``--on-error``).
 """
 from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+ON_ERROR = ("raise", "skip")
 
 
 class BombkdError(Exception):
@@ -59,3 +65,47 @@ class OutputError(BombkdError, OSError):
 
 class DataWarning(UserWarning):
     """Input that is used but looks wrong: a class folder with no videos, a decode with warnings."""
+
+
+@dataclass
+class ErrorPolicy:
+    """``--on-error``: ``"raise"`` stops at the first bad shard, sample or video; ``"skip"``
+    records it and goes on (like webdataset's handlers). ``handle(err, samples)`` decides;
+    ``samples`` and ``problems`` say what was left out so far."""
+
+    on_error: str = "raise"
+    argument: str = "on_error"     # how the user spelled the choice, for the error message
+    samples: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.on_error not in ON_ERROR:
+            raise ConfigError(f"{self.argument} must be one of {ON_ERROR}, got {self.on_error!r}")
+
+    @property
+    def skips(self) -> bool:
+        return self.on_error == "skip"
+
+    def handle(self, error: BombkdError, samples: int = 1, fix: str = "") -> None:
+        """Raise ``error``, or record it as ``samples`` left out (and warn, saying ``fix``)."""
+        if not self.skips:
+            raise error
+        self.samples += samples
+        line = _where(error)
+        self.problems.append(f"{line} ({samples} sample(s) skipped)")
+        warnings.warn(f"skipped {samples} sample(s): {line}" + (f"; {fix}" if fix else ""),
+                      RuntimeWarning, stacklevel=3)
+
+    def fresh(self) -> "ErrorPolicy":
+        """The same choice with an empty record (one per epoch or worker)."""
+        return ErrorPolicy(self.on_error, self.argument)
+
+
+def _where(error: BaseException) -> str:
+    """``path (sample key): reason`` for our errors, ``str(error)`` for any other."""
+    if isinstance(error, ShardError):
+        where = f"{error.shard} (sample {error.sample})" if error.sample else error.shard
+        return f"{where}: {error.reason}"
+    if isinstance(error, VideoError):
+        return f"{error.path}: {error.reason}"
+    return str(error)
