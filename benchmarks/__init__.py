@@ -1,1 +1,7 @@
-"""bombkd benchmark suite: `pytest benchmarks --benchmark` (see README.md here)."""
+"""bombkd benchmark suite: `pytest benchmarks --benchmark` (see README.md here).
+
+ledger.py, report.py   timing in alternating rounds, checks on per-round ratios, the reports
+workloads.py, scale.py the data and workloads timed (library calls only), large caches
+test_*.py              the suite: video decode, featurize, reader and scale, training, parity
+measure_*.py           one-off figures quoted in the docs (`python -m benchmarks.measure_loader`)
+"""

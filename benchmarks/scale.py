@@ -27,12 +27,14 @@ TOKENS, DIM = 8, 1024
 
 def write_cache(root: Path, count: int, *, features: np.ndarray | None = None,
                 labels: np.ndarray | None = None, like=None, shard_size: int = 1000,
-                dataset: str = DATASET, dtype: str = "float16") -> int:
-    """A student cache of ``count`` samples under ``root``; returns its bytes.
+                dataset: str = DATASET, dtype: str = "float16",
+                teachers: tuple[str, ...] = ()) -> int:
+    """A student cache of ``count`` samples under ``root``; returns the student set's bytes.
 
     Sample ``i`` holds ``features[i % N]`` (``[N, T', D]``) with label ``labels[i % N]``;
     ``like`` (a ModelEntry) names the backbone and clip they came from, so a trainer takes the
-    cache for its own. Without features: random ViT-L-sized ones, ``[8, 1024]``.
+    cache for its own. Without features: random ViT-L-sized ones, ``[8, 1024]``. ``teachers``:
+    a shard set of the same features under each of these names too (a four-model cache).
     """
     from bombkd_io.shards.manifest import Manifest, ModelEntry, save_manifest
     from bombkd_io.shards.writer import ShardSetWriter
@@ -42,16 +44,20 @@ def write_cache(root: Path, count: int, *, features: np.ndarray | None = None,
         features = rng.standard_normal((shard_size, TOKENS, DIM)).astype(np.float16)
         labels = np.arange(shard_size) % 10
         like = ModelEntry("student", "synthetic-vitl", DIM, TOKENS, 16, 224, "time", dtype)
-    writer = ShardSetWriter(root, dataset, SPLIT, "student", shard_size, dtype)
+    writers = {m: ShardSetWriter(root, dataset, SPLIT, m, shard_size, dtype)
+               for m in ("student", *teachers)}
     for i in range(count):
         key = f"{i:07d}_tiled"
-        writer.write(key, features[i % len(features)],
-                     {"cls": int(labels[i % len(labels)]), "json": {"path": key}})
-    entry = ModelEntry("student", like.backbone, like.dim, like.tokens, like.frames, like.size,
-                       like.pooling, dtype, writer.close())
+        for model, writer in writers.items():
+            writer.write(key, features[i % len(features)],
+                         {"cls": int(labels[i % len(labels)]), "json": {"path": key}}
+                         if model == "student" else None)
+    entries = {m: ModelEntry(m, like.backbone if m == "student" else f"synthetic-{m}", like.dim,
+                             like.tokens, like.frames, like.size, like.pooling, dtype, w.close())
+               for m, w in writers.items()}
     classes = [f"class{c}" for c in range(int(labels.max()) + 1)]
-    save_manifest(Manifest(dataset, SPLIT, classes, shard_size, {"student": entry}, count), root)
-    return entry.bytes
+    save_manifest(Manifest(dataset, SPLIT, classes, shard_size, entries, count), root)
+    return entries["student"].bytes
 
 
 def drop_from_page_cache(paths: list[Path]) -> None:

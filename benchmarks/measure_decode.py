@@ -5,7 +5,7 @@
 - ``pyav-every``:   the simple way: every frame converted to RGB, then pick + the same resize
 and the difference between ``decode_clip(backend="dali")`` and ``backend="pyav"`` per codec.
 
-    .venv/bin/python scripts/measure_decode.py [--per-class 10 --repeats 3 --threads 2 --batch 8]
+    .venv/bin/python -m benchmarks.measure_decode [--per-class 10 --repeats 3 --threads 2 --batch 8]
 """
 from __future__ import annotations
 

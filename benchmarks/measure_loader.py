@@ -1,6 +1,6 @@
 """Measure the cached loader against a raw read of the same shard bytes, and its peak RSS.
 
-    .venv/bin/python scripts/measure_loader.py [--samples 4000 --big 16000 --batch 8]
+    .venv/bin/python -m benchmarks.measure_loader [--samples 4000 --big 16000 --batch 8]
 
 Writes a synthetic cache (student + 3 teachers, [16, 768] fp16 random features, shards of
 1000) with ShardSetWriter, then times epochs of the fusion loader (student set only) in-process
@@ -27,33 +27,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for benchmarks/
-
-from benchmarks.scale import drop_from_page_cache  # noqa: E402
+from benchmarks.scale import drop_from_page_cache, write_cache
 from bombkd_io.loader import make_cached_loader
-from bombkd_io.shards.manifest import Manifest, ModelEntry, save_manifest
-from bombkd_io.shards.writer import ShardSetWriter
+from bombkd_io.shards.manifest import ModelEntry, load_manifest
 
-MODELS = ("student", "videomae", "timesformer", "vivit")
-TOKENS, DIM = 16, 768
+TEACHERS = ("videomae", "timesformer", "vivit")
+TOKENS, DIM, DISTINCT = 16, 768, 1000
 
 
-def make_cache(root: Path, samples: int, shard_size: int = 1000) -> Manifest:
+def make_cache(root: Path, samples: int, shard_size: int = 1000) -> None:
+    """Student + 3 teachers, [16, 768] fp16 random features (1000 distinct, tiled), 101 classes."""
     rng = np.random.default_rng(0)
-    writers = {m: ShardSetWriter(root, "synth", "train", m, shard_size) for m in MODELS}
-    for i in range(samples):
-        key = f"{i:06d}_v_synthetic_g01_c01"
-        for m, w in writers.items():
-            feats = rng.standard_normal((TOKENS, DIM), dtype=np.float32)  # [T', D]
-            extra = {"cls": i % 101, "json": {"path": f"/videos/{key}.avi", "class_name": "c",
-                                              "frame_indices": list(range(16)), "fps": 25.0}}
-            w.write(key, feats, extra if m == "student" else None)
-    models = {m: ModelEntry(m, f"tiny-{m}", DIM, TOKENS, 16, 112, "time", "float16", w.close())
-              for m, w in writers.items()}
-    manifest = Manifest("synth", "train", [f"c{k}" for k in range(101)], shard_size, models,
-                        samples)
-    save_manifest(manifest, root)
-    return manifest
+    features = rng.standard_normal((DISTINCT, TOKENS, DIM), dtype=np.float32)  # [N, T', D]
+    like = ModelEntry("student", "synthetic-student", DIM, TOKENS, 16, 112, "time", "float16")
+    write_cache(root, samples, features=features, labels=np.arange(DISTINCT) % 101, like=like,
+                shard_size=shard_size, dataset="synth", teachers=TEACHERS)
 
 
 def time_loader(root: Path, workers: int, batch: int, paths: list[Path], cold: bool,
@@ -152,7 +140,8 @@ def main() -> None:
               "sample_shape": [TOKENS, DIM], "dtype": "float16"}
     result["load_average_start"] = os.getloadavg()  # the machine may be shared: say how busy
     small = base / "small"
-    manifest = make_cache(small, args.samples)
+    make_cache(small, args.samples)
+    manifest = load_manifest(small, "train")
     os.sync()  # written pages must be clean before they can be dropped from the page cache
     paths = [small / s.name for s in manifest.models["student"].shards]
     student_bytes = sum(p.stat().st_size for p in paths)

@@ -1,6 +1,6 @@
 """Measure featurize: clips/s end to end, where the time goes, and the share spent writing shards.
 
-    .venv/bin/python scripts/measure_featurize.py [--classes 6 --per-class 10 --codec vp9
+    .venv/bin/python -m benchmarks.measure_featurize [--classes 6 --per-class 10 --codec vp9
         --student tiny-vjepa2 --teachers tiny-videomae,tiny-timesformer,tiny-vivit
         --batch 8 --workers 2 --shard-size 1000 --device cpu --repeat 2]
 
