@@ -1,4 +1,4 @@
-"""bombkd benchmark suite: `pytest benchmarks --benchmark` (see README.md here).
+"""bombkd benchmark suite: `pytest benchmarks --benchmark` (README.md, Performance, says what each check measures).
 
 ledger.py, report.py   timing in alternating rounds, checks on per-round ratios, the reports
 workloads.py, scale.py the data and workloads timed (library calls only), large caches
