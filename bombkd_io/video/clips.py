@@ -22,9 +22,10 @@ from bombkd_io.errors import VideoError
 from bombkd_io.sampling import sample_indices
 from bombkd_io.video.dali import DaliClipDecoder, DaliRunError, Sample, encoded_sample, raw_sample
 from bombkd_io.video.health import libav_messages, repeat_message, repeated_frames
-from bombkd_io.video.probe import VideoInfo, cuda_index, dali_device, probe_video, route_for
+from bombkd_io.video.probe import VideoInfo, probe_video
 from bombkd_io.video.pyav import decode_frames
 from bombkd_io.video.resize import resize_crop
+from bombkd_io.video.route import cuda_index, dali_device, route_for
 
 BACKENDS = ("dali", "pyav")
 

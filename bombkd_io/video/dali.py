@@ -19,7 +19,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.tensors import TensorGPU
 
 from bombkd_io.errors import VideoError
-from bombkd_io.video.probe import check_file
+from bombkd_io.video.route import check_file
 
 
 @pipeline_def(enable_conditionals=True)
