@@ -12,10 +12,24 @@ In data-flow order:
 - ``health.py``: the signs of a damaged file that still decodes (libav messages, a frame count
   short of the header's, repeated frames), in ``VideoInfo.warnings`` and ``ClipBatch.warnings``.
 See DECODERS.md for the routing table and the measured DALI-vs-PyAV differences.
-"""
-from bombkd_io.video.clips import BACKENDS, ClipBatch, ClipLoader, decode_clip
-from bombkd_io.video.probe import VideoInfo, probe_index, probe_video, probe_videos
-from bombkd_io.video.route import cuda_index, dali_device, route_for
 
-__all__ = ["BACKENDS", "ClipBatch", "ClipLoader", "VideoInfo", "cuda_index", "dali_device",
-           "decode_clip", "probe_index", "probe_video", "probe_videos", "route_for"]
+Importing the package loads neither DALI nor PyAV: a name below imports its module on first use,
+so ``bombkd_train`` reads devices through ``route.py`` without loading the decoders.
+"""
+from importlib import import_module
+
+_MODULES = {
+    "route": ("cuda_index", "dali_device", "route_for"),
+    "probe": ("VideoInfo", "probe_index", "probe_video", "probe_videos"),
+    "clips": ("BACKENDS", "ClipBatch", "ClipLoader", "decode_clip"),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value         # the next lookup finds it without this function
+    return value
