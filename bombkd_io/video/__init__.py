@@ -1,8 +1,8 @@
 """Video probing, routing and decoding: one clip contract, ``[T, S, S, 3]`` uint8 RGB.
 
 In data-flow order:
-- ``route.py``:  devices (``dali_device``, ``cuda_index``), the codec -> decoder rule
-  (``route_for``) and the file check every decoder makes first.
+- ``route.py``:  the one device parser (``parse_device``, and ``is_cuda``, ``dali_device``,
+  ``cuda_index`` from it), the codec -> decoder rule (``route_for``), the file check.
 - ``probe.py``:  ``probe_video`` / ``probe_videos`` / ``probe_index`` (PyAV): codec, size, exact
   frame count and route of each file.
 - ``clips.py``:  ``ClipLoader`` (background-thread batches, failures recorded) and ``decode_clip``.
@@ -19,7 +19,7 @@ so ``bombkd_train`` reads devices through ``route.py`` without loading the decod
 from importlib import import_module
 
 _MODULES = {
-    "route": ("cuda_index", "dali_device", "route_for"),
+    "route": ("cuda_index", "dali_device", "is_cuda", "parse_device", "route_for"),
     "probe": ("VideoInfo", "probe_index", "probe_video", "probe_videos"),
     "clips": ("BACKENDS", "ClipBatch", "ClipLoader", "decode_clip"),
 }

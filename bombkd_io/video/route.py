@@ -1,14 +1,21 @@
-"""Where a video is decoded: devices, the codec -> decoder rule, and the file check before any
-decoder opens a file.
+"""Where a video is decoded: the one parser of device strings, the codec -> decoder rule, and
+the file check before any decoder opens a file.
 
-``dali_device`` / ``cuda_index`` map a user's device to DALI's device and GPU number; ``route_for``
-says whether DALI or PyAV decodes a stream there. Imports neither DALI nor PyAV.
+``parse_device`` reads ``--device`` for every command (``is_cuda``, ``dali_device`` and
+``cuda_index`` derive from it); ``route_for`` says whether DALI or PyAV decodes a stream on that
+device. Imports neither DALI nor PyAV, so ``bombkd_train`` uses it freely.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from bombkd_io.errors import VideoError
+import torch
+
+from bombkd_io.errors import ConfigError, VideoError
+
+# What --device takes, everywhere: "auto" picks the GPU where torch sees one.
+DEVICES = "auto, cpu, gpu, cuda or cuda:N"
 
 # Codecs DALI's fn.decoders.video decodes per device (its docs, and verified on CPU).
 DALI_CODECS = {
@@ -19,33 +26,44 @@ DALI_CODECS = {
 DALI_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
 
 
+def parse_device(spec: str | None, argument: str = "--device") -> str:
+    """A device as the user wrote it -> torch's spelling: "cpu", "cuda" or "cuda:N".
+
+    "auto" (or None) is "cuda" where torch sees a GPU, else "cpu"; "gpu" is "cuda". ConfigError
+    names ``argument`` for anything else, and for a "cuda:N" this machine does not have."""
+    if spec is None or spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    match = re.fullmatch(r"cpu|gpu|cuda(?::(\d+))?", spec)
+    if match is None:
+        raise ConfigError(f"{argument} {spec!r}: expected {DEVICES}")
+    if match[1] is None:
+        return "cuda" if spec == "gpu" else spec
+    index, count = int(match[1]), torch.cuda.device_count()
+    if index >= count:
+        have = f"{count} GPU(s), cuda:0 to cuda:{count - 1}" if count else "no GPU; use cpu"
+        raise ConfigError(f"{argument} {spec!r}: this machine has {have}")
+    return f"cuda:{index}"
+
+
+def is_cuda(device: str | None) -> bool:
+    """Whether ``device`` (any spelling ``parse_device`` takes) is a GPU."""
+    return parse_device(device) != "cpu"
+
+
 def dali_device(device: str | None) -> str:
-    """User device ("cpu", "gpu", "cuda", "mixed" or None = auto) -> DALI decoder device."""
-    if device is None:
-        import torch
-        return "mixed" if torch.cuda.is_available() else "cpu"
-    if device in ("gpu", "cuda", "mixed") or device.startswith("cuda:"):
-        return "mixed"
-    if device == "cpu":
-        return "cpu"
-    raise ValueError(f"unknown device {device!r}; expected 'cpu', 'gpu' or None (auto)")
+    """DALI's decoder device for ``device``: "mixed" (decode on the GPU) or "cpu"."""
+    return "mixed" if is_cuda(device) else "cpu"
 
 
 def cuda_index(device: str | None) -> int | None:
-    """The CUDA device a "mixed" pipeline uses: ``N`` of "cuda:N", else torch's current device;
-    None on the CPU. Call it on the caller's thread: torch's current device is per thread."""
-    if dali_device(device) == "cpu":
+    """The GPU a "mixed" pipeline uses: ``N`` of "cuda:N", else torch's current GPU (0 where
+    torch sees none); None on the CPU. Call it on the caller's thread: torch's current GPU is
+    per thread."""
+    parsed = torch.device(parse_device(device))
+    if parsed.type == "cpu":
         return None
-    import torch
-    if device is not None and device.startswith("cuda:"):
-        index = device[len("cuda:"):]
-        if not index.isdigit():
-            raise ValueError(f"device {device!r}: expected 'cuda:N' with a GPU number N")
-        count = torch.cuda.device_count() if torch.cuda.is_available() else None
-        if count is not None and int(index) >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} GPU(s), "
-                             f"cuda:0 to cuda:{count - 1}")
-        return int(index)
+    if parsed.index is not None:
+        return parsed.index
     return torch.cuda.current_device() if torch.cuda.is_available() else 0
 
 
