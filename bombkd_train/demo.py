@@ -69,9 +69,9 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"demo folder {out} is not empty; pass a new folder (the demo never "
                           "deletes files)")
-    from bombkd_train.dist import resolve_device
+    from bombkd_io.video import parse_device
 
-    cfg = replace(cfg, device=resolve_device(cfg.device))
+    cfg = replace(cfg, device=parse_device(cfg.device))
     t0 = time.perf_counter()
     videos, feats = _prepare(cfg, out)
     conv = _converters(cfg, feats, out)

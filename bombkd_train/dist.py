@@ -1,4 +1,5 @@
-"""Devices and torch.distributed for the training side: one place to join, ask and sum.
+"""torch.distributed for the training side, and the device each rank trains on: one place to
+join, ask and sum.
 
 ``torchrun`` describes the process group in the environment (``WORLD_SIZE``, ``LOCAL_RANK``);
 ``init_distributed`` joins it once. Everything else asks ``is_distributed`` and sums across
@@ -12,12 +13,7 @@ import os
 import torch
 import torch.distributed as dist
 
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` where there is a GPU, else ``cpu``."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+from bombkd_io.video import is_cuda, parse_device
 
 
 def is_distributed() -> bool:
@@ -34,14 +30,16 @@ def launch_rank() -> int:
 
 
 def init_distributed(device: str) -> tuple[str, int, int]:
-    """Device, rank and world size; joins the process group that ``torchrun`` describes."""
-    device = resolve_device(device)
+    """Device (``--device``, parsed), rank and world size; joins the process group that
+    ``torchrun`` describes (one GPU per rank: ``cuda:LOCAL_RANK``)."""
+    device = parse_device(device)
+    cuda = is_cuda(device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
-        if device.startswith("cuda"):
+        if cuda:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if device.startswith("cuda"):
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
     if is_distributed():
         return device, dist.get_rank(), dist.get_world_size()

@@ -25,7 +25,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ from bombkd_io.names import locate
 from bombkd_io.shards.manifest import Manifest, save_manifest
 from bombkd_io.shards.reader import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
-from bombkd_io.video import ClipLoader, probe_index
+from bombkd_io.video import ClipLoader, parse_device, probe_index
 from bombkd_train.backbones import Backbone, create_backbone
 from bombkd_train.featurize_estimate import DiskEstimate, check_free_space, estimate_bytes
 from bombkd_train.threads import model_threads
@@ -105,6 +105,7 @@ def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -
     stats = stats if stats is not None else FeaturizeStats()
     start = time.perf_counter()
     config.validate()
+    config = replace(config, device=parse_device(config.device))  # torch's name for "auto", "gpu"
     index = index_dataset(config.dataset, config.root, config.split)
     # one run per (dataset, split) in --out; with the lock, temporary files are a killed run's
     with lock_folder(config.out, argument="--out", name=f"{config.dataset}-{config.split}"):

@@ -26,6 +26,7 @@ from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.names import check_name, name_problem, shard_name
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, manifest_path,
                                        progress_path, read_manifest)
+from bombkd_io.video import is_cuda
 from bombkd_train.backbones import POOLS, Backbone, check_backbone_name
 
 FORMATS, DTYPES = ("wds",), ("float16", "float32")
@@ -106,11 +107,11 @@ def teacher_role(name: str) -> str:
 
 
 def _device_problems(device: str) -> list[str]:
-    if device == "cpu":
-        return []
-    if not re.fullmatch(r"cuda(:\d+)?", device or ""):
-        return [f"--device {device!r}: expected cpu, cuda or cuda:N"]
-    if not torch.cuda.is_available():
+    try:
+        cuda = is_cuda(device)
+    except ConfigError as err:
+        return err.problems
+    if cuda and not torch.cuda.is_available():
         return [f"--device {device}: CUDA is not available on this machine; use --device cpu"]
     return []
 

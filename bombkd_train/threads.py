@@ -17,6 +17,8 @@ from typing import Iterator
 
 import torch
 
+from bombkd_io.video import is_cuda
+
 
 def cpu_cores() -> int:
     """Cores this process may use: its CPU affinity, shared among the ranks ``torchrun``
@@ -45,7 +47,7 @@ def model_threads(device: str, reserved: int = 0) -> Iterator[int]:
     Yields the torch thread count in force. A GPU run changes nothing (its CPU side is light).
     """
     before = torch.get_num_threads()
-    if not str(device).startswith("cuda"):
+    if not is_cuda(device):
         torch.set_num_threads(min(before, torch_threads_for(reserved)))
     try:
         yield torch.get_num_threads()

@@ -1,7 +1,11 @@
-"""Probing, routing, both decoders on every codec and their difference, ClipLoader, bad files."""
+"""Devices and routing, probing, both decoders on every codec and their difference, ClipLoader,
+bad files."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import av
 import numpy as np
@@ -11,8 +15,8 @@ import torch.nn.functional as F
 
 from bombkd_io.errors import ConfigError, VideoError
 from bombkd_io.sampling import sample_indices
-from bombkd_io.video import (ClipLoader, VideoInfo, cuda_index, dali_device, decode_clip,
-                             probe_video, probe_videos, route_for)
+from bombkd_io.video import (ClipLoader, VideoInfo, cuda_index, dali_device, decode_clip, is_cuda,
+                             parse_device, probe_video, probe_videos, route_for)
 from bombkd_io.video.dali import DaliClipDecoder, encoded_sample, raw_sample
 from bombkd_io.video.pyav import decode_frames
 from bombkd_io.video.resize import resize_crop, resize_crop_tensor, resize_plan
@@ -198,24 +202,44 @@ def test_resize_tensor_keeps_dtype_and_skips_an_exact_size():
     assert torch.equal(resize_crop_tensor(square, 120), square)
 
 
+def test_parse_device_gives_torchs_name_or_names_the_argument():
+    gpus = torch.cuda.device_count()
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    for spec, want in ((None, auto), ("auto", auto), ("cpu", "cpu"), ("gpu", "cuda"),
+                       ("cuda", "cuda")):
+        assert parse_device(spec) == want
+    assert [is_cuda(d) for d in ("cpu", "gpu", "cuda")] == [False, True, True]
+    for bad in ("tpu", "CPU", "mixed", "cuda:x", "cuda:", "cuda:-1", "cuda0", ""):
+        with pytest.raises(ConfigError, match=rf"^--loader-device {bad!r}: expected auto, cpu, "
+                                              "gpu, cuda or cuda:N$"):
+            parse_device(bad, "--loader-device")
+    have = f"{gpus} GPU\\(s\\), cuda:0 to cuda:{gpus - 1}" if gpus else "no GPU; use cpu"
+    with pytest.raises(ConfigError, match=rf"^--device 'cuda:{gpus}': this machine has {have}$"):
+        parse_device(f"cuda:{gpus}")
+    if gpus:
+        assert parse_device(f"cuda:{gpus - 1}") == f"cuda:{gpus - 1}"
+
+
+def test_importing_the_device_parser_loads_no_decoder():
+    code = ("import sys, bombkd_io.video, bombkd_train.threads, bombkd_train.dist; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'av', 'nvidia'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "[]"
+
+
 def test_device_index_is_parsed_on_the_callers_thread():
-    assert cuda_index("cpu") is None and dali_device("cuda:1") == "mixed"
+    assert (cuda_index("cpu"), dali_device("cpu")) == (None, "cpu")
     if torch.cuda.device_count() >= 2:
-        assert cuda_index("cuda:1") == 1
-    elif torch.cuda.is_available():
-        with pytest.raises(ValueError, match="this machine has 1 GPU"):
-            cuda_index("cuda:1")
-    for bad in ("cuda:x", "cuda:", "cuda:-1"):
-        with pytest.raises(ValueError, match="cuda:N"):
-            cuda_index(bad)
+        assert cuda_index("cuda:1") == 1 and dali_device("cuda:1") == "mixed"
     if not torch.cuda.is_available():
-        assert cuda_index("gpu") == 0 and cuda_index("cuda:3") == 3
+        assert cuda_index("gpu") == 0 and dali_device("gpu") == "mixed"
         # no GPU is touched before the first run: the index is only recorded
-        loader = ClipLoader([], frames=4, size=32, batch_size=1, device="cuda:3")
-        assert (loader.device, loader.device_id, loader.decoder.device_id) == ("mixed", 3, 3)
+        loader = ClipLoader([], frames=4, size=32, batch_size=1, device="gpu")
+        assert (loader.device, loader.decoder.device, loader.decoder.device_id) == (
+            "cuda", "mixed", 0)
         loader.close()
-    cpu = DaliClipDecoder(size=32, batch_size=1, device="cpu", device_id=2)
-    assert cpu.device_id is None
+    assert DaliClipDecoder(size=32, batch_size=1, device="cpu").device_id is None
 
 
 def test_clip_loader_close_releases_pipeline_and_threads(codec_videos):

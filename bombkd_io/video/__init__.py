@@ -1,17 +1,35 @@
 """Video probing, routing and decoding: one clip contract, ``[T, S, S, 3]`` uint8 RGB.
 
-- ``probe.py``:  ``probe_video`` / ``probe_videos`` / ``probe_index`` (PyAV) and the route rule.
+In data-flow order:
+- ``route.py``:  the one device parser (``parse_device``, and ``is_cuda``, ``dali_device``,
+  ``cuda_index`` from it), the codec -> decoder rule (``route_for``), the file check.
+- ``probe.py``:  ``probe_video`` / ``probe_videos`` / ``probe_index`` (PyAV): codec, size, exact
+  frame count and route of each file.
+- ``clips.py``:  ``ClipLoader`` (background-thread batches, failures recorded) and ``decode_clip``.
+- ``pyav.py``:   PyAV decoding of the sampled frames only (videos routed to PyAV).
 - ``dali.py``:   the DALI pipeline (``cpu`` or ``mixed``), resize + centre crop for every clip.
-- ``pyav.py``:   PyAV decoding of the sampled frames only.
 - ``resize.py``: the torch resize + centre crop, DALI's rounding (``backend="pyav"``, backbones).
-- ``loader.py``: ``ClipLoader`` (background-thread batches, failures recorded) and ``decode_clip``.
 - ``health.py``: the signs of a damaged file that still decodes (libav messages, a frame count
   short of the header's, repeated frames), in ``VideoInfo.warnings`` and ``ClipBatch.warnings``.
 See DECODERS.md for the routing table and the measured DALI-vs-PyAV differences.
-"""
-from bombkd_io.video.loader import BACKENDS, ClipBatch, ClipLoader, decode_clip
-from bombkd_io.video.probe import (VideoInfo, cuda_index, dali_device, probe_index, probe_video,
-                                   probe_videos, route_for)
 
-__all__ = ["BACKENDS", "ClipBatch", "ClipLoader", "VideoInfo", "cuda_index", "dali_device",
-           "decode_clip", "probe_index", "probe_video", "probe_videos", "route_for"]
+Importing the package loads neither DALI nor PyAV: a name below imports its module on first use,
+so ``bombkd_train`` reads devices through ``route.py`` without loading the decoders.
+"""
+from importlib import import_module
+
+_MODULES = {
+    "route": ("cuda_index", "dali_device", "is_cuda", "parse_device", "route_for"),
+    "probe": ("VideoInfo", "probe_index", "probe_video", "probe_videos"),
+    "clips": ("BACKENDS", "ClipBatch", "ClipLoader", "decode_clip"),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_HOME[name]}"), name)
+    globals()[name] = value         # the next lookup finds it without this function
+    return value

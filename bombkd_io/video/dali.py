@@ -19,7 +19,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.tensors import TensorGPU
 
 from bombkd_io.errors import VideoError
-from bombkd_io.video.probe import check_file
+from bombkd_io.video.route import check_file, cuda_index, dali_device
 
 
 @pipeline_def(enable_conditionals=True)
@@ -69,15 +69,13 @@ def raw_sample(frames: np.ndarray, indices: np.ndarray) -> Sample:
 class DaliClipDecoder:
     """Runs batches of samples through ``clip_pipeline``; rebuilt after a pipeline error."""
 
-    def __init__(self, *, size: int, batch_size: int, device: str = "cpu", num_threads: int = 2,
-                 device_id: int | None = None):
-        self.size, self.batch_size, self.device = size, batch_size, device
-        self.num_threads = num_threads
+    def __init__(self, *, size: int, batch_size: int, device: str | None = "cpu",
+                 num_threads: int = 2):
+        self.size, self.batch_size, self.num_threads = size, batch_size, num_threads
+        self.device = dali_device(device)       # "cpu" or "mixed"
         # The GPU is fixed here, on the caller's thread: the pipeline is built later in a decode
         # thread, where torch's current device (per thread) is always 0.
-        if device == "mixed" and device_id is None:
-            device_id = torch.cuda.current_device()
-        self.device_id = device_id if device == "mixed" else None
+        self.device_id = cuda_index(device)     # None on the CPU
         self._pipe = None
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Probe a video with PyAV: codec, size, fps, exact frame count, and which decoder takes it.
+"""Probe a video with PyAV: codec, size, fps, exact frame count, and which decoder takes it
+(``route.py``'s rule).
 
 The frame count is the number of video packets the demuxer returns, which is how DALI's decoder
 indexes a file (one packet per displayed frame for the codecs we route to it); reading packets
@@ -18,17 +19,10 @@ import av
 from tqdm import tqdm
 
 from bombkd_io.datasets import VideoIndex
-from bombkd_io.errors import DatasetError, VideoError
-from bombkd_io.shards.reader import check_on_error
+from bombkd_io.errors import DatasetError, ErrorPolicy, VideoError
 from bombkd_io.video.health import claimed_frames, frame_count_shortfall, libav_messages
+from bombkd_io.video.route import check_file, route_for
 
-# Codecs DALI's fn.decoders.video decodes per device (its docs, and verified on CPU).
-DALI_CODECS = {
-    "cpu": frozenset({"vp8", "vp9", "mjpeg"}),
-    "mixed": frozenset({"vp8", "vp9", "mjpeg", "h264", "hevc", "mpeg4", "av1"}),
-}
-# DALI assumes 8-bit 4:2:0; anything else (4:2:2 camera MJPEG, 10-bit) goes through PyAV.
-DALI_PIX_FMTS = frozenset({"yuv420p", "yuvj420p"})
 # FFmpeg renders any text file as "video" through its tty demuxer; that is never a dataset video.
 TEXT_FORMATS = frozenset({"tty", "bin", "idf", "xbin", "adf"})
 
@@ -45,52 +39,6 @@ class VideoInfo:
     pix_fmt: str = ""
     # what looked wrong while probing: libav messages, fewer packets than the header claims
     warnings: tuple[str, ...] = ()
-
-
-def dali_device(device: str | None) -> str:
-    """User device ("cpu", "gpu", "cuda", "mixed" or None = auto) -> DALI decoder device."""
-    if device is None:
-        import torch
-        return "mixed" if torch.cuda.is_available() else "cpu"
-    if device in ("gpu", "cuda", "mixed") or device.startswith("cuda:"):
-        return "mixed"
-    if device == "cpu":
-        return "cpu"
-    raise ValueError(f"unknown device {device!r}; expected 'cpu', 'gpu' or None (auto)")
-
-
-def cuda_index(device: str | None) -> int | None:
-    """The CUDA device a "mixed" pipeline uses: ``N`` of "cuda:N", else torch's current device;
-    None on the CPU. Call it on the caller's thread: torch's current device is per thread."""
-    if dali_device(device) == "cpu":
-        return None
-    import torch
-    if device is not None and device.startswith("cuda:"):
-        index = device[len("cuda:"):]
-        if not index.isdigit():
-            raise ValueError(f"device {device!r}: expected 'cuda:N' with a GPU number N")
-        count = torch.cuda.device_count() if torch.cuda.is_available() else None
-        if count is not None and int(index) >= count:
-            raise ValueError(f"device {device!r}: this machine has {count} GPU(s), "
-                             f"cuda:0 to cuda:{count - 1}")
-        return int(index)
-    return torch.cuda.current_device() if torch.cuda.is_available() else 0
-
-
-def route_for(codec: str, pix_fmt: str, device: str | None) -> str:
-    """"dali" where DALI's decoder takes the stream on this device, else "pyav"."""
-    ok = codec in DALI_CODECS[dali_device(device)] and pix_fmt in DALI_PIX_FMTS
-    return "dali" if ok else "pyav"
-
-
-def check_file(path: str | Path) -> Path:
-    """Refuse a missing or empty file before any decoder sees it."""
-    path = Path(path)
-    if not path.is_file():
-        raise VideoError(path, "no such file", "check the path")
-    if path.stat().st_size == 0:
-        raise VideoError(path, "empty file", "re-download or re-encode it")
-    return path.absolute()
 
 
 def _count_and_check(container: av.container.InputContainer, stream, path: Path) -> int:
@@ -152,13 +100,13 @@ def _probe(path: Path, device: str | None) -> tuple[VideoInfo, int | None]:
 def probe_videos(paths: Iterable[str | Path], device: str | None = "cpu", on_error: str = "skip",
                  progress: bool = False) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
     """Probe many files. ``on_error="skip"`` records ``(path, reason)``; ``"raise"`` stops."""
-    check_on_error(on_error)
+    policy = ErrorPolicy(on_error)
     ok, failed = [], []
     for path in tqdm(list(paths), desc="probe", unit="video", disable=not progress):
         try:
             ok.append(probe_video(path, device))
         except VideoError as err:
-            if on_error == "raise":
+            if not policy.skips:
                 raise
             failed.append((os.fspath(path), err.reason))
     return ok, failed

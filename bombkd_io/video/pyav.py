@@ -13,7 +13,7 @@ import numpy as np
 from av.video.reformatter import Interpolation, VideoReformatter
 
 from bombkd_io.errors import VideoError
-from bombkd_io.video.probe import check_file
+from bombkd_io.video.route import check_file
 
 # The swscale flags DALI's CPU decoder converts with: with them PyAV's RGB frames are bit-identical
 # to DALI's (measured on vp9 and mjpeg); PyAV's default flags differ by ~1.5 levels on average.

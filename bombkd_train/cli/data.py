@@ -44,10 +44,10 @@ def probe(
     size: Annotated[int, typer.Option("--size", min=8, help="Clip size in pixels.")] = 112,
 ) -> None:
     """Codec, size, fps, decodable frames and decode route (dali or pyav) of each video."""
-    from bombkd_io.video import decode_clip, probe_video
+    from bombkd_io.video import decode_clip, parse_device, probe_video
 
-    if device not in (None, "cpu", "gpu", "cuda"):
-        raise fail(f"--device {device!r}: expected cpu or gpu")
+    with user_errors():
+        device = parse_device(device)
     if save_frames is not None and len(videos) != 1:
         raise fail(f"--save-frames takes one video, got {len(videos)}; probe the others "
                    f"without it, e.g. `bombkd probe {videos[0]} --save-frames {save_frames}`")

@@ -55,14 +55,14 @@ def train_converters_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Fit one converter per teacher (student -> teacher features) from a feature cache."""
+    from bombkd_io.video import parse_device
     from bombkd_train.converters import ConverterTrainConfig, train_converters
-    from bombkd_train.dist import resolve_device
 
     with user_errors():
         result = train_converters(ConverterTrainConfig(
             root=root, split=split, teachers=names(teachers), save_dir=save_dir, epochs=epochs,
             kind=kind, val_frac=val_frac, lr=lr, batch=batch, seed=seed, dataset=dataset,
-            workers=workers, device=resolve_device(device), progress=not quiet))
+            workers=workers, device=parse_device(device), progress=not quiet))
     where = f"{result.held_out} held-out samples" if result.held_out else "the training samples"
     typer.echo(f"cosine similarity on {where}:")
     for name, cos in result.cosine.items():
@@ -123,12 +123,12 @@ def eval_cmd(
     device: Device = "auto",
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix (eval.json, confusion.png)."""
+    from bombkd_io.video import parse_device
     from bombkd_train.evaluate import EvalConfig, evaluate
-    from bombkd_train.dist import resolve_device
     from bombkd_train.loaders import DataConfig
 
     with user_errors():
-        dev = resolve_device(device)
+        dev = parse_device(device)
         data = DataConfig(loader=loader, root=root, dataset=dataset, student=student, frames=frames,
                           size=size, batch=batch, workers=workers, cache=cache, device=dev,
                           on_error=on_error)

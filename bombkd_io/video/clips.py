@@ -22,9 +22,10 @@ from bombkd_io.errors import VideoError
 from bombkd_io.sampling import sample_indices
 from bombkd_io.video.dali import DaliClipDecoder, DaliRunError, Sample, encoded_sample, raw_sample
 from bombkd_io.video.health import libav_messages, repeat_message, repeated_frames
-from bombkd_io.video.probe import VideoInfo, cuda_index, dali_device, probe_video, route_for
+from bombkd_io.video.probe import VideoInfo, probe_video
 from bombkd_io.video.pyav import decode_frames
 from bombkd_io.video.resize import resize_crop
+from bombkd_io.video.route import parse_device, route_for
 
 BACKENDS = ("dali", "pyav")
 
@@ -39,7 +40,7 @@ class ClipBatch:
     warnings: dict[int, list[str]] = field(default_factory=dict)
 
 
-def make_sample(info: VideoInfo, indices: np.ndarray, device: str) -> Sample:
+def make_sample(info: VideoInfo, indices: np.ndarray, device: str | None) -> Sample:
     """Encoded bytes for DALI's decoder, or PyAV-decoded frames where DALI cannot decode it."""
     if route_for(info.codec, info.pix_fmt, device) == "dali":
         return encoded_sample(info.path, indices)
@@ -56,9 +57,9 @@ class ClipLoader:
                              f"{frames}, {size}, {batch_size}, {prefetch}")
         self.videos, self.frames, self.size = list(videos), frames, size
         self.batch_size, self.prefetch = batch_size, prefetch
-        self.device, self.device_id = dali_device(device), cuda_index(device)
+        self.device = parse_device(device)
         self.decoder = DaliClipDecoder(size=size, batch_size=batch_size, device=self.device,
-                                       num_threads=num_threads, device_id=self.device_id)
+                                       num_threads=num_threads)
         self._lock = threading.Lock()    # one pipeline: streams of batches() take turns on it
         # PyAV-routed videos decode outside DALI; PyAV releases the GIL while decoding, so a
         # batch's videos decode side by side, like DALI's own threads do for the rest.
@@ -127,7 +128,8 @@ class ClipLoader:
         return (torch.cat(clips) if clips else self._empty()), good
 
     def _empty(self) -> torch.Tensor:
-        on = torch.device("cuda", self.device_id) if self.device == "mixed" else "cpu"
+        gpu = self.decoder.device_id
+        on = "cpu" if gpu is None else torch.device("cuda", gpu)
         return torch.empty((0, self.frames, self.size, self.size, 3), dtype=torch.uint8, device=on)
 
     def batches(self, batches: Iterable[Sequence[int]]) -> Iterator[ClipBatch]:
@@ -191,11 +193,9 @@ def decode_clip(path: str | Path, frames: int = 16, size: int = 112, backend: st
     indices = sample_indices(info.num_frames, frames)
     if backend == "pyav":
         return resize_crop(decode_frames(info.path, indices), size)
-    dev = dali_device(device)
-    decoder = DaliClipDecoder(size=size, batch_size=1, device=dev, num_threads=1,
-                              device_id=cuda_index(device))
+    decoder = DaliClipDecoder(size=size, batch_size=1, device=device, num_threads=1)
     try:
-        return decoder.run([make_sample(info, indices, dev)])[0].cpu().numpy()
+        return decoder.run([make_sample(info, indices, device)])[0].cpu().numpy()
     except DaliRunError as err:
         raise VideoError(info.path, str(err)) from err
     finally:
