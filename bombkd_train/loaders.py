@@ -99,7 +99,7 @@ def open_source(cfg: DataConfig, split: str, *, rank: int = 0,
 
 
 def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSource:
-    from bombkd_io.loader import make_cached_loader
+    from bombkd_io.loaders.cached import make_cached_loader
 
     loader = make_cached_loader(cfg.root, split, models=("student",), batch_size=cfg.batch,
                                 seed=cfg.seed, num_workers=cfg.workers, rank=rank,

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo, for benchmarks/
 
 from benchmarks.scale import drop_from_page_cache  # noqa: E402
-from bombkd_io.loader import make_cached_loader
+from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.shards.manifest import Manifest, ModelEntry, save_manifest
 from bombkd_io.shards.writer import ShardSetWriter
 
@@ -103,7 +103,7 @@ def raw_read(paths: list[Path], cold: bool) -> float:
 
 RSS_PROBE = """
 import glob, sys
-from bombkd_io.loader import make_cached_loader
+from bombkd_io.loaders.cached import make_cached_loader
 
 def hwm(pid="self"):  # peak RSS (MiB) of a process image; ru_maxrss would count its parent's
     try:
