@@ -14,46 +14,18 @@ featurize puts it in the cache, so the same seed gives the same batches in eithe
 """
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Collection
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bombkd_io.datasets import VideoIndex, index_dataset, item_key
+from bombkd_io.datasets import index_dataset, item_key, match_paths
 from bombkd_io.errors import DataWarning
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE, check_streams, epoch_batches
 from bombkd_io.video import ClipLoader, probe_index
 from bombkd_train.backbones import create_backbone
 from bombkd_train.threads import decode_threads_for, model_threads
-
-
-def match_paths(index: VideoIndex, paths: Collection[str]) -> tuple[set[int], list[str]]:
-    """Index positions of ``paths`` (videos a cache recorded, with the paths of the machine and
-    folder it was made in), and the paths that name no video of ``index``.
-
-    A path matches the item whose path relative to the dataset root it ends with (the longest
-    such), so a dataset that was moved or mounted elsewhere still matches.
-    """
-    root = Path(os.path.abspath(index.root))
-    base = root.parent if root.is_file() else root  # csv / jsonl: the index file's folder
-    by_rel = {}
-    for i, item in enumerate(index.items):
-        path = Path(os.path.abspath(item.path))
-        rel = path.relative_to(base) if path.is_relative_to(base) else path
-        by_rel[rel.parts] = i
-    found, unmatched = set(), []
-    for p in paths:
-        parts = Path(p).parts
-        hit = next((by_rel[parts[-n:]] for n in range(len(parts), 0, -1)
-                    if parts[-n:] in by_rel), None)
-        if hit is None:
-            unmatched.append(p)
-        else:
-            found.add(hit)
-    return found, unmatched
 
 
 class VideoFeatureLoader:
