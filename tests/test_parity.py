@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bombkd_train.converters import ConverterTrainConfig, train_converters
+from bombkd_train.data import DataConfig, open_source
 from bombkd_train.featurize import FeaturizeConfig, featurize
-from bombkd_train.loaders import DataConfig, open_source
 from bombkd_train.trainer import TrainConfig, train
 
 STUDENT, TEACHER = "tiny-vjepa2", "tiny-vivit"
