@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bombkd_io.errors import ConfigError
+from bombkd_io.errors import ConfigError, ErrorPolicy
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
-from bombkd_io.shards.reader import check_on_error
 
 LOADERS = ("dali", "wds")
 
@@ -47,7 +46,7 @@ class DataConfig:
         if self.loader == "dali" and not self.student:
             out.append("--student: required with --loader dali")
         try:
-            check_on_error(self.on_error, "--on-error")
+            ErrorPolicy(self.on_error, "--on-error")
         except ConfigError as exc:
             out += exc.problems
         if self.batch < 1:
@@ -107,9 +106,7 @@ def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureS
                                 on_error=cfg.on_error)
     manifest = loader.manifest
     entry = manifest.models["student"]
-    problems = _cache_mismatches(cfg, manifest, cfg.root)
-    if problems:
-        raise ConfigError(problems)
+    _check_cache(cfg, manifest, cfg.root)
     return FeatureSource(loader=loader, classes=list(manifest.classes), num_samples=manifest.count,
                          shard_size=manifest.shard_size,
                          student=StudentInfo(entry.backbone, entry.dim, entry.tokens, entry.frames,
@@ -117,8 +114,9 @@ def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureS
                          failed=list(manifest.failed))
 
 
-def _cache_mismatches(cfg: DataConfig, manifest, where) -> list[str]:
-    """The arguments that contradict the cache at ``where`` (its manifest ``manifest``)."""
+def _check_cache(cfg: DataConfig, manifest, where) -> None:
+    """``ConfigError`` naming every argument that contradicts the cache at ``where`` (its
+    manifest ``manifest``)."""
     entry = manifest.models["student"]
     problems = []
     if cfg.student and cfg.student != entry.backbone:
@@ -130,7 +128,8 @@ def _cache_mismatches(cfg: DataConfig, manifest, where) -> list[str]:
         if want is not None and want != have:
             problems.append(f"{arg} {want}: the cache at {where} holds {arg[2:]}={have}; "
                             f"drop {arg} or featurize again")
-    return problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def _replayed(cfg: DataConfig, split: str) -> tuple[DataConfig, Any]:
@@ -141,9 +140,7 @@ def _replayed(cfg: DataConfig, split: str) -> tuple[DataConfig, Any]:
         from bombkd_io.shards.manifest import load_manifest
 
         manifest = load_manifest(cfg.cache, split, dataset=cfg.dataset)
-        problems = _cache_mismatches(cfg, manifest, cfg.cache)
-        if problems:
-            raise ConfigError(problems)
+        _check_cache(cfg, manifest, cfg.cache)
         entry = manifest.models["student"]
         cfg = replace(cfg, shard_size=manifest.shard_size, frames=entry.frames, size=entry.size,
                       pool=entry.pooling)

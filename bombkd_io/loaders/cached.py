@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bombkd_io.errors import ConfigError, DatasetError
+from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy
 from bombkd_io.names import locate
 from bombkd_io.sampling import check_streams, shard_order, stream_plan
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
-from bombkd_io.shards.reader import ShardData, ShardError, SkipLog, check_on_error, read_shard
+from bombkd_io.shards.reader import ShardData, ShardError, SkipLog, read_shard
 from bombkd_io.workers import DieWithParent
 
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
@@ -58,7 +58,7 @@ class CachedFeatureDataset(IterableDataset):
         if not 0 <= rank < world_size:
             problems.append(f"rank {rank} is not in [0, world_size={world_size})")
         try:
-            check_on_error(on_error)
+            policy = ErrorPolicy(on_error)
         except ConfigError as exc:
             problems += exc.problems
         if "student" not in models or len(set(models)) != len(models):
@@ -75,6 +75,7 @@ class CachedFeatureDataset(IterableDataset):
         self.classes = len(self.manifest.classes)  # labels outside [0, classes) are bad samples
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.rank, self.world_size, self.on_error = rank, world_size, on_error
+        self.policy = policy
         self.skips, self.worker = SkipLog(), 0  # samples left out this epoch (on_error="skip")
         self.group = 0  # > 0: yield lists of `group` packed batches, the loader unpacks them
 
@@ -135,7 +136,7 @@ class CachedFeatureDataset(IterableDataset):
         segment of its own (about a millisecond per batch here), bytes go through the pipe in one
         pickle, half the size in fp16. ``unpack`` casts to float32 in the receiving process.
         """
-        if self.on_error == "skip":
+        if self.policy.skips:
             pieces = [(k, d, p[_present(d)[p]]) for k, d, p in pieces]
         if sum(len(p) for _, _, p in pieces) == 0 and self.world_size == 1:
             return None  # every sample of the batch was skipped (on_error="skip")
