@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from benchmarks.scale import drop_from_page_cache, write_cache
-from bombkd_io.loader import make_cached_loader
+from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.shards.manifest import ModelEntry, load_manifest
 
 TEACHERS = ("videomae", "timesformer", "vivit")
@@ -91,7 +91,7 @@ def raw_read(paths: list[Path], cold: bool) -> float:
 
 RSS_PROBE = """
 import glob, sys
-from bombkd_io.loader import make_cached_loader
+from bombkd_io.loaders.cached import make_cached_loader
 
 def hwm(pid="self"):  # peak RSS (MiB) of a process image; ru_maxrss would count its parent's
     try:

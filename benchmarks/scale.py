@@ -91,7 +91,7 @@ def peak_rss_kib() -> int:
 
 def measure(roots: list[str], *, epochs: int, batch: int) -> dict:
     """Read every epoch of each cache with the training loader, the caches in turn."""
-    from bombkd_io.loader import make_cached_loader
+    from bombkd_io.loaders.cached import make_cached_loader
 
     loaders = [make_cached_loader(root, SPLIT, batch_size=batch, num_workers=0, pin_memory=False)
                for root in roots]

@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks.workloads import (DTYPES, cached_features, features_by_key, materialise,
                                   train_config, train_records, torch_device)
-from bombkd_train.loaders import open_source
+from bombkd_train.data import open_source
 
 FEATURE_ABS_MAX = 1e-5
 LOSS_REL_MAX = {"float32": 1e-4, "float16": 1e-2}

@@ -16,7 +16,7 @@ import torch
 
 from benchmarks.ledger import BenchSize
 from benchmarks.scale import write_cache
-from bombkd_io.loader import make_cached_loader
+from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.sample_data import make_sample_data
 from bombkd_io.shards.manifest import load_manifest
 from bombkd_train.converters import ConverterTrainConfig, train_converters

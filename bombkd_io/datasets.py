@@ -1,4 +1,5 @@
-"""Dataset indexers: a root and a split -> ``VideoIndex`` (items in split-file order).
+"""Dataset indexers: a root and a split -> ``VideoIndex`` (items in split-file order); and
+``match_paths``, which finds recorded video paths (a cache's) among an index's items.
 
 - ``ucf101``: ``root/<Class>/<video>`` +
   ``root/ucfTrainTestlist/{classInd,trainlist0N,testlist0N}.txt``
@@ -16,8 +17,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,3 +239,29 @@ def index_dataset(dataset: str, root: str | Path, split: str) -> VideoIndex:
         raise DatasetError(f"{root}: not a directory; pass the dataset root as --root")
     indexers = {"ucf101": index_ucf101, "hmdb51": index_hmdb51, "folder": index_folder}
     return indexers[dataset](root.absolute(), split)
+
+
+def match_paths(index: VideoIndex, paths: Collection[str]) -> tuple[set[int], list[str]]:
+    """Index positions of ``paths`` (videos a cache recorded, with the paths of the machine and
+    folder it was made in), and the paths that name no video of ``index``.
+
+    A path matches the item whose path relative to the dataset root it ends with (the longest
+    such), so a dataset that was moved or mounted elsewhere still matches.
+    """
+    root = Path(os.path.abspath(index.root))
+    base = root.parent if root.is_file() else root  # csv / jsonl: the index file's folder
+    by_rel = {}
+    for i, item in enumerate(index.items):
+        path = Path(os.path.abspath(item.path))
+        rel = path.relative_to(base) if path.is_relative_to(base) else path
+        by_rel[rel.parts] = i
+    found, unmatched = set(), []
+    for p in paths:
+        parts = Path(p).parts
+        hit = next((by_rel[parts[-n:]] for n in range(len(parts), 0, -1)
+                    if parts[-n:] in by_rel), None)
+        if hit is None:
+            unmatched.append(p)
+        else:
+            found.add(hit)
+    return found, unmatched

@@ -2,9 +2,11 @@
 
 - ``sample_indices``: which frames of a video make a clip. Every decoder uses it, and the indices
   are stored with each cached sample, so any clip can be reproduced.
-- ``epoch_batches``: which samples make each batch of an epoch. The cached loader reads shards in
-  this order and the video loader replays it over the video index, so the same seed gives the
-  same batches in both modes.
+- the epoch plan: which samples make each batch of an epoch. ``stream_plan`` is the one place it
+  is derived: one (rank, worker) stream's shards, in reading order, and its batch sizes. The
+  cached loader reads and cuts its shards by it; ``epoch_batches`` turns it into a rank's batches
+  of sample indices, which the video loader replays over the video index, so the same seed gives
+  the same batches in both modes.
 
 The epoch order is a pure function of (seed, epoch, number of samples, shard size, batch size,
 world size, workers per rank): change any of them and the batches change. Every (rank, worker)
@@ -101,24 +103,39 @@ def batch_sizes(count: int, batch_size: int, num_batches: int) -> list[int]:
     return sizes
 
 
+def stream_plan(seed: int, epoch: int, num_samples: int, shard_size: int, batch_size: int, *,
+                rank: int = 0, world_size: int = 1, worker: int = 0,
+                num_workers: int = 1) -> tuple[list[int], list[int]]:
+    """One (rank, worker) stream's epoch: the shards it reads, in reading order, and the sizes of
+    the batches it cuts their samples (each shard in ``shard_order``) into.
+
+    The stream takes as many batches as the longest stream of the same worker on any rank, so
+    every rank takes the same number of steps (``batch_sizes``).
+    """
+    ranges = shard_ranges(num_samples, shard_size)
+    streams = [stream_shards(seed, epoch, len(ranges), rank=r, world_size=world_size,
+                             worker=worker, num_workers=num_workers)
+               for r in range(world_size)]
+    lengths = [sum(len(ranges[k]) for k in s) for s in streams]
+    steps = max(-(-n // batch_size) for n in lengths)  # ceil, the longest rank's count
+    return streams[rank], batch_sizes(lengths[rank], batch_size, steps)
+
+
 def epoch_batches(seed: int, epoch: int, num_samples: int, shard_size: int, batch_size: int, *,
                   rank: int = 0, world_size: int = 1, num_workers: int = 1) -> list[np.ndarray]:
     """The batches (arrays of sample indices) that ``rank`` sees this epoch, in the order seen.
 
-    Worker ``w`` of a rank batches its own stream; batches come round-robin over the workers that
-    still have batches, which is how ``torch.utils.data.DataLoader`` interleaves an iterable
-    dataset. ``num_workers=0`` (in-process loading) behaves as one worker.
+    Worker ``w`` of a rank cuts its own stream as ``stream_plan`` says; batches come round-robin
+    over the workers that still have batches, which is how ``torch.utils.data.DataLoader``
+    interleaves an iterable dataset. ``num_workers=0`` (in-process loading) behaves as one worker.
     """
     num_workers = max(1, num_workers)
     per_worker = []
     for w in range(num_workers):
-        streams = [stream_samples(seed, epoch, num_samples, shard_size, rank=r,
-                                  world_size=world_size, worker=w, num_workers=num_workers)
-                   for r in range(world_size)]
-        steps = max(-(-len(s) // batch_size) for s in streams)  # ceil, the longest rank's count
-        mine = streams[rank]
-        cuts = np.cumsum(batch_sizes(len(mine), batch_size, steps))[:-1]
-        per_worker.append(np.split(mine, cuts))
+        stream = dict(rank=rank, world_size=world_size, worker=w, num_workers=num_workers)
+        _, sizes = stream_plan(seed, epoch, num_samples, shard_size, batch_size, **stream)
+        samples = stream_samples(seed, epoch, num_samples, shard_size, **stream)
+        per_worker.append(np.split(samples, np.cumsum(sizes)[:-1]))
     order, j = [], 0
     while any(j < len(b) for b in per_worker):
         order.extend(b[j] for b in per_worker if j < len(b))

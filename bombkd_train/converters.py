@@ -323,7 +323,7 @@ def train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
 
 
 def _train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
-    from bombkd_io.loader import make_cached_loader
+    from bombkd_io.loaders.cached import make_cached_loader
 
     out = Path(cfg.save_dir) / "converters.pt"
     if out.exists():

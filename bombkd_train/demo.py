@@ -120,7 +120,7 @@ def _converters(cfg: DemoConfig, feats: Path, out: Path) -> Path:
 def _train_and_eval(cfg: DemoConfig, mode: str, videos: Path, feats: Path, conv: Path,
                     out: Path) -> ModeRun:
     from bombkd_train.evaluate import EvalConfig, evaluate
-    from bombkd_train.loaders import DataConfig
+    from bombkd_train.data import DataConfig
     from bombkd_train.trainer import TrainConfig, train
 
     run_dir = out / "runs" / mode

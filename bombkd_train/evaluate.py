@@ -17,9 +17,9 @@ from bombkd_io.atomic import atomic_path, folder_problem
 from bombkd_io.errors import ConfigError
 from bombkd_train.checkpoint import load_checkpoint
 from bombkd_train.converters import load_converters
+from bombkd_train.data import DataConfig, open_source
 from bombkd_train.dist import all_reduce_sum
 from bombkd_train.fusion import FusionHead, FusionModel
-from bombkd_train.loaders import DataConfig, open_source
 from bombkd_train.threads import model_threads
 
 FUSION_KIND = "bombkd-fusion"

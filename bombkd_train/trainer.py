@@ -33,10 +33,10 @@ from bombkd_io.errors import ConfigError, TrainingError
 from bombkd_io.lock import lock_folder
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
 from bombkd_train.converters import load_converters
+from bombkd_train.data import DataConfig, open_source
 from bombkd_train.dist import all_reduce_sum, init_distributed, is_distributed, launch_rank
 from bombkd_train.evaluate import FUSION_KIND, evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
-from bombkd_train.loaders import DataConfig, open_source
 from bombkd_train.threads import model_threads
 
 # Settings a resumed run must share with the run that wrote the checkpoint (besides the plan).

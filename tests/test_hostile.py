@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from bombkd_io.errors import ConfigError, DatasetError, FormatError, OutputError, ShardError
 from bombkd_io.import_cache import import_tc_cache
-from bombkd_io.loader import make_cached_loader
+from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,
                                       read_manifest, save_manifest)
 from bombkd_io.shards.reader import SkipLog, read_shard, verify_cache

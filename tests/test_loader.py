@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bombkd_io.errors import ConfigError, DatasetError, ShardError
-from bombkd_io.loader import make_cached_loader
+from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, save_manifest
 from bombkd_io.shards.writer import ShardSetWriter

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bombkd_train.converters import ConverterTrainConfig, train_converters
+from bombkd_train.data import DataConfig, open_source
 from bombkd_train.featurize import FeaturizeConfig, featurize
-from bombkd_train.loaders import DataConfig, open_source
 from bombkd_train.trainer import TrainConfig, train
 
 STUDENT, TEACHER = "tiny-vjepa2", "tiny-vivit"
@@ -191,8 +191,8 @@ def test_video_mode_refuses_videos_that_are_not_the_caches_samples(data, tmp_pat
 
 @pytest.mark.slow
 def test_videos_a_cache_left_out_are_matched_in_a_moved_dataset(sample_root):
-    from bombkd_io.datasets import index_dataset
-    from bombkd_train.video_loader import VideoFeatureLoader, match_paths
+    from bombkd_io.datasets import index_dataset, match_paths
+    from bombkd_train.data import VideoFeatureLoader
 
     index = index_dataset("ucf101", sample_root, "train")
     rel = Path(index.items[3].path).relative_to(sample_root)

@@ -125,7 +125,7 @@ def eval_cmd(
     """Top-1, top-5, per-class accuracy and a confusion matrix (eval.json, confusion.png)."""
     from bombkd_io.video import parse_device
     from bombkd_train.evaluate import EvalConfig, evaluate
-    from bombkd_train.loaders import DataConfig
+    from bombkd_train.data import DataConfig
 
     with user_errors():
         dev = parse_device(device)

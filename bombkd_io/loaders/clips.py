@@ -1,69 +1,58 @@
-"""Video mode: decode clips, run the frozen student, yield the cached loader's batch dict.
+"""Video mode without a model: a split's videos as uint8 clip batches, in the epoch plan's order.
 
-The stages, in order (each a plain step of ``__iter__``):
+The stages, in order (``VideoClipLoader``: the first three when it is made, the rest per epoch):
 
-    index_dataset          -> VideoItems in split-file order
+    index_dataset          -> VideoItems in split-file order, less the videos ``exclude`` names
     probe_index            -> the decodable ones (failures recorded, not fatal)
+    check_streams          -> a split too small for the ranks x workers of the plan is refused
     epoch_batches          -> this rank's batches of positions, the plan the cached loader follows
     ClipLoader.batches     -> uint8 clips [B, T, S, S, 3], decoded in a background thread
-    student backbone       -> float32 features [B, T', D], while the next batch decodes
-    batch dict             -> {"student", "label", "key", "index"}, as make_cached_loader yields
+    VideoBatch             -> the clips with their sample indices, keys and labels
 
 Sample ``i`` of the plan is the ``i``-th decodable video in index order, which is exactly where
 featurize puts it in the cache, so the same seed gives the same batches in either mode.
+``bombkd_train.data`` maps the clips through the frozen student.
 """
 from __future__ import annotations
 
-import os
 import warnings
-from collections.abc import Collection
-from pathlib import Path
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from bombkd_io.datasets import VideoIndex, index_dataset, item_key
+from bombkd_io.datasets import index_dataset, item_key, match_paths
 from bombkd_io.errors import DataWarning
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE, check_streams, epoch_batches
-from bombkd_io.video import ClipLoader, probe_index
-from bombkd_train.backbones import create_backbone
-from bombkd_train.threads import decode_threads_for, model_threads
+
+if TYPE_CHECKING:
+    import torch
+
+    from bombkd_io.video import ClipLoader
 
 
-def match_paths(index: VideoIndex, paths: Collection[str]) -> tuple[set[int], list[str]]:
-    """Index positions of ``paths`` (videos a cache recorded, with the paths of the machine and
-    folder it was made in), and the paths that name no video of ``index``.
+@dataclass
+class VideoBatch:
+    clips: torch.Tensor   # uint8 [B, T, S, S, 3], on the GPU for device "gpu"
+    index: list[int]      # sample indices (positions in the plan), one per clip
+    keys: list[str]       # the cache's key of each clip's video
+    labels: list[int]
 
-    A path matches the item whose path relative to the dataset root it ends with (the longest
-    such), so a dataset that was moved or mounted elsewhere still matches.
+
+class VideoClipLoader:
+    """Clip batches of a split's decodable videos, in the cached loader's epoch order.
+
+    Made in two steps, so that a split that cannot be planned is refused before any model is
+    loaded: the constructor indexes, probes and checks the plan; ``open`` makes the decoder once
+    the clip the model consumes (frames, size) is known.
     """
-    root = Path(os.path.abspath(index.root))
-    base = root.parent if root.is_file() else root  # csv / jsonl: the index file's folder
-    by_rel = {}
-    for i, item in enumerate(index.items):
-        path = Path(os.path.abspath(item.path))
-        rel = path.relative_to(base) if path.is_relative_to(base) else path
-        by_rel[rel.parts] = i
-    found, unmatched = set(), []
-    for p in paths:
-        parts = Path(p).parts
-        hit = next((by_rel[parts[-n:]] for n in range(len(parts), 0, -1)
-                    if parts[-n:] in by_rel), None)
-        if hit is None:
-            unmatched.append(p)
-        else:
-            found.add(hit)
-    return found, unmatched
 
-
-class VideoFeatureLoader:
-    """Batches of student features computed from videos, in the cached loader's epoch order."""
-
-    def __init__(self, dataset: str, root, split: str, *, student: str, frames: int = 16,
-                 size: int | None = None, pool: str = "time", batch_size: int = 8, seed: int = 0,
+    def __init__(self, dataset: str, root, split: str, *, batch_size: int = 8, seed: int = 0,
                  shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1, rank: int = 0,
-                 world_size: int = 1, device: str = "cpu", decode_threads: int | None = None,
-                 prefetch: int = 2, exclude: Collection[str] = ()):
+                 world_size: int = 1, device: str = "cpu", exclude: Collection[str] = ()):
+        from bombkd_io.video import probe_index  # video mode only: PyAV stays out of cached mode
+
         self.index = index_dataset(dataset, root, split)
         self.classes = list(self.index.classes)
         # ``exclude``: videos a cache left out (failed to decode when featurized), so that sample
@@ -71,7 +60,7 @@ class VideoFeatureLoader:
         excluded, self.unmatched = match_paths(self.index, exclude)
         wanted = [i for i in range(len(self.index.items)) if i not in excluded]
         # index positions of the decodable items (keys use the index position)
-        self.positions, infos, self.failed = probe_index(self.index, wanted, device)
+        self.positions, self.infos, self.failed = probe_index(self.index, wanted, device)
         if self.failed:
             path, why = self.failed[0]
             warnings.warn(f"{len(self.failed)} of the {len(wanted)} {split} videos in {root} "
@@ -81,16 +70,20 @@ class VideoFeatureLoader:
         num_shards = -(-len(self.positions) // shard_size)
         check_streams(num_shards, world_size, num_workers, where=f"{root} ({split})")
         self.device = device
-        self.decode_threads = decode_threads = decode_threads or decode_threads_for()
-        self.backbone = create_backbone(student, frames=frames, size=size, pool=pool, device=device)
-        self.clips = ClipLoader(infos, frames=self.backbone.frames, size=self.backbone.size,
-                                batch_size=batch_size, device=device,
-                                num_threads=decode_threads, prefetch=prefetch)
         self.seed, self.batch_size, self.shard_size = seed, batch_size, shard_size
         self.rank, self.world_size = rank, world_size
         self.num_workers = max(1, num_workers)  # DataLoader's 0 (in-process) is one stream
         self.epoch = 0
+        self.clips: ClipLoader | None = None  # the decoder, made by ``open``
         self.decode_failed: list[tuple[str, str]] = []  # this epoch's, so far
+
+    def open(self, *, frames: int, size: int, decode_threads: int, prefetch: int = 2) -> None:
+        """Make the decoder: clips of ``frames`` frames of ``size`` x ``size`` pixels, decoded by
+        ``decode_threads`` threads, ``prefetch`` batches ahead."""
+        from bombkd_io.video import ClipLoader  # video mode only: DALI stays out of cached mode
+
+        self.clips = ClipLoader(self.infos, frames=frames, size=size, batch_size=self.batch_size,
+                                device=self.device, num_threads=decode_threads, prefetch=prefetch)
 
     def __len__(self) -> int:
         return self.num_batches(self.epoch)
@@ -122,36 +115,23 @@ class VideoFeatureLoader:
 
     def close(self) -> None:
         """Stop the decoder's threads and release its pipeline; safe to call twice."""
-        self.clips.close()
+        if self.clips is not None:
+            self.clips.close()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[VideoBatch]:
         self.decode_failed = []
-        # decode threads and the student share the CPU for as long as the epoch runs
-        with model_threads(self.device, self.decode_threads):
-            yield from self._batches()
-
-    def _batches(self):
         for clip_batch in self.clips.batches([b.tolist() for b in self.plan(self.epoch)]):
             # a video that probed fine but does not decode is recorded and skipped, not fatal
             for p, why in clip_batch.failed:
                 path = self.index.items[self.positions[p]].path
                 self.decode_failed.append((path, why))
                 warnings.warn(f"{path}: {why}; skipped", stacklevel=2)
-            if not clip_batch.positions:
-                if self.world_size == 1:
-                    continue
-                # Every clip of this rank's batch failed. Under DDP every rank must still take
-                # the step (its gradient all-reduce waits for all), so yield an empty batch.
-                student = torch.zeros(0, self.backbone.tokens, self.backbone.dim)  # [0, T', D]
-            else:
-                with torch.no_grad():
-                    student = self.backbone(clip_batch.clips)  # [B, T', D]
+            # a batch whose every clip failed is dropped, but not under DDP: every rank must take
+            # every step (its gradient all-reduce waits for all), so there it goes through empty
+            if not clip_batch.positions and self.world_size == 1:
+                continue
             where = [self.positions[p] for p in clip_batch.positions]  # index positions
             items = [self.index.items[i] for i in where]
-            yield {
-                "student": student.float(),
-                "label": torch.tensor([item.label for item in items], dtype=torch.int64),
-                "key": [item_key(i, item) for i, item in zip(where, items)],
-                "index": torch.tensor(clip_batch.positions, dtype=torch.int64),
-            }
-
+            yield VideoBatch(clips=clip_batch.clips, index=list(clip_batch.positions),
+                             keys=[item_key(i, item) for i, item in zip(where, items)],
+                             labels=[item.label for item in items])

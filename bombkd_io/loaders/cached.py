@@ -1,7 +1,7 @@
 """Cached mode: stream feature shards into training batches, in the order of ``epoch_batches``.
 
-Worker ``w`` of rank ``r`` reads the shards ``stream_shards`` gives it, permutes each shard with
-``shard_order`` and cuts its stream into ``batch_sizes`` batches, so the batches equal
+Worker ``w`` of rank ``r`` reads the shards ``stream_plan`` gives its stream, permutes each shard
+with ``shard_order`` and cuts the stream into the batch sizes of that plan, so the batches equal
 ``bombkd_io.sampling.epoch_batches`` exactly (and so equal the video loader's). Batches are
 gathered in the worker into one byte buffer per model and sent in groups (the DataLoader runs
 with ``batch_size=None`` and only carries them); the loader casts them to float32 tensors.
@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bombkd_io.errors import ConfigError, DatasetError
+from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy
 from bombkd_io.names import locate
-from bombkd_io.sampling import (batch_sizes, check_streams, epoch_batches, shard_order,
-                                stream_shards)
+from bombkd_io.sampling import check_streams, shard_order, stream_plan
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
-from bombkd_io.shards.reader import ShardData, ShardError, SkipLog, check_on_error, read_shard
+from bombkd_io.shards.reader import ShardData, ShardError, SkipLog, read_shard
 from bombkd_io.workers import DieWithParent
 
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
@@ -59,7 +58,7 @@ class CachedFeatureDataset(IterableDataset):
         if not 0 <= rank < world_size:
             problems.append(f"rank {rank} is not in [0, world_size={world_size})")
         try:
-            check_on_error(on_error)
+            policy = ErrorPolicy(on_error)
         except ConfigError as exc:
             problems += exc.problems
         if "student" not in models or len(set(models)) != len(models):
@@ -76,6 +75,7 @@ class CachedFeatureDataset(IterableDataset):
         self.classes = len(self.manifest.classes)  # labels outside [0, classes) are bad samples
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.rank, self.world_size, self.on_error = rank, world_size, on_error
+        self.policy = policy
         self.skips, self.worker = SkipLog(), 0  # samples left out this epoch (on_error="skip")
         self.group = 0  # > 0: yield lists of `group` packed batches, the loader unpacks them
 
@@ -89,22 +89,20 @@ class CachedFeatureDataset(IterableDataset):
     def check_streams(self, num_workers: int) -> None:
         check_streams(self.num_shards, self.world_size, num_workers, where=f"cache {self.root}")
 
-    def plan(self, worker: int, num_workers: int) -> tuple[list[int], list[int]]:
-        """(shards this stream reads, in order; its batch sizes) — as ``epoch_batches`` plans."""
-        self.check_streams(num_workers)
-        counts = [s.count for s in self.entries["student"].shards]
-        streams = [stream_shards(self.seed, self.epoch, len(counts), rank=r,
-                                 world_size=self.world_size, worker=worker,
-                                 num_workers=num_workers)
-                   for r in range(self.world_size)]
-        lengths = [sum(counts[k] for k in s) for s in streams]
-        steps = max(-(-n // self.batch_size) for n in lengths)  # the longest rank's count
-        return streams[self.rank], batch_sizes(lengths[self.rank], self.batch_size, steps)
+    def plan(self, epoch: int, worker: int, num_workers: int) -> tuple[list[int], list[int]]:
+        """(shards this (rank, worker) stream reads, in order; its batch sizes): ``stream_plan``.
+
+        The manifest's shard counts are those of ``shard_ranges(count, shard_size)``, as
+        ``stream_plan`` assumes: ``check_manifest`` refuses any other when it is read.
+        """
+        return stream_plan(self.seed, epoch, self.manifest.count, self.manifest.shard_size,
+                           self.batch_size, rank=self.rank, world_size=self.world_size,
+                           worker=worker, num_workers=num_workers)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        shards, sizes = self.plan(worker, num_workers)
+        shards, sizes = self.plan(self.epoch, worker, num_workers)
         self.skips, self.worker = SkipLog(), worker  # per epoch
         stream = self._read(shards)              # (k, {model: ShardData}) per shard, in order
         stream = self._permute(stream)           # (k, data, positions in shard_order)
@@ -138,7 +136,7 @@ class CachedFeatureDataset(IterableDataset):
         segment of its own (about a millisecond per batch here), bytes go through the pipe in one
         pickle, half the size in fp16. ``unpack`` casts to float32 in the receiving process.
         """
-        if self.on_error == "skip":
+        if self.policy.skips:
             pieces = [(k, d, p[_present(d)[p]]) for k, d, p in pieces]
         if sum(len(p) for _, _, p in pieces) == 0 and self.world_size == 1:
             return None  # every sample of the batch was skipped (on_error="skip")
@@ -262,10 +260,12 @@ class CachedLoader:
         self.dataset.set_epoch(epoch)
 
     def num_batches(self, epoch: int | None = None) -> int:
-        d = self.dataset
-        return len(epoch_batches(d.seed, d.epoch if epoch is None else epoch, self.manifest.count,
-                                 self.manifest.shard_size, d.batch_size, rank=d.rank,
-                                 world_size=d.world_size, num_workers=self.num_workers))
+        return sum(self._planned(self.dataset.epoch if epoch is None else epoch))
+
+    def _planned(self, epoch: int) -> list[int]:
+        """How many batches each worker's stream yields in ``epoch``."""
+        workers = max(1, self.num_workers)  # DataLoader's 0 (in-process) is one stream
+        return [len(self.dataset.plan(epoch, w, workers)[1]) for w in range(workers)]
 
     def __len__(self) -> int:
         return self.num_batches()
@@ -279,11 +279,10 @@ class CachedLoader:
         of each group in turn restores the one-batch round-robin order.
         """
         self._skipped = {}
-        workers = max(1, self.num_workers)
-        planned = [len(self.dataset.plan(w, workers)[1]) for w in range(workers)]
+        planned = self._planned(self.dataset.epoch)
         groups = iter(self.loader)
         for r in range(-(-max(planned) // GROUP)):
-            round_ = [next(groups) for w in range(workers) if planned[w] > r * GROUP]
+            round_ = [next(groups) for n in planned if n > r * GROUP]
             for j in range(GROUP):
                 for packed in (g[j] for g in round_ if j < len(g) and g[j] is not None):
                     worker, count = packed["skipped"]

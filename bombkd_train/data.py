@@ -1,19 +1,25 @@
-"""The one switch between the two ways of feeding the trainer.
+"""The one switch between the two ways of feeding the trainer, and video mode's student step.
 
-``open_source(cfg, split)`` returns a loader and what the trainer needs to know about its data;
-``--loader wds`` streams the student shard set of a feature cache, ``--loader dali`` decodes the
-videos and runs the student. Both loaders yield the same batch dict in the same order:
+``open_source(cfg, split)`` (``DataConfig``) returns a loader and what the trainer needs to know
+about its data: ``--loader wds`` streams the student shard set of a feature cache
+(``bombkd_io.loaders.cached``); ``--loader dali`` takes the clip batches of
+``bombkd_io.loaders.clips`` through the frozen student (``VideoFeatureLoader``). Both loaders
+yield the same batch dict in the same order:
 
     {"student": float32 [B, T', D], "label": int64 [B], "key": list[str], "index": int64 [B]}
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bombkd_io.errors import ConfigError
+import torch
+
+from bombkd_io.errors import ConfigError, ErrorPolicy
+from bombkd_io.loaders.clips import VideoClipLoader
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
-from bombkd_io.shards.reader import check_on_error
+from bombkd_train.threads import decode_threads_for, model_threads
 
 LOADERS = ("dali", "wds")
 
@@ -47,7 +53,7 @@ class DataConfig:
         if self.loader == "dali" and not self.student:
             out.append("--student: required with --loader dali")
         try:
-            check_on_error(self.on_error, "--on-error")
+            ErrorPolicy(self.on_error, "--on-error")
         except ConfigError as exc:
             out += exc.problems
         if self.batch < 1:
@@ -99,7 +105,7 @@ def open_source(cfg: DataConfig, split: str, *, rank: int = 0,
 
 
 def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSource:
-    from bombkd_io.loader import make_cached_loader
+    from bombkd_io.loaders.cached import make_cached_loader
 
     loader = make_cached_loader(cfg.root, split, models=("student",), batch_size=cfg.batch,
                                 seed=cfg.seed, num_workers=cfg.workers, rank=rank,
@@ -107,9 +113,7 @@ def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureS
                                 on_error=cfg.on_error)
     manifest = loader.manifest
     entry = manifest.models["student"]
-    problems = _cache_mismatches(cfg, manifest, cfg.root)
-    if problems:
-        raise ConfigError(problems)
+    _check_cache(cfg, manifest, cfg.root)
     return FeatureSource(loader=loader, classes=list(manifest.classes), num_samples=manifest.count,
                          shard_size=manifest.shard_size,
                          student=StudentInfo(entry.backbone, entry.dim, entry.tokens, entry.frames,
@@ -117,8 +121,9 @@ def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureS
                          failed=list(manifest.failed))
 
 
-def _cache_mismatches(cfg: DataConfig, manifest, where) -> list[str]:
-    """The arguments that contradict the cache at ``where`` (its manifest ``manifest``)."""
+def _check_cache(cfg: DataConfig, manifest, where) -> None:
+    """``ConfigError`` naming every argument that contradicts the cache at ``where`` (its
+    manifest ``manifest``)."""
     entry = manifest.models["student"]
     problems = []
     if cfg.student and cfg.student != entry.backbone:
@@ -130,7 +135,8 @@ def _cache_mismatches(cfg: DataConfig, manifest, where) -> list[str]:
         if want is not None and want != have:
             problems.append(f"{arg} {want}: the cache at {where} holds {arg[2:]}={have}; "
                             f"drop {arg} or featurize again")
-    return problems
+    if problems:
+        raise ConfigError(problems)
 
 
 def _replayed(cfg: DataConfig, split: str) -> tuple[DataConfig, Any]:
@@ -141,9 +147,7 @@ def _replayed(cfg: DataConfig, split: str) -> tuple[DataConfig, Any]:
         from bombkd_io.shards.manifest import load_manifest
 
         manifest = load_manifest(cfg.cache, split, dataset=cfg.dataset)
-        problems = _cache_mismatches(cfg, manifest, cfg.cache)
-        if problems:
-            raise ConfigError(problems)
+        _check_cache(cfg, manifest, cfg.cache)
         entry = manifest.models["student"]
         cfg = replace(cfg, shard_size=manifest.shard_size, frames=entry.frames, size=entry.size,
                       pool=entry.pooling)
@@ -152,8 +156,6 @@ def _replayed(cfg: DataConfig, split: str) -> tuple[DataConfig, Any]:
 
 
 def _video(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSource:
-    from bombkd_train.video_loader import VideoFeatureLoader
-
     cfg, manifest = _replayed(cfg, split)
     # the cache's failed videos include any that probed but did not decode when featurized
     exclude = [f["path"] for f in manifest.failed] if manifest else []
@@ -191,3 +193,39 @@ def _index_mismatches(cfg: DataConfig, split: str, loader, manifest) -> list[str
         problems.append(f"{loader.num_samples} {split} videos in {cfg.root} decode, the cache "
                         f"{cache} holds {manifest.count} samples")
     return problems + [fix] if problems else []
+
+
+class VideoFeatureLoader(VideoClipLoader):
+    """Video mode's loader: the clip batches of ``VideoClipLoader`` through the frozen student,
+    as the batch dict the cached loader yields, while the next batch decodes."""
+
+    def __init__(self, dataset: str, root, split: str, *, student: str, frames: int = 16,
+                 size: int | None = None, pool: str = "time", batch_size: int = 8, seed: int = 0,
+                 shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1, rank: int = 0,
+                 world_size: int = 1, device: str = "cpu", decode_threads: int | None = None,
+                 prefetch: int = 2, exclude: Collection[str] = ()):
+        from bombkd_train.backbones import create_backbone  # pulls in DALI: video mode only
+
+        super().__init__(dataset, root, split, batch_size=batch_size, seed=seed,
+                         shard_size=shard_size, num_workers=num_workers, rank=rank,
+                         world_size=world_size, device=device, exclude=exclude)
+        self.backbone = create_backbone(student, frames=frames, size=size, pool=pool, device=device)
+        self.decode_threads = decode_threads or decode_threads_for()
+        self.open(frames=self.backbone.frames, size=self.backbone.size,
+                  decode_threads=self.decode_threads, prefetch=prefetch)
+
+    def __iter__(self) -> Iterator[dict]:
+        # decode threads and the student share the CPU for as long as the epoch runs
+        with model_threads(self.device, self.decode_threads):
+            for batch in super().__iter__():
+                if batch.index:
+                    with torch.no_grad():
+                        student = self.backbone(batch.clips)  # [B, T', D]
+                else:  # every clip failed: an empty batch, for a rank under DDP
+                    student = torch.zeros(0, self.backbone.tokens, self.backbone.dim)  # [0, T', D]
+                yield {
+                    "student": student.float(),
+                    "label": torch.tensor(batch.labels, dtype=torch.int64),
+                    "key": batch.keys,
+                    "index": torch.tensor(batch.index, dtype=torch.int64),
+                }

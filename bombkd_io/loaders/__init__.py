@@ -1,0 +1,6 @@
+"""The loaders: training batches in the epoch plan of ``bombkd_io.sampling``, one per mode.
+
+- ``clips.py``:  video mode without a model: a split's videos indexed, probed, planned and
+  decoded into uint8 clip batches (``VideoClipLoader``); ``bombkd_train.data`` adds the student.
+- ``cached.py``: cached mode: feature shards streamed into batch dicts (``make_cached_loader``).
+"""
