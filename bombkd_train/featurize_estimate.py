@@ -2,12 +2,11 @@
 
 Tar arithmetic over every sample: a member is a 512-byte header plus its data padded to whole
 blocks; a finished tar adds two zero blocks and is padded to whole 10240-byte records (what
-``tarfile`` writes). The feature member's size comes from ``encode_tensor`` itself; the
-student's ``.json`` is bounded from the item's path and class name.
+``tarfile`` writes). Each member's size comes from its encoder in ``bombkd_io.shards.codec``;
+the student's ``.json`` is bounded from the item's path and class name.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 from bombkd_io.atomic import format_bytes
 from bombkd_io.datasets import VideoIndex
 from bombkd_io.errors import ConfigError
-from bombkd_io.shards.codec import encode_tensor
+from bombkd_io.shards.codec import encode_label, encode_meta, encode_tensor
 from bombkd_io.shards.manifest import ModelEntry
 from bombkd_train.featurize_state import CacheState, FeaturizeConfig
 
@@ -66,7 +65,7 @@ def _json_bound(item, frames: int) -> int:
     """Upper bound of the student's .json member (frame indices of <= 6 digits, longest fps)."""
     doc = {"path": item.path, "class_name": item.class_name, "fps": 1 / 3 * 1e3,
            "frame_indices": [999999] * frames}
-    return len(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+    return len(encode_meta(doc))
 
 
 def estimate_bytes(config: FeaturizeConfig, index: VideoIndex, state: CacheState,
@@ -86,7 +85,7 @@ def estimate_bytes(config: FeaturizeConfig, index: VideoIndex, state: CacheState
         for count in layout:
             body = count * feature
             if role == "student":
-                body += sum(_member(len(str(it.label))) + _member(_json_bound(it, e.frames))
+                body += sum(_member(len(encode_label(it.label))) + _member(_json_bound(it, e.frames))
                             for it in items[pos:pos + count])
             total += _tar(body)
             pos += count

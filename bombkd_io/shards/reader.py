@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import io
 import json
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,14 +31,13 @@ from tqdm import tqdm
 
 from bombkd_io.errors import ConfigError, FormatError, ShardError
 from bombkd_io.names import is_url, locate
-from bombkd_io.shards.codec import DTYPES, decode_tensor
+from bombkd_io.shards.codec import DTYPES, decode_label, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
 from bombkd_io.shards.tarfmt import BLOCK, padded, parse_header, read_regular, split_name
 
 CHUNK = 8 << 20  # bytes per read: big reads keep syscalls and Python calls per sample low
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 ON_ERROR = ("raise", "skip")
-LABEL_RE = re.compile(rb"-?[0-9]{1,18}")
 
 
 @dataclass
@@ -223,7 +221,7 @@ def decode_sample(shard: str, key: str, fields: dict[str, memoryview]) -> dict:
             if suffix.endswith(".mp"):
                 out[suffix[:-3]] = decode_tensor(payload, where=f"{shard} sample {key}")
             elif suffix == "cls":
-                out["cls"] = parse_label(payload, shard, key)
+                out["cls"] = decode_label(payload, where=f"{shard} sample {key}")
             elif suffix == "json":
                 out["json"] = json.loads(bytes(payload).decode("utf-8"))
         except (FormatError, ValueError, UnicodeDecodeError) as exc:
@@ -299,14 +297,6 @@ def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
         data = _walk(stream, str(url), entry.count, member,
                      _empty(entry.count, shape, dtype, labels), on_error, skips)
     return _check_labels(data, str(url), classes, on_error, skips)
-
-
-def parse_label(payload, shard: str, key: str) -> int:
-    """A ``.cls`` member: an ASCII decimal integer of at most 18 digits (it must fit int64)."""
-    text = bytes(payload)
-    if not LABEL_RE.fullmatch(text):
-        raise ShardError(shard, f"member {key}.cls is {text[:24]!r}, not a decimal class id", key)
-    return int(text)
 
 
 def _check_labels(data: ShardData, shard: str, classes: int | None, on_error: str,
@@ -387,10 +377,7 @@ def _fill(data: ShardData, pos: int, shard: str, key: str, fields: dict, member:
     payload = fields.get(member)
     if payload is None:
         raise ShardError(shard, f"sample has no {member} member (has {sorted(fields)})", key)
-    try:
-        array = decode_tensor(payload, where=f"{shard} sample {key}")
-    except FormatError as exc:
-        raise ShardError(shard, str(exc), key) from exc
+    array = _decode(decode_tensor, payload, shard, key)
     if array.shape != data.features.shape[1:] or array.dtype != data.features.dtype:
         raise ShardError(shard, f"features {array.dtype}{list(array.shape)}; the manifest says "
                          f"{data.features.dtype}{list(data.features.shape[1:])}", key)
@@ -399,10 +386,19 @@ def _fill(data: ShardData, pos: int, shard: str, key: str, fields: dict, member:
         if cls is None:
             raise ShardError(shard, "Cached features do not contain labels (no .cls member)",
                              key, fix="re-run `bombkd featurize` to write them")
-        data.labels[pos] = parse_label(cls, shard, key)
+        data.labels[pos] = _decode(decode_label, cls, shard, key)
     data.features[pos] = array
     data.keys[pos] = key
     data.present[pos] = True
+
+
+def _decode(decode, payload, shard: str, key: str):
+    """``decode(payload)`` (a codec decoder); its ``FormatError`` as a ShardError naming the
+    sample."""
+    try:
+        return decode(payload, where=f"{shard} sample {key}")
+    except FormatError as exc:
+        raise ShardError(shard, str(exc), key) from exc
 
 
 def hash_file(url: str) -> tuple[int, str]:

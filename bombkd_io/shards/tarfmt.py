@@ -14,7 +14,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from bombkd_io.errors import FormatError
-from bombkd_io.shards.codec import decode_tensor
+from bombkd_io.shards.codec import decode_label, decode_tensor
 
 BLOCK = 512
 _POW8 = 8 ** np.arange(10, -1, -1, dtype=np.int64)  # 11 octal digits, most significant first
@@ -106,17 +106,13 @@ def _headers_ok(h: np.ndarray, size0: int, suffix: bytes, keylen: np.ndarray,
     return sizes
 
 
-def _labels(arr: np.ndarray, start: int, stride: int, sizes: np.ndarray) -> np.ndarray | None:
-    """ASCII decimal ``.cls`` payloads of every sample, parsed together."""
-    width = int(sizes.max())
-    if width > 18 or sizes.min() < 1:
+def _labels(buf: memoryview, start: int, stride: int, sizes: np.ndarray) -> np.ndarray | None:
+    """The ``.cls`` member of every sample (at ``start + i * stride``), or None if one is bad."""
+    try:
+        return np.array([decode_label(buf[start + i * stride:start + i * stride + size])
+                         for i, size in enumerate(sizes.tolist())], np.int64)
+    except FormatError:
         return None
-    digits = _rows(arr, start, len(sizes), stride, width).astype(np.int64) - 48
-    inside = np.arange(width) < sizes[:, None]
-    if ((digits < 0) | (digits > 9))[inside].any():
-        return None
-    power = np.where(inside, 10 ** np.clip(sizes[:, None] - 1 - np.arange(width), 0, None), 0)
-    return (digits * power).sum(axis=1)
 
 
 def read_regular(buf, n: int, member: str, shape: tuple, dtype: np.dtype,
@@ -163,7 +159,7 @@ def read_regular(buf, n: int, member: str, shape: tuple, dtype: np.dtype,
     cls = None
     if labels:
         coff = members[suffixes.index("cls")][0]
-        cls = _labels(arr, coff + BLOCK, stride, sizes["cls"])
+        cls = _labels(buf, coff + BLOCK, stride, sizes["cls"])
         if cls is None:
             return None
     keys = [bytes(mp_names[i, :keylen[i]]).decode("utf-8", "replace") for i in range(n)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ import webdataset as wds
 
 from bombkd_io.atomic import commit, discard, folder_problem
 from bombkd_io.errors import ConfigError, ShardError
-from bombkd_io.shards.codec import DTYPES, encode_tensor
+from bombkd_io.shards.codec import DTYPES, encode_label, encode_meta, encode_tensor
 from bombkd_io.names import KEY_RE, name_problems, shard_name
 from bombkd_io.shards.manifest import ShardEntry
 
@@ -152,8 +151,8 @@ class ShardSetWriter:
 
 def _encode_extra(name: str, value) -> bytes:
     if name == "cls":
-        return str(int(value)).encode("ascii")
+        return encode_label(value)
     if name == "json":
-        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return encode_meta(value)
     raise ShardError(name, f"unknown extra member {name!r}; a sample carries 'cls' and 'json'",
                      fix="pass extra={'cls': label, 'json': {...}}")
