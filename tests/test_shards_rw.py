@@ -20,7 +20,7 @@ from bombkd_io.shards.manifest import (Manifest, ModelEntry, load_manifest, mani
                                        read_manifest, save_manifest)
 from bombkd_io.shards.reader import (SkipLog, check_on_error, iter_shard, read_shard, verify_cache,
                                      verify_shard)
-from bombkd_io.shards.tarfmt import read_regular
+from bombkd_io.shards.tar import read_regular
 from bombkd_io.shards.writer import ShardSetWriter
 
 GOLDEN = Path(__file__).parent / "assets" / "golden"

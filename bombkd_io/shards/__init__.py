@@ -1,8 +1,8 @@
 """The feature cache format (version 1): see FORMAT.md beside this file.
 
-codec.py     one tensor <-> one msgpack member
+codec.py     each member's bytes: features (.mp msgpack), label (.cls), metadata (.json)
 writer.py    one model's shard set (webdataset tars), sha256 taken while writing
-reader.py    lean tar parsing over webdataset.gopen; shard -> [N, T', D]; verification
-tarfmt.py    tar headers: one at a time, or a whole regular shard at once (numpy)
+tar.py       tar headers, member and archive sizes, the member walk, the regular-shard fast path
+reader.py    shard -> [N, T', D] over local files and webdataset.gopen; verification
 manifest.py  {dataset}-{split}.index.json: what the cache holds; format/version checks
 """

@@ -3,22 +3,18 @@
 The mirror image of writer.py. A local shard is opened as a file; a shard under a URL root the
 user typed goes through ``webdataset.gopen`` (``file:``, ``pipe:``, ``http(s)`` through curl,
 ...); its location comes from ``bombkd_io.names.locate``, never from a name read from a file
-alone. The tar stream is then parsed here, in big reads that grow only with the bytes that
-arrive, without webdataset's per-sample dict pipeline.
+alone. The tar stream is then parsed by ``tar.py``, without webdataset's per-sample dict
+pipeline.
 
-Stages (each a generator):
-  _Stream -> iter_members   yields (key, suffix, payload view) per tar member
-          -> iter_samples   yields (key, {suffix: payload view}) for consecutive members of a key
-          -> iter_shard     yields (key, {model: array, "cls": int, "json": dict}), decoded
-``read_shard`` (the cached loader's) reads a whole shard into one ``[N, T', D]`` array: with
-``tarfmt.read_regular`` in a few array operations when the shard is regular (as written by
-``ShardSetWriter``), by the member walk otherwise.
+``iter_shard`` decodes the samples of ``tar.iter_samples`` one by one; ``read_shard`` (the
+cached loader's) reads a whole shard into one ``[N, T', D]`` array: with ``tar.read_regular``
+in a few array operations when the shard is regular (as written by ``ShardSetWriter``), by the
+member walk otherwise.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import warnings
 from collections.abc import Iterator
@@ -33,9 +29,8 @@ from bombkd_io.errors import ConfigError, FormatError, ShardError
 from bombkd_io.names import is_url, locate
 from bombkd_io.shards.codec import DTYPES, decode_label, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
-from bombkd_io.shards.tarfmt import BLOCK, padded, parse_header, read_regular, split_name
+from bombkd_io.shards.tar import CHUNK, iter_samples, read_into, read_regular
 
-CHUNK = 8 << 20  # bytes per read: big reads keep syscalls and Python calls per sample low
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 ON_ERROR = ("raise", "skip")
 
@@ -60,143 +55,6 @@ def check_on_error(value: str, argument: str = "on_error") -> None:
     """The one check of an error policy; ConfigError naming ``argument`` (e.g. ``--on-error``)."""
     if value not in ON_ERROR:
         raise ConfigError(f"{argument} must be one of {ON_ERROR}, got {value!r}")
-
-
-class _Stream:
-    """Big reads from a file object; ``take(n)`` returns a view of the next ``n`` bytes."""
-
-    def __init__(self, fileobj, shard: str, chunk: int = CHUNK):
-        self.file, self.shard, self.chunk = fileobj, shard, chunk
-        self.buf, self.pos, self.offset = memoryview(b""), 0, 0  # offset: of buf[0] in the file
-        self.member = ""  # name of the member being read, for errors
-
-    def error(self, reason: str) -> ShardError:
-        return ShardError(self.shard, reason, split_name(self.member)[0] if self.member else None)
-
-    def take(self, n: int) -> memoryview | None:
-        """The next ``n`` bytes; ``None`` at a clean end of file; ShardError if cut short."""
-        end = self.pos + n
-        if end > len(self.buf):
-            self._refill(n)
-            end = self.pos + n
-            if end > len(self.buf):
-                if self.pos == len(self.buf):
-                    return None
-                raise self.error(f"truncated at byte {self.offset + len(self.buf)}: {n} bytes "
-                                 f"wanted, {len(self.buf) - self.pos} left")
-        view = self.buf[self.pos:end]
-        self.pos = end
-        return view
-
-    def _refill(self, need: int) -> None:
-        """Make the next ``need`` bytes readable (fewer at the end of the file). The buffer grows
-        only with bytes that arrive: a tar header claiming terabytes in a small shard costs one
-        chunk, then a "truncated" error - never an allocation of the claimed size."""
-        rest = self.buf[self.pos:]
-        size = max(self.chunk, min(need, len(rest) + self.chunk))
-        left = getattr(self.file, "left", None)  # what the source still holds, where it knows
-        if left is not None:
-            size = len(rest) + min(size - len(rest), left)
-        buf = bytearray(size)  # fresh buffers: views already handed out stay valid
-        buf[:len(rest)] = rest
-        filled = len(rest) + _read_into(self.file, memoryview(buf)[len(rest):])
-        while filled == len(buf) < need:  # more is wanted and the file went on: double
-            bigger = bytearray(min(need, 2 * len(buf)))
-            bigger[:filled] = buf
-            buf = bigger
-            filled += _read_into(self.file, memoryview(buf)[filled:])
-        self.offset += self.pos
-        self.buf, self.pos = memoryview(buf)[:filled], 0
-
-
-class _ViewFile:
-    """A read-only file over bytes already in memory, without copying them (unlike BytesIO)."""
-
-    def __init__(self, view: memoryview):
-        self.view, self.pos = view, 0
-
-    @property
-    def left(self) -> int:
-        return len(self.view) - self.pos
-
-    def readinto(self, out: memoryview) -> int:
-        n = min(len(out), len(self.view) - self.pos)
-        out[:n] = self.view[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-
-def _read_into(fileobj, view: memoryview) -> int:
-    got = 0
-    readinto = getattr(fileobj, "readinto", None)
-    while got < len(view):
-        if readinto is not None:
-            n = readinto(view[got:])
-        else:  # webdataset's Pipe objects only have read()
-            data = fileobj.read(len(view) - got)
-            n = len(data)
-            view[got:got + n] = data
-        if not n:
-            break
-        got += n
-    return got
-
-
-def _header(block: memoryview, stream: _Stream):
-    try:
-        return parse_header(bytes(block))
-    except ValueError as exc:
-        raise stream.error(f"corrupt tar header at byte {stream.offset + stream.pos - BLOCK} "
-                           f"({exc})") from exc
-
-
-def iter_members(fileobj, shard: str) -> Iterator[tuple[str, str, memoryview]]:
-    """Yields (key, suffix, payload) of each regular file member, in tar order.
-
-    ``KEY.a.b`` gives (``KEY``, ``a.b``); pax and GNU long names are followed.
-    """
-    stream, long_name = _Stream(fileobj, shard), None
-    while True:
-        block = stream.take(BLOCK)
-        head = None if block is None else _header(block, stream)
-        if head is None:
-            return
-        name, size, kind = head
-        stream.member = long_name or name
-        block = stream.take(padded(size)) if size else memoryview(b"")
-        if block is None:
-            raise stream.error(f"truncated: member {name} has no data")
-        if kind in (b"L", b"x"):  # GNU long name / pax header: names the next member
-            long_name = _long_name(bytes(block[:size]), kind) or long_name
-            continue
-        if kind in (b"0", b"\0", b"7"):  # not directories, links, global pax headers
-            long_name = None
-            yield *split_name(stream.member), block[:size]
-
-
-def _long_name(payload: bytes, kind: bytes) -> str | None:
-    if kind == b"L":
-        return payload.split(b"\0", 1)[0].decode("utf-8", "replace")
-    for record in payload.decode("utf-8", "replace").splitlines():
-        _, _, keyval = record.partition(" ")
-        if keyval.startswith("path="):
-            return keyval[5:]
-    return None
-
-
-def iter_samples(fileobj, shard: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
-    """Yields (key, {suffix: payload}) for each run of consecutive members sharing a key."""
-    key, fields = None, {}
-    for k, suffix, payload in iter_members(fileobj, shard):
-        if k != key:
-            if fields:
-                yield key, fields
-            key, fields = k, {}
-        if suffix in fields:
-            raise ShardError(shard, f"member {k}.{suffix} appears twice", key)
-        fields[suffix] = payload
-    if fields:
-        yield key, fields
 
 
 @contextlib.contextmanager
@@ -276,7 +134,7 @@ def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
         _check_local_size(url, entry)
         with open_shard(url) as f:
             buf = np.empty(entry.bytes, np.uint8)  # the manifest's size (bounded by check_manifest)
-            filled = _read_into(f, memoryview(buf))
+            filled = read_into(f, memoryview(buf))
             rest = f.read(TAIL)
             if len(rest) == TAIL and f.read(1):
                 raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
@@ -292,9 +150,8 @@ def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
         keys, features, cls = fast
         data = ShardData(keys, features, cls, np.ones(entry.count, bool))
     else:  # irregular: walk member by member, naming the first bad sample
-        stream = (_ViewFile(memoryview(buf)[:filled]) if not rest
-                  else io.BytesIO(buf[:filled].tobytes() + rest))
-        data = _walk(stream, str(url), entry.count, member,
+        view = memoryview(buf)[:filled] if not rest else memoryview(buf[:filled].tobytes() + rest)
+        data = _walk(view, str(url), entry.count, member,
                      _empty(entry.count, shape, dtype, labels), on_error, skips)
     return _check_labels(data, str(url), classes, on_error, skips)
 
@@ -347,12 +204,12 @@ def _empty(n: int, shape: tuple[int, int], dtype, labels: bool) -> ShardData:
                      np.full(n, -1, np.int64) if labels else None, np.zeros(n, bool))
 
 
-def _walk(stream, shard: str, n: int, member: str, data: ShardData, on_error: str,
+def _walk(view: memoryview, shard: str, n: int, member: str, data: ShardData, on_error: str,
           skips: SkipLog) -> ShardData:
     """Fill ``data`` sample by sample; errors name the sample (or are skipped and counted)."""
     done, labels = 0, data.labels is not None
     try:
-        for key, fields in iter_samples(stream, shard):
+        for key, fields in iter_samples(view, shard):
             if done == n:
                 raise ShardError(shard, f"holds more than the {n} samples the manifest "
                                  "lists", key)

@@ -1,22 +1,35 @@
-"""Tar headers, parsed one at a time, or all of a regular shard at once with numpy.
+"""Everything the cache knows about tar: headers, member and archive sizes, the sequential
+member walk, and the numpy fast path for a regular shard.
 
-``parse_header`` is the member walk's rule. ``read_regular`` is the fast path of
-``reader.read_shard``: a shard whose samples all repeat the first sample's layout (same members,
-same block counts, same tensor header: what ``ShardSetWriter`` writes) is checked and decoded
-with a few array operations instead of per-member Python. It checks every header's checksum,
-type, size and name, and every tensor member's msgpack header byte for byte against the first
-one (decoded with the bounded ``decode_tensor``), and returns ``None`` at the first
-irregularity: the member walk then reads the shard and names any problem.
+Sizes: a member is a 512-byte header plus its data padded to whole blocks; a finished archive
+adds two zero blocks and is padded to whole 10240-byte records (what ``tarfile``, under
+``webdataset.TarWriter``, writes). ``featurize --dry-run`` adds up a cache with them.
+
+The walk, generators over a file object (or bytes in memory), in big reads that grow only with
+the bytes that arrive:
+  _Stream -> iter_members   yields (key, suffix, payload view) per regular file member
+          -> iter_samples   yields (key, {suffix: payload view}) for consecutive members of a key
+
+``read_regular`` is the fast path: a shard whose samples all repeat the first sample's layout
+(same members, same block counts, same tensor header: what ``ShardSetWriter`` writes) is checked
+and decoded with a few array operations instead of per-member Python. It checks every header's
+checksum, type, size and name, and every tensor member's msgpack header byte for byte against
+the first one (decoded with the bounded ``decode_tensor``), and returns ``None`` at the first
+irregularity: the walk then reads the shard and names any problem.
 """
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from bombkd_io.errors import FormatError
+from bombkd_io.errors import FormatError, ShardError
 from bombkd_io.shards.codec import decode_label, decode_tensor
 
 BLOCK = 512
+RECORD = 20 * BLOCK  # tarfile pads a closed archive to whole records
+CHUNK = 8 << 20  # bytes per read: big reads keep syscalls and Python calls per sample low
 _POW8 = 8 ** np.arange(10, -1, -1, dtype=np.int64)  # 11 octal digits, most significant first
 
 
@@ -59,6 +72,163 @@ def padded(size: int) -> int:
     return -(-size // BLOCK) * BLOCK
 
 
+def member_bytes(size: int) -> int:
+    """Bytes of one member holding ``size`` bytes: a header block plus the data padded to whole
+    blocks."""
+    return BLOCK + padded(size)
+
+
+def archive_bytes(members: int) -> int:
+    """Bytes of a finished archive whose members take ``members`` bytes: two zero blocks, then
+    padding to whole records."""
+    return -(-(members + 2 * BLOCK) // RECORD) * RECORD
+
+
+# ---- the member walk ----------------------------------------------------------------------------
+
+class _Stream:
+    """Big reads from a file object (or a memoryview, read without copying); ``take(n)`` returns
+    a view of the next ``n`` bytes."""
+
+    def __init__(self, source, shard: str, chunk: int = CHUNK):
+        self.file = _ViewFile(source) if isinstance(source, memoryview) else source
+        self.shard, self.chunk = shard, chunk
+        self.buf, self.pos, self.offset = memoryview(b""), 0, 0  # offset: of buf[0] in the file
+        self.member = ""  # name of the member being read, for errors
+
+    def error(self, reason: str) -> ShardError:
+        return ShardError(self.shard, reason, split_name(self.member)[0] if self.member else None)
+
+    def take(self, n: int) -> memoryview | None:
+        """The next ``n`` bytes; ``None`` at a clean end of file; ShardError if cut short."""
+        end = self.pos + n
+        if end > len(self.buf):
+            self._refill(n)
+            end = self.pos + n
+            if end > len(self.buf):
+                if self.pos == len(self.buf):
+                    return None
+                raise self.error(f"truncated at byte {self.offset + len(self.buf)}: {n} bytes "
+                                 f"wanted, {len(self.buf) - self.pos} left")
+        view = self.buf[self.pos:end]
+        self.pos = end
+        return view
+
+    def _refill(self, need: int) -> None:
+        """Make the next ``need`` bytes readable (fewer at the end of the file). The buffer grows
+        only with bytes that arrive: a tar header claiming terabytes in a small shard costs one
+        chunk, then a "truncated" error - never an allocation of the claimed size."""
+        rest = self.buf[self.pos:]
+        size = max(self.chunk, min(need, len(rest) + self.chunk))
+        left = getattr(self.file, "left", None)  # what the source still holds, where it knows
+        if left is not None:
+            size = len(rest) + min(size - len(rest), left)
+        buf = bytearray(size)  # fresh buffers: views already handed out stay valid
+        buf[:len(rest)] = rest
+        filled = len(rest) + read_into(self.file, memoryview(buf)[len(rest):])
+        while filled == len(buf) < need:  # more is wanted and the file went on: double
+            bigger = bytearray(min(need, 2 * len(buf)))
+            bigger[:filled] = buf
+            buf = bigger
+            filled += read_into(self.file, memoryview(buf)[filled:])
+        self.offset += self.pos
+        self.buf, self.pos = memoryview(buf)[:filled], 0
+
+
+class _ViewFile:
+    """A read-only file over bytes already in memory, without copying them (unlike BytesIO)."""
+
+    def __init__(self, view: memoryview):
+        self.view, self.pos = view, 0
+
+    @property
+    def left(self) -> int:
+        return len(self.view) - self.pos
+
+    def readinto(self, out: memoryview) -> int:
+        n = min(len(out), len(self.view) - self.pos)
+        out[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+def read_into(fileobj, view: memoryview) -> int:
+    """Fill ``view`` from ``fileobj`` (fewer bytes at its end); the number of bytes read."""
+    got = 0
+    readinto = getattr(fileobj, "readinto", None)
+    while got < len(view):
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:  # webdataset's Pipe objects only have read()
+            data = fileobj.read(len(view) - got)
+            n = len(data)
+            view[got:got + n] = data
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _header(block: memoryview, stream: _Stream):
+    try:
+        return parse_header(bytes(block))
+    except ValueError as exc:
+        raise stream.error(f"corrupt tar header at byte {stream.offset + stream.pos - BLOCK} "
+                           f"({exc})") from exc
+
+
+def iter_members(source, shard: str) -> Iterator[tuple[str, str, memoryview]]:
+    """Yields (key, suffix, payload) of each regular file member of ``source`` (a file object or
+    a memoryview), in tar order. ``KEY.a.b`` gives (``KEY``, ``a.b``); pax and GNU long names
+    are followed. ShardError naming ``shard`` (and the member's key) for a corrupt or truncated
+    archive.
+    """
+    stream, long_name = _Stream(source, shard), None
+    while True:
+        block = stream.take(BLOCK)
+        head = None if block is None else _header(block, stream)
+        if head is None:
+            return
+        name, size, kind = head
+        stream.member = long_name or name
+        block = stream.take(padded(size)) if size else memoryview(b"")
+        if block is None:
+            raise stream.error(f"truncated: member {name} has no data")
+        if kind in (b"L", b"x"):  # GNU long name / pax header: names the next member
+            long_name = _long_name(bytes(block[:size]), kind) or long_name
+            continue
+        if kind in (b"0", b"\0", b"7"):  # not directories, links, global pax headers
+            long_name = None
+            yield *split_name(stream.member), block[:size]
+
+
+def _long_name(payload: bytes, kind: bytes) -> str | None:
+    if kind == b"L":
+        return payload.split(b"\0", 1)[0].decode("utf-8", "replace")
+    for record in payload.decode("utf-8", "replace").splitlines():
+        _, _, keyval = record.partition(" ")
+        if keyval.startswith("path="):
+            return keyval[5:]
+    return None
+
+
+def iter_samples(source, shard: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
+    """Yields (key, {suffix: payload}) for each run of consecutive members sharing a key."""
+    key, fields = None, {}
+    for k, suffix, payload in iter_members(source, shard):
+        if k != key:
+            if fields:
+                yield key, fields
+            key, fields = k, {}
+        if suffix in fields:
+            raise ShardError(shard, f"member {k}.{suffix} appears twice", key)
+        fields[suffix] = payload
+    if fields:
+        yield key, fields
+
+
+# ---- the fast path for a regular shard ----------------------------------------------------------
+
 def _first_sample(buf: memoryview) -> tuple[list[tuple[int, str, int]], int] | None:
     """Members of sample 0 as (offset, suffix, size), and where sample 1 starts."""
     members, off, key0 = [], 0, None
@@ -74,7 +244,7 @@ def _first_sample(buf: memoryview) -> tuple[list[tuple[int, str, int]], int] | N
             return members, off
         key0 = key
         members.append((off, suffix, head[1]))
-        off += BLOCK + padded(head[1])
+        off += member_bytes(head[1])
     return None
 
 
