@@ -6,16 +6,14 @@ user typed goes through ``webdataset.gopen`` (``file:``, ``pipe:``, ``http(s)`` 
 alone. The tar stream is then parsed by ``tar.py``, without webdataset's per-sample dict
 pipeline.
 
-``iter_shard`` decodes the samples of ``tar.iter_samples`` one by one; ``read_shard`` (the
-cached loader's) reads a whole shard into one ``[N, T', D]`` array: with ``tar.read_regular``
-in a few array operations when the shard is regular (as written by ``ShardSetWriter``), by the
-member walk otherwise.
+``read_shard`` (the cached loader's) reads a whole shard into one ``[N, T', D]`` array: with
+``tar.read_regular`` in a few array operations when the shard is regular (as written by
+``ShardSetWriter``), by the member walk otherwise.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -69,46 +67,6 @@ def open_shard(url) -> Iterator:
         raise
     except (OSError, ValueError) as exc:  # missing file, failing pipe, unknown URL scheme
         raise ShardError(url, f"cannot read ({exc})") from exc
-
-
-def decode_sample(shard: str, key: str, fields: dict[str, memoryview]) -> dict:
-    """{model: array for each ``<model>.mp``, "cls": int, "json": dict} of one sample."""
-    out = {}
-    for suffix, payload in fields.items():
-        try:
-            if suffix.endswith(".mp"):
-                out[suffix[:-3]] = decode_tensor(payload, where=f"{shard} sample {key}")
-            elif suffix == "cls":
-                out["cls"] = decode_label(payload, where=f"{shard} sample {key}")
-            elif suffix == "json":
-                out["json"] = json.loads(bytes(payload).decode("utf-8"))
-        except (FormatError, ValueError, UnicodeDecodeError) as exc:
-            raise ShardError(shard, f"member {key}.{suffix}: {exc}", key) from exc
-    return out
-
-
-def iter_shard(url: str, *, on_error: str = "raise",
-               skips: SkipLog | None = None) -> Iterator[tuple[str, dict]]:
-    """Yields (key, decoded sample) of every sample of one shard, in tar order.
-
-    ``on_error="skip"``: a bad sample is left out, a truncated or corrupt stream ends the shard;
-    each is counted in ``skips`` and warned about. ``"raise"``: ShardError naming shard + sample.
-    """
-    check_on_error(on_error)
-    skips = skips if skips is not None else SkipLog()
-    try:
-        with open_shard(url) as f:
-            for key, fields in iter_samples(f, str(url)):
-                try:
-                    yield key, decode_sample(str(url), key, fields)
-                except ShardError as exc:
-                    if on_error == "raise":
-                        raise
-                    skips.add(exc, 1)
-    except ShardError as exc:
-        if on_error == "raise":
-            raise
-        skips.add(exc, 0)
 
 
 @dataclass
