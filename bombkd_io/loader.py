@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bombkd_io.errors import ConfigError, DatasetError
+from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, ShardError
 from bombkd_io.names import locate
 from bombkd_io.sampling import (batch_sizes, check_streams, epoch_batches, shard_order,
                                 stream_shards)
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
-from bombkd_io.shards.reader import ShardData, ShardError, SkipLog, check_on_error, read_shard
+from bombkd_io.shards.reader import ShardData, read_shard
 from bombkd_io.workers import DieWithParent
 
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
@@ -59,7 +59,7 @@ class CachedFeatureDataset(IterableDataset):
         if not 0 <= rank < world_size:
             problems.append(f"rank {rank} is not in [0, world_size={world_size})")
         try:
-            check_on_error(on_error)
+            policy = ErrorPolicy(on_error)
         except ConfigError as exc:
             problems += exc.problems
         if "student" not in models or len(set(models)) != len(models):
@@ -75,8 +75,8 @@ class CachedFeatureDataset(IterableDataset):
         self.entries = {m: self.manifest.model(m) for m in models}
         self.classes = len(self.manifest.classes)  # labels outside [0, classes) are bad samples
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        self.rank, self.world_size, self.on_error = rank, world_size, on_error
-        self.skips, self.worker = SkipLog(), 0  # samples left out this epoch (on_error="skip")
+        self.rank, self.world_size = rank, world_size
+        self.policy, self.worker = policy, 0  # raise or skip, and what this epoch left out
         self.group = 0  # > 0: yield lists of `group` packed batches, the loader unpacks them
 
     @property
@@ -105,7 +105,7 @@ class CachedFeatureDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         shards, sizes = self.plan(worker, num_workers)
-        self.skips, self.worker = SkipLog(), worker  # per epoch
+        self.policy, self.worker = self.policy.fresh(), worker  # per epoch
         stream = self._read(shards)              # (k, {model: ShardData}) per shard, in order
         stream = self._permute(stream)           # (k, data, positions in shard_order)
         batches = _cut(stream, sizes)            # [(k, data, positions), ...] per batch
@@ -118,7 +118,7 @@ class CachedFeatureDataset(IterableDataset):
         for k in shards:
             data = {name: read_shard(self._url(entry.shards[k].name), entry.shards[k], entry,
                                      labels=name == "student", classes=self.classes,
-                                     on_error=self.on_error, skips=self.skips)
+                                     policy=self.policy)
                     for name, entry in self.entries.items()}
             _check_keys(data, {n: self._url(e.shards[k].name) for n, e in self.entries.items()})
             yield k, data
@@ -138,7 +138,7 @@ class CachedFeatureDataset(IterableDataset):
         segment of its own (about a millisecond per batch here), bytes go through the pipe in one
         pickle, half the size in fp16. ``unpack`` casts to float32 in the receiving process.
         """
-        if self.on_error == "skip":
+        if self.policy.skips:
             pieces = [(k, d, p[_present(d)[p]]) for k, d, p in pieces]
         if sum(len(p) for _, _, p in pieces) == 0 and self.world_size == 1:
             return None  # every sample of the batch was skipped (on_error="skip")
@@ -152,7 +152,7 @@ class CachedFeatureDataset(IterableDataset):
             "index": np.concatenate([np.zeros(0, np.int64)] +
                                     [k * size + p for k, _, p in pieces]).tobytes(),
             "key": [d["student"].keys[i] for _, d, p in pieces for i in p],
-            "skipped": (self.worker, self.skips.samples)}  # this worker's count so far
+            "skipped": (self.worker, self.policy.samples)}  # this worker's count so far
 
     def unpack(self, packed: dict, pin_memory: bool = False) -> dict:
         """The batch dict of a packed batch: features float32 ``[B, T', D]`` (pinned if asked)."""

@@ -11,9 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from bombkd_io.errors import ConfigError
+from bombkd_io.errors import ConfigError, ErrorPolicy
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
-from bombkd_io.shards.reader import check_on_error
 
 LOADERS = ("dali", "wds")
 
@@ -47,7 +46,7 @@ class DataConfig:
         if self.loader == "dali" and not self.student:
             out.append("--student: required with --loader dali")
         try:
-            check_on_error(self.on_error, "--on-error")
+            ErrorPolicy(self.on_error, "--on-error")
         except ConfigError as exc:
             out += exc.problems
         if self.batch < 1:

@@ -23,12 +23,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bombkd_io.errors import ConfigError, DatasetError, FormatError, OutputError, ShardError
+from bombkd_io.errors import (ConfigError, DatasetError, ErrorPolicy, FormatError, OutputError,
+                              ShardError)
 from bombkd_io.import_cache import import_tc_cache
 from bombkd_io.loader import make_cached_loader
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,
                                       read_manifest, save_manifest)
-from bombkd_io.shards.reader import SkipLog, read_shard, verify_cache
+from bombkd_io.shards.reader import read_shard, verify_cache
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_train.checkpoint import save_checkpoint
 from bombkd_train.cli._common import user_errors
@@ -237,15 +238,14 @@ def test_tar_size_field_is_not_allocated(tmp_path, field):
     shard.write_bytes(bytes(raw))
     with pytest.raises(ShardError, match="truncated"):
         read_shard(shard, model.shards[0], model, labels=True)
-    skips = SkipLog()
+    policy = ErrorPolicy("skip")
 
     def skipping():
         with pytest.warns(RuntimeWarning, match="skipped"):
-            return read_shard(shard, model.shards[0], model, labels=True, on_error="skip",
-                              skips=skips)
+            return read_shard(shard, model.shards[0], model, labels=True, policy=policy)
 
     assert traced_peak(skipping) < 2 * good  # the shard's own bytes, never the claimed size
-    assert skips.samples == 2
+    assert policy.samples == 2
     refused(cli("inspect", root, "--verify"), "bad shards", "truncated")
 
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from bombkd_io.errors import ConfigError, DatasetError, FormatError, ShardError
+from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, FormatError, ShardError
 from bombkd_io.shards.codec import decode_label, decode_tensor
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,
                                        manifest_path, read_manifest, save_manifest)
-from bombkd_io.shards.reader import SkipLog, check_on_error, read_shard, verify_cache, verify_shard
+from bombkd_io.shards.reader import read_shard, verify_cache, verify_shard
 from bombkd_io.shards.tar import iter_samples, read_regular
 from bombkd_io.shards.writer import ShardSetWriter
 
@@ -243,18 +243,17 @@ def test_skip_counts_and_warns(tmp_path):
     (e,) = write_set(tmp_path, n=3, shard_size=3)
     path = tmp_path / e.name
     corrupt(path, 2560, b"\xc1\xc1")
-    skips = SkipLog()
-    with pytest.warns(RuntimeWarning, match="skipped 1 sample"):
-        data = read_shard(str(path), e, model_entry([e]), labels=True, on_error="skip",
-                          skips=skips)
-    assert data.present.tolist() == [False, True, True] and skips.samples == 1
+    policy = ErrorPolicy("skip")
+    with pytest.warns(RuntimeWarning, match="skipped 1 sample.*featurize --resume"):
+        data = read_shard(str(path), e, model_entry([e]), labels=True, policy=policy)
+    assert data.present.tolist() == [False, True, True] and policy.samples == 1
     path.write_bytes(path.read_bytes()[:4000])  # truncated in sample 1: 2 lost
     with pytest.warns(RuntimeWarning):
-        data = read_shard(f"pipe:cat {path}", e, model_entry([e]), labels=True,
-                          on_error="skip", skips=skips)
+        data = read_shard(f"pipe:cat {path}", e, model_entry([e]), labels=True, policy=policy)
     # the stream ends inside sample 1, before sample 0 is complete: both lost, and sample 2
-    assert data.present.tolist() == [False, False, False] and skips.samples == 4
-    assert len(skips.problems) == 2 and "000001_v1" in skips.problems[1]
+    assert data.present.tolist() == [False, False, False] and policy.samples == 4
+    assert len(policy.problems) == 2 and "000001_v1" in policy.problems[1]
+    assert policy.fresh() == ErrorPolicy("skip")
 
 
 def test_missing_labels_and_count_mismatch(tmp_path):
@@ -459,10 +458,8 @@ def test_manifest_bounds_sizes(tmp_path, change, message):
     assert str(path) in str(info.value)
 
 
-def test_on_error_is_checked_once_with_the_argument_name(tmp_path):
-    (e,) = write_set(tmp_path, n=1, shard_size=1)
+def test_on_error_is_checked_once_with_the_argument_name():
     with pytest.raises(ConfigError, match=r"on_error must be one of .*, got 'warn'"):
-        read_shard(str(tmp_path / e.name), e, model_entry([e], shape=(1, 4)), labels=True,
-                   on_error="warn")
+        ErrorPolicy("warn")
     with pytest.raises(ConfigError, match="--on-error must be one of"):
-        check_on_error("ignore", "--on-error")
+        ErrorPolicy("ignore", "--on-error")

@@ -14,45 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
-from bombkd_io.errors import ConfigError, FormatError, ShardError
+from bombkd_io.errors import ErrorPolicy, FormatError, ShardError
 from bombkd_io.names import is_url, locate
 from bombkd_io.shards.codec import DTYPES, decode_label, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
 from bombkd_io.shards.tar import CHUNK, iter_samples, read_into, read_regular
 
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
-ON_ERROR = ("raise", "skip")
-
-
-@dataclass
-class SkipLog:
-    """What ``on_error="skip"`` left out: sample count and one line per problem."""
-    samples: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    def add(self, error: ShardError, samples: int) -> None:
-        self.samples += samples
-        # the error's own fix suggests skipping: say where and why, and how to repair instead
-        where = f"{error.shard} (sample {error.sample})" if error.sample else error.shard
-        line = f"{where}: {error.reason}"
-        self.problems.append(f"{line} ({samples} sample(s) skipped)")
-        warnings.warn(f"skipped {samples} sample(s): {line}; `bombkd featurize --resume` "
-                      "rewrites shards that do not verify", RuntimeWarning, stacklevel=3)
-
-
-def check_on_error(value: str, argument: str = "on_error") -> None:
-    """The one check of an error policy; ConfigError naming ``argument`` (e.g. ``--on-error``)."""
-    if value not in ON_ERROR:
-        raise ConfigError(f"{argument} must be one of {ON_ERROR}, got {value!r}")
+REPAIR = "`bombkd featurize --resume` rewrites shards that do not verify"  # said on a skip
 
 
 @contextlib.contextmanager
@@ -79,14 +56,13 @@ class ShardData:
 
 
 def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
-               classes: int | None = None, on_error: str = "raise",
-               skips: SkipLog | None = None) -> ShardData:
+               classes: int | None = None, policy: ErrorPolicy | None = None) -> ShardData:
     """Read one shard whole into ``[count, T', D]`` (the hot path of the cached loader).
 
     ``classes``: labels must lie in ``[0, classes)``; a sample whose label does not is a bad
-    sample like any other (ShardError naming it, or skipped and counted)."""
-    check_on_error(on_error)
-    skips = skips if skips is not None else SkipLog()
+    sample like any other. ``policy`` (default: raise) handles each bad shard or sample: a
+    ShardError naming it, or left out and recorded in the policy."""
+    policy = policy if policy is not None else ErrorPolicy()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
     try:
         _check_local_size(url, entry)
@@ -97,9 +73,7 @@ def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
             if len(rest) == TAIL and f.read(1):
                 raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
     except ShardError as exc:
-        if on_error == "raise":
-            raise
-        skips.add(exc, entry.count)
+        policy.handle(exc, entry.count, fix=REPAIR)
         return _empty(entry.count, shape, dtype, labels)
     fast = None
     if filled == len(buf) and not rest:
@@ -110,12 +84,12 @@ def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
     else:  # irregular: walk member by member, naming the first bad sample
         view = memoryview(buf)[:filled] if not rest else memoryview(buf[:filled].tobytes() + rest)
         data = _walk(view, str(url), entry.count, member,
-                     _empty(entry.count, shape, dtype, labels), on_error, skips)
-    return _check_labels(data, str(url), classes, on_error, skips)
+                     _empty(entry.count, shape, dtype, labels), policy)
+    return _check_labels(data, str(url), classes, policy)
 
 
-def _check_labels(data: ShardData, shard: str, classes: int | None, on_error: str,
-                  skips: SkipLog) -> ShardData:
+def _check_labels(data: ShardData, shard: str, classes: int | None,
+                  policy: ErrorPolicy) -> ShardData:
     """Labels outside ``[0, classes)`` make their samples bad ones (raised, or skipped)."""
     if data.labels is None or classes is None:
         return data
@@ -126,9 +100,7 @@ def _check_labels(data: ShardData, shard: str, classes: int | None, on_error: st
     error = ShardError(shard, f"label {data.labels[first]} is outside [0, {classes}): the "
                        f"manifest lists {classes} classes", data.keys[first],
                        fix="featurize the cache again, or pass --on-error skip")
-    if on_error == "raise":
-        raise error
-    skips.add(error, int(bad.sum()))
+    policy.handle(error, int(bad.sum()), fix=REPAIR)
     data.present[bad] = False
     for pos in np.flatnonzero(bad):
         data.keys[pos] = None
@@ -162,8 +134,8 @@ def _empty(n: int, shape: tuple[int, int], dtype, labels: bool) -> ShardData:
                      np.full(n, -1, np.int64) if labels else None, np.zeros(n, bool))
 
 
-def _walk(view: memoryview, shard: str, n: int, member: str, data: ShardData, on_error: str,
-          skips: SkipLog) -> ShardData:
+def _walk(view: memoryview, shard: str, n: int, member: str, data: ShardData,
+          policy: ErrorPolicy) -> ShardData:
     """Fill ``data`` sample by sample; errors name the sample (or are skipped and counted)."""
     done, labels = 0, data.labels is not None
     try:
@@ -174,16 +146,12 @@ def _walk(view: memoryview, shard: str, n: int, member: str, data: ShardData, on
             try:
                 _fill(data, done, shard, key, fields, member, labels)
             except ShardError as exc:
-                if on_error == "raise":
-                    raise
-                skips.add(exc, 1)
+                policy.handle(exc, 1, fix=REPAIR)
             done += 1
         if done < n:
             raise ShardError(shard, f"holds {done} samples, the manifest lists {n} (truncated?)")
     except ShardError as exc:
-        if on_error == "raise":
-            raise
-        skips.add(exc, n - done)
+        policy.handle(exc, n - done, fix=REPAIR)
     return data
 
 

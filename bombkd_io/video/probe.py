@@ -18,8 +18,7 @@ import av
 from tqdm import tqdm
 
 from bombkd_io.datasets import VideoIndex
-from bombkd_io.errors import DatasetError, VideoError
-from bombkd_io.shards.reader import check_on_error
+from bombkd_io.errors import DatasetError, ErrorPolicy, VideoError
 from bombkd_io.video.health import claimed_frames, frame_count_shortfall, libav_messages
 
 # Codecs DALI's fn.decoders.video decodes per device (its docs, and verified on CPU).
@@ -152,7 +151,7 @@ def _probe(path: Path, device: str | None) -> tuple[VideoInfo, int | None]:
 def probe_videos(paths: Iterable[str | Path], device: str | None = "cpu", on_error: str = "skip",
                  progress: bool = False) -> tuple[list[VideoInfo], list[tuple[str, str]]]:
     """Probe many files. ``on_error="skip"`` records ``(path, reason)``; ``"raise"`` stops."""
-    check_on_error(on_error)
+    ErrorPolicy(on_error)
     ok, failed = [], []
     for path in tqdm(list(paths), desc="probe", unit="video", disable=not progress):
         try:
