@@ -23,13 +23,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bombkd_io.errors import (ConfigError, DatasetError, ErrorPolicy, FormatError, OutputError,
-                              ShardError)
+from bombkd_io.errors import ConfigError, ErrorPolicy, FormatError, OutputError, ShardError
 from bombkd_io.import_cache import import_tc_cache
 from bombkd_io.loader import make_cached_loader
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,
                                       read_manifest, save_manifest)
-from bombkd_io.shards.reader import read_shard, verify_cache
+from bombkd_io.shards.reader import read_shard
+from bombkd_io.shards.verify import verify_cache
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_train.checkpoint import save_checkpoint
 from bombkd_train.cli._common import user_errors

@@ -12,7 +12,7 @@ import torch
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
 from bombkd_io.import_cache import import_tc_cache
 from bombkd_io.loader import make_cached_loader
-from bombkd_io.shards.reader import verify_cache
+from bombkd_io.shards.verify import verify_cache
 
 TEACHERS = ("videomae", "timesformer")
 

@@ -1,32 +1,29 @@
-"""Read shards back: a lean tar parser over local files and URLs (the hot path).
+"""Read one shard back into arrays: ``read_shard`` -> ``ShardData`` (the cached loader's hot path).
 
-The mirror image of writer.py. A local shard is opened as a file; a shard under a URL root the
-user typed goes through ``webdataset.gopen`` (``file:``, ``pipe:``, ``http(s)`` through curl,
-...); its location comes from ``bombkd_io.names.locate``, never from a name read from a file
-alone. The tar stream is then parsed by ``tar.py``, without webdataset's per-sample dict
-pipeline.
-
-``read_shard`` (the cached loader's) reads a whole shard into one ``[N, T', D]`` array: with
-``tar.read_regular`` in a few array operations when the shard is regular (as written by
-``ShardSetWriter``), by the member walk otherwise.
+A local shard is opened as a file; a shard under a URL root the user typed goes through
+``webdataset.gopen`` (``file:``, ``pipe:``, ``http(s)`` through curl, ...); its location comes
+from ``bombkd_io.names.locate``, never from a name read from a file alone. ``read_shard``:
+  _load_shard     the shard's bytes, no more than the manifest lists (checked before allocating)
+  read_regular    (tar.py) all samples at once, when the shard is regular (what the writer makes)
+  _walk           else tar.iter_samples decoded sample by sample, naming the first bad one
+  _check_labels   labels outside [0, classes) make their samples bad ones
+Each bad shard or sample goes to the ``ErrorPolicy``: raised, or left out and recorded.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
 from bombkd_io.errors import ErrorPolicy, FormatError, ShardError
-from bombkd_io.names import is_url, locate
+from bombkd_io.names import is_url
 from bombkd_io.shards.codec import DTYPES, decode_label, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
-from bombkd_io.shards.tar import CHUNK, iter_samples, read_into, read_regular
+from bombkd_io.shards.tar import iter_samples, read_into, read_regular
 
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 REPAIR = "`bombkd featurize --resume` rewrites shards that do not verify"  # said on a skip
@@ -65,27 +62,34 @@ def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
     policy = policy if policy is not None else ErrorPolicy()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
     try:
-        _check_local_size(url, entry)
-        with open_shard(url) as f:
-            buf = np.empty(entry.bytes, np.uint8)  # the manifest's size (bounded by check_manifest)
-            filled = read_into(f, memoryview(buf))
-            rest = f.read(TAIL)
-            if len(rest) == TAIL and f.read(1):
-                raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
+        buf, complete = _load_shard(url, entry)
     except ShardError as exc:
         policy.handle(exc, entry.count, fix=REPAIR)
         return _empty(entry.count, shape, dtype, labels)
-    fast = None
-    if filled == len(buf) and not rest:
-        fast = read_regular(buf, entry.count, member, shape, dtype, labels)
+    fast = read_regular(buf, entry.count, member, shape, dtype, labels) if complete else None
     if fast is not None:
         keys, features, cls = fast
         data = ShardData(keys, features, cls, np.ones(entry.count, bool))
     else:  # irregular: walk member by member, naming the first bad sample
-        view = memoryview(buf)[:filled] if not rest else memoryview(buf[:filled].tobytes() + rest)
-        data = _walk(view, str(url), entry.count, member,
+        data = _walk(memoryview(buf), str(url), entry.count, member,
                      _empty(entry.count, shape, dtype, labels), policy)
     return _check_labels(data, str(url), classes, policy)
+
+
+def _load_shard(url, entry: ShardEntry) -> tuple[np.ndarray, bool]:
+    """The shard's bytes, and whether they are exactly the size the manifest lists (else they
+    are what arrived: shorter, or up to ``TAIL`` longer). Nothing is allocated beyond the
+    listed size (bounded by ``check_manifest``) before the bytes are there."""
+    _check_local_size(url, entry)
+    with open_shard(url) as f:
+        buf = np.empty(entry.bytes, np.uint8)
+        filled = read_into(f, memoryview(buf))
+        rest = f.read(TAIL)
+        if len(rest) == TAIL and f.read(1):
+            raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
+    if rest:
+        return np.frombuffer(buf[:filled].tobytes() + rest, np.uint8), False
+    return buf[:filled], filled == len(buf)
 
 
 def _check_labels(data: ShardData, shard: str, classes: int | None,
@@ -182,58 +186,3 @@ def _decode(decode, payload, shard: str, key: str):
         return decode(payload, where=f"{shard} sample {key}")
     except FormatError as exc:
         raise ShardError(shard, str(exc), key) from exc
-
-
-def hash_file(url: str) -> tuple[int, str]:
-    """(bytes, sha256 hex) of a whole file, read in big chunks."""
-    digest, size = hashlib.sha256(), 0
-    with open_shard(url) as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def verify_shard(path: str, entry: ShardEntry, keys: list[str] | None = None) -> bool:
-    """True when ``path`` is exactly ``entry``: size, sha256 (when recorded), sample count and,
-    if given, the keys in order. For ``featurize --resume`` and ``bombkd inspect --verify``."""
-    try:
-        size, digest = hash_file(path)
-        if size != entry.bytes or (entry.sha256 and digest != entry.sha256):
-            return False
-        with open_shard(path) as f:
-            found = [key for key, _ in iter_samples(f, str(path))]
-    except (ShardError, OSError):
-        return False
-    return len(found) == entry.count and (keys is None or found == list(keys))
-
-
-def verify_cache(root, manifest, *, progress: bool = True) -> list[str]:
-    """Re-hash every shard and decode every sample; one line per problem (empty: all good).
-
-    Memory: one shard per model at a time.
-    """
-    root, problems = Path(root), []
-    student = manifest.models["student"]
-    for k in tqdm(range(len(student.shards)), desc="verify shards", unit="shard",
-                  disable=not progress):
-        keys = None
-        for name, model in manifest.models.items():
-            entry = model.shards[k]
-            path = locate(str(root), entry.name)
-            try:
-                size, digest = hash_file(path)
-                if (size, digest) != (entry.bytes, entry.sha256):
-                    problems.append(f"{path}: {size} bytes, sha256 {digest[:12]}...; the "
-                                    f"manifest lists {entry.bytes} bytes, {entry.sha256[:12]}...")
-                labelled = name == "student" and manifest.labels
-                data = read_shard(path, entry, model, labels=labelled,
-                                  classes=len(manifest.classes) if labelled else None)
-            except ShardError as exc:
-                problems.append(str(exc))
-                continue
-            if keys is None:
-                keys = data.keys
-            elif data.keys != keys:
-                problems.append(f"{path}: keys do not line up with the student shard {k}")
-    return problems

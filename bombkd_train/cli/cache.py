@@ -29,7 +29,7 @@ def inspect(
 ) -> None:
     """Summarise a feature cache: models, shapes, dtype, counts, bytes, failed videos."""
     from bombkd_io.shards.manifest import load_manifest, summarize
-    from bombkd_io.shards.reader import verify_cache
+    from bombkd_io.shards.verify import verify_cache
 
     with user_errors():
         splits = [split] if split else _splits(root)
