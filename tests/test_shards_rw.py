@@ -318,6 +318,14 @@ def test_missing_manifest_lists_the_directory(tmp_path):
         load_manifest(tmp_path / "nope", "train")
 
 
+def test_model_entry_json_round_trip_and_contradictions():
+    e = load_manifest(GOLDEN, "train").models["student"]
+    assert "name" not in e.to_json() and ModelEntry.from_json("student", e.to_json(), e.shards) == e
+    assert e.contradictions(backbone="tiny-vjepa2", frames=None, size=64) == {"size": (32, 64)}
+    with pytest.raises(TypeError, match="expected an integer"):
+        ModelEntry.from_json("student", {**e.to_json(), "dim": "4"})
+
+
 def test_model_lookup_lists_available():
     m = load_manifest(GOLDEN, "train")
     with pytest.raises(DatasetError, match=r"'vivit'.*\['student', 'videomae'\]"):
