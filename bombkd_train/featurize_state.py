@@ -23,7 +23,7 @@ from bombkd_io.atomic import atomic_path, folder_problem, remove_temps
 from bombkd_io.datasets import DATASETS, VideoIndex
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
-from bombkd_io.names import check_name, name_problem
+from bombkd_io.names import check_name, name_problem, role_name
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, manifest_path,
                                        misnamed_shard, progress_path, read_manifest)
 from bombkd_train.backbones import POOLS, Backbone, check_backbone_name
@@ -78,7 +78,7 @@ class FeaturizeConfig:
         for name in [self.student, *self.teachers]:
             if name and (problem := check_backbone_name(name)):
                 p.append(problem)
-        roles = [teacher_role(t) for t in self.teachers]
+        roles = [role_name(t) for t in self.teachers]
         for role in sorted({r for r in roles if roles.count(r) > 1 or r == "student"}):
             p.append(f"--teachers: {role!r} is given twice or clashes with 'student'; "
                      "each teacher needs a distinct name")
@@ -94,15 +94,7 @@ class FeaturizeConfig:
 
     def roles(self) -> dict[str, str]:
         """role -> backbone name: "student" and one role per teacher."""
-        return {"student": self.student, **{teacher_role(t): t for t in self.teachers}}
-
-
-def teacher_role(name: str) -> str:
-    """A teacher's name in shard files and manifests: the registry name, or the last part of a
-    hub id / directory, reduced to ``[A-Za-z0-9_-]``."""
-    if name_problem(name, "model") is None:
-        return name
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(name.rstrip("/")).name).strip("-") or "teacher"
+        return {"student": self.student, **{role_name(t): t for t in self.teachers}}
 
 
 def _device_problems(device: str) -> list[str]:

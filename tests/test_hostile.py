@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 from bombkd_io.errors import ConfigError, ErrorPolicy, FormatError, OutputError, ShardError
 from bombkd_io.import_cache import import_tc_cache
 from bombkd_io.loader import make_cached_loader
+from bombkd_io.names import role_name, sanitize
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,
                                       read_manifest, save_manifest)
 from bombkd_io.shards.reader import read_shard
@@ -106,6 +107,14 @@ def test_split_argument_is_a_name(tmp_path, split):
     refused(cli("inspect", root, "--split", split), "--split", "not a valid name")
     with pytest.raises(ConfigError, match="--split"):
         load_manifest(root, split)
+
+
+def test_teacher_roles_and_key_stems_are_sanitised_into_the_grammar():
+    assert role_name("tiny-vivit") == "tiny-vivit"
+    assert role_name("facebook/vjepa2-vitl-fpc64-256/") == "vjepa2-vitl-fpc64-256"
+    assert role_name("/models/my model.v2") == "my_model_v2"
+    assert role_name("../..") == "teacher"
+    assert sanitize("..My Video (v2).1", "video") == "My_Video_v2_1"
 
 
 def test_progress_file_names_are_checked(tmp_path):
