@@ -24,7 +24,7 @@ import typer
 from typer.testing import CliRunner
 
 from bombkd_io.errors import ConfigError, ErrorPolicy, FormatError, OutputError, ShardError
-from bombkd_io.import_cache import import_tc_cache
+from bombkd_io.shards.import_tc import import_tc_cache
 from bombkd_io.loader import make_cached_loader
 from bombkd_io.names import role_name, sanitize
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,

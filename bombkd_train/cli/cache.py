@@ -73,7 +73,7 @@ def import_cache(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16|float32 (default: "
                                                  "the source's)")] = None,
 ) -> None:
-    from bombkd_io.import_cache import import_tc_cache
+    from bombkd_io.shards.import_tc import import_tc_cache
     from bombkd_io.shards.manifest import summarize
 
     with user_errors():
