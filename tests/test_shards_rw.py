@@ -1,4 +1,4 @@
-"""Shard writer, reader and manifest: mirror images; the committed golden cache stays readable."""
+"""Shard writer, reader, verification and manifest; the committed golden cache stays readable."""
 from __future__ import annotations
 
 import hashlib

@@ -87,8 +87,8 @@ def archive_bytes(members: int) -> int:
 # ---- the member walk ----------------------------------------------------------------------------
 
 class _Stream:
-    """Big reads from a file object (or a memoryview, read without copying); ``take(n)`` returns
-    a view of the next ``n`` bytes."""
+    """Big reads from a file object (or a memoryview of bytes already in memory); ``take(n)``
+    returns a view of the next ``n`` bytes."""
 
     def __init__(self, source, shard: str, chunk: int = CHUNK):
         self.file = _ViewFile(source) if isinstance(source, memoryview) else source
