@@ -44,6 +44,7 @@ from bombkd_io.datasets import VideoItem, item_key
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
 from bombkd_io.names import check_name, name_problem, role_name
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
+from bombkd_io.shards.codec import DTYPES
 from bombkd_io.shards.manifest import Manifest, ModelEntry, manifest_path, save_manifest
 from bombkd_io.shards.writer import ShardSetWriter
 
@@ -98,8 +99,8 @@ def import_tc_cache(src, out, *, split: str | None = None, dataset: str | None =
     split = split or check_name(meta["split"], "split", where=where)
     if shard_size < 1:
         problems.append(f"--shard-size must be >= 1, got {shard_size}")
-    if dtype not in (None, "float16", "float32"):
-        problems.append(f"--dtype must be float16 or float32, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        problems.append(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     pickles = [p for p in source.shards if p.is_file() and file_kind(p) == "pickle"]
     if pickles and not trust_pickle:
         problems.append(f"{pickles[0]} is a pickle (by its content, whatever its name); "
