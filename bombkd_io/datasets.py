@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bombkd_io.errors import DataWarning, DatasetError
-from bombkd_io.names import check_name
+from bombkd_io.names import check_name, sanitize
 
 DATASETS = ("ucf101", "hmdb51", "folder", "csv", "jsonl")
 VIDEO_EXTS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv")
@@ -57,8 +57,7 @@ def parse_split(split: str) -> tuple[str, int]:
 
 def item_key(index: int, item: VideoItem) -> str:
     """A sample key: ``{index:06d}_{stem}``, only ``[A-Za-z0-9_-]`` (no dots: tar member names)."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(item.path).stem).strip("_") or "video"
-    return f"{index:06d}_{stem}"
+    return f"{index:06d}_{sanitize(Path(item.path).stem, 'video')}"
 
 
 def _find(root: Path, candidates: list[str], what: str) -> Path:

@@ -5,9 +5,10 @@ A cache, a progress file or a TC-BombKD index may come from a stranger, and a na
 must never become a command (``pipe:...``), a URL or a path outside the folder. So every name
 that ends up in a file name - dataset, split, model (role) - matches ``NAME_RE`` (letters,
 digits, ``_`` and ``-``; no dots, slashes or colons; at most 64 characters) whether it came from
-a file or an argument; sample keys match ``KEY_RE`` (the same characters). A shard's file name is
-exactly ``shard_name(dataset, split, model, k)``; ``locate(root, name)`` joins such a checked
-name to the root the user typed, and only that root may carry a URL scheme.
+a file or an argument; sample keys match ``KEY_RE`` (the same characters); ``sanitize`` is the
+one way free text (a video's file name, a hub id) is made into such characters. A shard's file
+name is exactly ``shard_name(dataset, split, model, k)``; ``locate(root, name)`` joins such a
+checked name to the root the user typed, and only that root may carry a URL scheme.
 """
 from __future__ import annotations
 
@@ -51,6 +52,21 @@ def check_name(value, what: str, *, where=None) -> str:
         raise FormatError(f"{where}: {problem}; the file was not written by bombkd or was "
                           "changed since; refusing to use it")
     raise ConfigError(f"--{what}: {problem}")
+
+
+def sanitize(text: str, fallback: str) -> str:
+    """``text`` in name characters: each run of others becomes ``_``, and ``_`` at either end is
+    dropped; ``fallback`` when nothing is left. The length is checked where the result is used
+    (``name_problem``, the writer's key check)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or fallback
+
+
+def role_name(teacher: str) -> str:
+    """A teacher's role, its name in shard files and manifests: ``teacher`` itself when it is a
+    valid model name, else the last part of its hub id or directory, sanitised."""
+    if name_problem(teacher, "model") is None:
+        return teacher
+    return sanitize(Path(teacher.rstrip("/")).name, "teacher")
 
 
 def shard_name(dataset: str, split: str, model: str, k: int) -> str:

@@ -37,7 +37,7 @@ from bombkd_io.errors import DatasetError, VideoError
 from bombkd_io.lock import lock_folder
 from bombkd_io.names import locate
 from bombkd_io.shards.manifest import Manifest, save_manifest
-from bombkd_io.shards.reader import verify_shard
+from bombkd_io.shards.verify import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_io.video import ClipLoader, parse_device, probe_index
 from bombkd_train.backbones import Backbone, create_backbone

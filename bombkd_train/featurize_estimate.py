@@ -1,13 +1,11 @@
 """The exact size of a feature cache before it is written (``featurize --dry-run``).
 
-Tar arithmetic over every sample: a member is a 512-byte header plus its data padded to whole
-blocks; a finished tar adds two zero blocks and is padded to whole 10240-byte records (what
-``tarfile`` writes). The feature member's size comes from ``encode_tensor`` itself; the
-student's ``.json`` is bounded from the item's path and class name.
+Every member's size comes from its encoder (``bombkd_io.shards.codec``), every shard's from the
+tar arithmetic of ``bombkd_io.shards.tar``; the student's ``.json`` is bounded from the item's
+path and class name.
 """
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +15,10 @@ import numpy as np
 from bombkd_io.atomic import format_bytes
 from bombkd_io.datasets import VideoIndex
 from bombkd_io.errors import ConfigError
-from bombkd_io.shards.codec import encode_tensor
+from bombkd_io.shards.codec import encode_label, encode_meta, encode_tensor
 from bombkd_io.shards.manifest import ModelEntry
+from bombkd_io.shards.tar import archive_bytes, member_bytes
 from bombkd_train.featurize_state import CacheState, FeaturizeConfig
-
-BLOCK, RECORD = 512, 20 * 512  # tar block; tarfile pads a closed archive to whole records
 
 
 @dataclass
@@ -52,21 +49,11 @@ class DiskEstimate:
                           f"{format_bytes(self.free)} free: {verdict}"])
 
 
-def _member(size: int) -> int:
-    """Bytes of one tar member: a header block plus the data padded to whole blocks."""
-    return BLOCK + -(-size // BLOCK) * BLOCK
-
-
-def _tar(members: int) -> int:
-    """Bytes of a finished tar: members, two zero blocks, padded to whole records."""
-    return -(-(members + 2 * BLOCK) // RECORD) * RECORD
-
-
 def _json_bound(item, frames: int) -> int:
     """Upper bound of the student's .json member (frame indices of <= 6 digits, longest fps)."""
     doc = {"path": item.path, "class_name": item.class_name, "fps": 1 / 3 * 1e3,
            "frame_indices": [999999] * frames}
-    return len(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
+    return len(encode_meta(doc))
 
 
 def estimate_bytes(config: FeaturizeConfig, index: VideoIndex, state: CacheState,
@@ -81,14 +68,15 @@ def estimate_bytes(config: FeaturizeConfig, index: VideoIndex, state: CacheState
     items = [it for i, it in enumerate(index.items) if i not in state.failed]
     per_model = {}
     for role, e in shapes.items():
-        feature = _member(len(encode_tensor(np.zeros((e.tokens, e.dim), dtype=e.dtype))))
+        feature = member_bytes(len(encode_tensor(np.zeros((e.tokens, e.dim), dtype=e.dtype))))
         total, pos = 0, 0
         for count in layout:
             body = count * feature
             if role == "student":
-                body += sum(_member(len(str(it.label))) + _member(_json_bound(it, e.frames))
+                body += sum(member_bytes(len(encode_label(it.label)))
+                            + member_bytes(_json_bound(it, e.frames))
                             for it in items[pos:pos + count])
-            total += _tar(body)
+            total += archive_bytes(body)
             pos += count
         per_model[role] = total
     return DiskEstimate(config.out, sum(layout), len(layout), per_model, free_bytes(config.out))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +23,9 @@ from bombkd_io.atomic import atomic_path, folder_problem, remove_temps
 from bombkd_io.datasets import DATASETS, VideoIndex
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
-from bombkd_io.names import check_name, name_problem, shard_name
+from bombkd_io.names import check_name, name_problem, role_name
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, manifest_path,
-                                       progress_path, read_manifest)
+                                       misnamed_shard, progress_path, read_manifest)
 from bombkd_io.video import is_cuda
 from bombkd_train.backbones import POOLS, Backbone, check_backbone_name
 
@@ -79,7 +79,7 @@ class FeaturizeConfig:
         for name in [self.student, *self.teachers]:
             if name and (problem := check_backbone_name(name)):
                 p.append(problem)
-        roles = [teacher_role(t) for t in self.teachers]
+        roles = [role_name(t) for t in self.teachers]
         for role in sorted({r for r in roles if roles.count(r) > 1 or r == "student"}):
             p.append(f"--teachers: {role!r} is given twice or clashes with 'student'; "
                      "each teacher needs a distinct name")
@@ -95,15 +95,7 @@ class FeaturizeConfig:
 
     def roles(self) -> dict[str, str]:
         """role -> backbone name: "student" and one role per teacher."""
-        return {"student": self.student, **{teacher_role(t): t for t in self.teachers}}
-
-
-def teacher_role(name: str) -> str:
-    """A teacher's name in shard files and manifests: the registry name, or the last part of a
-    hub id / directory, reduced to ``[A-Za-z0-9_-]``."""
-    if name_problem(name, "model") is None:
-        return name
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", Path(name.rstrip("/")).name).strip("-") or "teacher"
+        return {"student": self.student, **{role_name(t): t for t in self.teachers}}
 
 
 def _device_problems(device: str) -> list[str]:
@@ -222,11 +214,10 @@ class CacheState:
         """Take dim/tokens/frames/size from the backbone; refuse if they contradict the cache."""
         entry = self.models[role]
         shape = {"dim": bb.dim, "tokens": bb.tokens, "frames": bb.frames, "size": bb.size}
-        if self.done.get(role):
+        if self.done.get(role) and entry.contradictions(**shape):
             have = {k: getattr(entry, k) for k in shape}
-            if have != shape:
-                raise ConfigError(f"{role} ({entry.backbone}) now gives {shape}; the cache in "
-                                  f"{self.config.out} holds {have}; featurize into a new --out")
+            raise ConfigError(f"{role} ({entry.backbone}) now gives {shape}; the cache in "
+                              f"{self.config.out} holds {have}; featurize into a new --out")
         self.models[role] = replace(entry, **shape)
 
     def manifest(self) -> Manifest:
@@ -275,12 +266,10 @@ def _check_compatible(state: CacheState, config: FeaturizeConfig, index: VideoIn
         return
     where, problems = f"{config.out} holds a {config.dataset}-{config.split} cache", []
     student = state.models["student"]
-    wanted = {"backbone": config.student, "pooling": config.pool, "dtype": config.dtype,
-              "frames": config.frames, "size": config.size}
-    for key, value in wanted.items():
-        if value is not None and getattr(student, key) != value:
-            problems.append(f"student {key} is {getattr(student, key)!r} there, this run asks "
-                            f"for {value!r}")
+    for key, (have, want) in student.contradictions(
+            backbone=config.student, pooling=config.pool, dtype=config.dtype,
+            frames=config.frames, size=config.size).items():
+        problems.append(f"student {key} is {have!r} there, this run asks for {want!r}")
     if state.config.shard_size != config.shard_size:
         problems.append(f"shard size is {state.config.shard_size} there, this run asks for "
                         f"{config.shard_size}")
@@ -288,8 +277,8 @@ def _check_compatible(state: CacheState, config: FeaturizeConfig, index: VideoIn
         problems.append("its class list differs from the dataset's")
     for role, name in config.roles().items():
         entry = state.models.get(role)
-        if role != "student" and entry and (entry.backbone, entry.pooling, entry.dtype) != (
-                name, config.pool, config.dtype):
+        if role != "student" and entry and entry.contradictions(
+                backbone=name, pooling=config.pool, dtype=config.dtype):
             problems.append(f"teacher {role!r} there is {entry.backbone} "
                             f"({entry.pooling}, {entry.dtype})")
     if problems:
@@ -315,9 +304,8 @@ def _from_manifest(m: Manifest, config: FeaturizeConfig, index: VideoIndex) -> C
 
 def save_progress(state: CacheState, out: Path) -> None:
     """Atomically record the finished shards, so ``--resume`` can check and keep them."""
-    models = {role: {"backbone": e.backbone, "dim": e.dim, "tokens": e.tokens, "frames": e.frames,
-                     "size": e.size, "pooling": e.pooling, "dtype": e.dtype,
-                     "shards": {str(k): vars(s) for k, s in state.done.get(role, {}).items()}}
+    models = {role: e.to_json(shards={str(k): asdict(s)
+                                      for k, s in state.done.get(role, {}).items()})
               for role, e in state.models.items()}
     data = {"format": PROGRESS_FORMAT, "version": 1, "dataset": state.config.dataset,
             "split": state.config.split, "classes": list(state.index.classes),
@@ -342,13 +330,10 @@ def _read_progress(path: Path, config: FeaturizeConfig, index: VideoIndex) -> Ca
         models, done = {}, {}
         for role, m in data["models"].items():
             check_name(role, "model", where=path)
-            models[role] = ModelEntry(role, m["backbone"], m["dim"], m["tokens"], m["frames"],
-                                      m["size"], m["pooling"], m["dtype"])
-            done[role] = {int(k): ShardEntry(**s) for k, s in m["shards"].items()}
-            for k, entry in done[role].items():
-                if entry.name != shard_name(config.dataset, config.split, role, k):
-                    raise FormatError(f"{path}: shard {k} of {role} is named {entry.name!r}, not "
-                                      f"{shard_name(config.dataset, config.split, role, k)!r}")
+            models[role] = ModelEntry.from_json(role, m)
+            done[role] = {int(k): ShardEntry.from_json(s) for k, s in m["shards"].items()}
+            if problem := misnamed_shard(config.dataset, config.split, role, done[role].items()):
+                raise FormatError(f"{path}: {problem}")
         failed = {int(f["index"]): {"path": f["path"], "reason": f["reason"]}
                   for f in data["failed"]}
         suspect = {int(s["index"]): {"path": s["path"], "reason": s["reason"]}

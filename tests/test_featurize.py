@@ -3,7 +3,9 @@ teacher, --resume, --dry-run, refusals, and the CLI."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from bombkd_io.datasets import index_dataset, item_key
 from bombkd_io.errors import ConfigError
 from bombkd_io.sample_data import make_sample_data
 from bombkd_io.shards.manifest import load_manifest, manifest_path
-from bombkd_io.shards.reader import iter_shard
+from bombkd_io.shards.reader import read_shard
 from bombkd_io.video import ClipLoader, probe_videos
 from bombkd_train import featurize as featurize_module
 from bombkd_train.backbones import create_backbone
@@ -45,6 +47,18 @@ def digests(out: Path) -> dict[str, tuple[str, int]]:
     """Every shard file: (sha256, mtime_ns)."""
     return {p.name: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
             for p in sorted(out.glob("*.tar"))}
+
+
+def read(root: Path, model, k: int = 0, labels: bool = False):
+    """Shard ``k`` of ``model`` (a manifest's entry), read as the cached loader reads it."""
+    return read_shard(root / model.shards[k].name, model.shards[k], model, labels=labels)
+
+
+def metas(shard: Path) -> dict[str, dict]:
+    """key -> the sample's KEY.json, read with the standard library (as any tool would)."""
+    with tarfile.open(shard) as tar:
+        return {m.name.split(".")[0]: json.loads(tar.extractfile(m).read())
+                for m in tar if m.name.endswith(".json")}
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +95,16 @@ def test_layout_alignment_and_student_members(full_cache, small_root):
                       "tiny-vivit": (8, 80)}
     expected = [item_key(i, it) for i, it in enumerate(index.items) if i != BROKEN]
     for k in range(3):
-        per_model = {name: list(iter_shard(str(full_cache / e.shards[k].name)))
-                     for name, e in m.models.items()}
-        keys = {name: [key for key, _ in samples] for name, samples in per_model.items()}
+        keys = {name: read(full_cache, e, k).keys for name, e in m.models.items()}
         assert all(v == expected[3 * k:3 * k + len(v)] for v in keys.values()), keys
-        for key, sample in per_model["student"]:
+        student = read(full_cache, m.models["student"], k, labels=True)
+        meta = metas(full_cache / m.models["student"].shards[k].name)
+        assert student.features.dtype == np.float16
+        for key, label in zip(student.keys, student.labels.tolist()):
             item = index.items[int(key[:6])]
-            assert sample["cls"] == item.label and sample["student"].dtype == np.float16
-            assert sample["json"]["path"] == item.path
-            assert sample["json"]["class_name"] == item.class_name
-            assert len(sample["json"]["frame_indices"]) == 16 and sample["json"]["fps"] > 0
+            assert label == item.label
+            assert meta[key]["path"] == item.path and meta[key]["class_name"] == item.class_name
+            assert len(meta[key]["frame_indices"]) == 16 and meta[key]["fps"] > 0
 
 
 def test_features_match_the_video_path(full_cache, small_root):
@@ -103,8 +117,8 @@ def test_features_match_the_video_path(full_cache, small_root):
         loader = ClipLoader(infos, frames=bb.frames, size=bb.size, batch_size=2, num_threads=1)
         (batch,) = list(loader.batches([[0, 1]]))
         direct = bb(batch.clips).numpy()                          # [2, T', D]
-        cached = [s[name] for _, s in iter_shard(str(full_cache / m.models[name].shards[0].name))]
-        np.testing.assert_allclose(np.stack(cached[:2]).astype(np.float32), direct,
+        cached = read(full_cache, m.models[name]).features
+        np.testing.assert_allclose(cached[:2].astype(np.float32), direct,
                                    rtol=1e-3, atol=1e-3)
 
 
@@ -224,8 +238,8 @@ def test_float32_cache_equals_the_backbone_exactly(small_root, tmp_path):
     bb = create_backbone(STUDENT)
     clips = next(ClipLoader(infos, frames=16, size=112, batch_size=2, num_threads=1)
                  .batches([[0, 1]])).clips
-    cached = [s["student"] for _, s in iter_shard(str(out / m.models["student"].shards[0].name))]
-    torch.testing.assert_close(torch.from_numpy(np.stack(cached[:2])), bb(clips),
+    cached = read(out, m.models["student"]).features
+    torch.testing.assert_close(torch.from_numpy(cached[:2].copy()), bb(clips),
                                rtol=0, atol=1e-5)
 
 
@@ -251,7 +265,7 @@ def test_decode_failure_mid_run_is_skipped_recorded_and_replayed(small_root, tmp
     m = featurize(config(small_root, out, teachers=["tiny-vivit"]))
     assert m.count == 7 and [s.count for s in m.models["student"].shards] == [3, 3, 1]
     assert {"path": victim, "reason": "injected decode error"} in m.failed
-    keys = [key for key, _ in iter_shard(str(out / m.models["tiny-vivit"].shards[0].name))]
+    keys = read(out, m.models["tiny-vivit"]).keys
     assert keys == [item_key(i, index.items[i]) for i in (0, 2, 3)]
     first = {k: v[0] for k, v in digests(out).items()}
     (out / m.models["student"].shards[0].name).unlink()

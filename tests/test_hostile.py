@@ -23,12 +23,14 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bombkd_io.errors import ConfigError, DatasetError, FormatError, OutputError, ShardError
-from bombkd_io.import_cache import import_tc_cache
+from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, FormatError, OutputError, ShardError
+from bombkd_io.shards.import_tc import import_tc_cache
 from bombkd_io.loaders.cached import make_cached_loader
+from bombkd_io.names import role_name, sanitize
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,
                                       read_manifest, save_manifest)
-from bombkd_io.shards.reader import SkipLog, read_shard, verify_cache
+from bombkd_io.shards.reader import read_shard
+from bombkd_io.shards.verify import verify_cache
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_train.checkpoint import save_checkpoint
 from bombkd_train.cli._common import user_errors
@@ -105,6 +107,14 @@ def test_split_argument_is_a_name(tmp_path, split):
     refused(cli("inspect", root, "--split", split), "--split", "not a valid name")
     with pytest.raises(ConfigError, match="--split"):
         load_manifest(root, split)
+
+
+def test_teacher_roles_and_key_stems_are_sanitised_into_the_grammar():
+    assert role_name("tiny-vivit") == "tiny-vivit"
+    assert role_name("facebook/vjepa2-vitl-fpc64-256/") == "vjepa2-vitl-fpc64-256"
+    assert role_name("/models/my model.v2") == "my_model_v2"
+    assert role_name("../..") == "teacher"
+    assert sanitize("..My Video (v2).1", "video") == "My_Video_v2_1"
 
 
 def test_progress_file_names_are_checked(tmp_path):
@@ -237,15 +247,14 @@ def test_tar_size_field_is_not_allocated(tmp_path, field):
     shard.write_bytes(bytes(raw))
     with pytest.raises(ShardError, match="truncated"):
         read_shard(shard, model.shards[0], model, labels=True)
-    skips = SkipLog()
+    policy = ErrorPolicy("skip")
 
     def skipping():
         with pytest.warns(RuntimeWarning, match="skipped"):
-            return read_shard(shard, model.shards[0], model, labels=True, on_error="skip",
-                              skips=skips)
+            return read_shard(shard, model.shards[0], model, labels=True, policy=policy)
 
     assert traced_peak(skipping) < 2 * good  # the shard's own bytes, never the claimed size
-    assert skips.samples == 2
+    assert policy.samples == 2
     refused(cli("inspect", root, "--verify"), "bad shards", "truncated")
 
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
-from bombkd_io.import_cache import import_tc_cache
+from bombkd_io.shards.import_tc import import_tc_cache
 from bombkd_io.loaders.cached import make_cached_loader
-from bombkd_io.shards.reader import verify_cache
+from bombkd_io.shards.verify import verify_cache
 
 TEACHERS = ("videomae", "timesformer")
 

@@ -1,4 +1,4 @@
-"""codec: round trip, refusal of anything that is not a format-1 tensor, golden bytes."""
+"""codec: round trip, refusal of anything that is not a format-1 member, golden bytes."""
 from __future__ import annotations
 
 import msgpack
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bombkd_io.errors import FormatError
-from bombkd_io.shards.codec import decode_tensor, encode_tensor
+from bombkd_io.shards.codec import (decode_label, decode_tensor, encode_label, encode_meta,
+                                   encode_tensor)
 
 # The student member of golden sample 0 (tests/assets/golden): float16 [2, 4] of
 # (arange(8) - 3) * 0.5, i.e. -1.5 .. 2.0. Format 1 is these bytes, forever.
@@ -89,3 +90,26 @@ def test_declared_huge_bin_is_refused_without_allocating():
 def test_encode_refuses_what_format_1_cannot_hold(array):
     with pytest.raises(FormatError):
         encode_tensor(array)
+
+
+# ---- KEY.cls and KEY.json ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("label", [0, 7, 123, 10 ** 17, -1])
+def test_label_round_trip(label):
+    assert decode_label(memoryview(encode_label(label))) == label
+
+
+def test_label_and_meta_golden_bytes():
+    """Golden sample 1's .cls and sample 0's .json (tests/assets/golden)."""
+    assert encode_label(1) == b"1"
+    doc = {"path": "videos/v_jump_g01_c01.avi", "class_name": "jump",
+           "frame_indices": [0, 2, 4, 6], "fps": 25.0}
+    assert encode_meta(doc) == (b'{"class_name":"jump","fps":25.0,"frame_indices":[0,2,4,6],'
+                                b'"path":"videos/v_jump_g01_c01.avi"}')
+
+
+@pytest.mark.parametrize("payload", [b"", b"abc", b"1.0", b" 1", b"+1", b"1\n", b"9" * 19])
+def test_invalid_labels_raise_format_error_naming_where(payload):
+    with pytest.raises(FormatError, match="not a decimal class id") as info:
+        decode_label(payload, where="shard-000003.tar sample k7")
+    assert str(info.value).startswith("shard-000003.tar sample k7: ")

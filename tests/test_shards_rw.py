@@ -1,4 +1,4 @@
-"""Shard writer, reader and manifest: mirror images; the committed golden cache stays readable."""
+"""Shard writer, reader, verification and manifest; the committed golden cache stays readable."""
 from __future__ import annotations
 
 import hashlib
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from bombkd_io.errors import ConfigError, DatasetError, FormatError, ShardError
-from bombkd_io.shards.codec import decode_tensor
-from bombkd_io.shards.manifest import (Manifest, ModelEntry, load_manifest, manifest_path,
-                                       read_manifest, save_manifest)
-from bombkd_io.shards.reader import (SkipLog, check_on_error, iter_shard, read_shard, verify_cache,
-                                     verify_shard)
-from bombkd_io.shards.tarfmt import read_regular
+from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, FormatError, ShardError
+from bombkd_io.shards.codec import decode_label, decode_tensor
+from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,
+                                       manifest_path, read_manifest, save_manifest)
+from bombkd_io.shards.reader import read_shard
+from bombkd_io.shards.tar import iter_samples, read_regular
+from bombkd_io.shards.verify import verify_cache, verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
 
 GOLDEN = Path(__file__).parent / "assets" / "golden"
@@ -57,21 +57,27 @@ def test_golden_manifest_and_committed_bytes():
             assert len(data) == s.bytes and hashlib.sha256(data).hexdigest() == s.sha256
 
 
+def read_set(root: Path, model: ModelEntry) -> list:
+    """Every shard of one model's set, as the cached loader reads it."""
+    return [read_shard(root / s.name, s, model, labels=model.name == "student")
+            for s in model.shards]
+
+
 def test_golden_tar_member_names_and_values():
     with tarfile.open(GOLDEN / "golden-train-student-000000.tar") as tar:
         assert tar.getnames() == [f"{k}.{s}" for k in GOLDEN_KEYS[:2]
                                   for s in ("cls", "json", "student.mp")]
         assert tar.extractfile("000001_v_run_g01_c01.cls").read() == b"1"
-    samples = [s for k in (0, 1) for s in iter_shard(GOLDEN / f"golden-train-student-00000{k}.tar")]
-    assert [k for k, _ in samples] == GOLDEN_KEYS
-    for i, (_, sample) in enumerate(samples):
-        np.testing.assert_array_equal(sample["student"], golden_student(i))
-        assert sample["cls"] == [0, 1, 0][i]
-        assert sample["json"]["frame_indices"] == [0, 2, 4, 6]
-    teacher = [s["videomae"] for k in (0, 1)
-               for _, s in iter_shard(GOLDEN / f"golden-train-videomae-00000{k}.tar")]
-    for i, t in enumerate(teacher):
-        np.testing.assert_array_equal(t, golden_teacher(i))
+        meta = json.loads(tar.extractfile("000000_v_jump_g01_c01.json").read())
+    assert meta["frame_indices"] == [0, 2, 4, 6]
+    m = load_manifest(GOLDEN, "train")
+    student, teacher = read_set(GOLDEN, m.models["student"]), read_set(GOLDEN, m.models["videomae"])
+    assert [k for d in student for k in d.keys] == GOLDEN_KEYS
+    assert [c for d in student for c in d.labels.tolist()] == [0, 1, 0]
+    np.testing.assert_array_equal(np.concatenate([d.features for d in student]),
+                                  [golden_student(i) for i in range(3)])
+    np.testing.assert_array_equal(np.concatenate([d.features for d in teacher]),
+                                  [golden_teacher(i) for i in range(3)])
 
 
 def test_writer_still_reproduces_the_golden_bytes(tmp_path):
@@ -113,8 +119,9 @@ def test_writer_is_deterministic(tmp_path):
 
 def test_writer_casts_to_the_set_dtype(tmp_path):
     (e,) = write_set(tmp_path, n=1, dtype="float32", model="videomae")
-    ((_, sample),) = iter_shard(tmp_path / e.name)
-    assert sample["videomae"].dtype == np.float32
+    data = read_shard(tmp_path / e.name, e, model_entry([e], "videomae", dtype="float32"),
+                      labels=False)
+    assert data.features.dtype == np.float32
 
 
 @pytest.mark.parametrize("key", ["a.b", "dir/key", "", "k y", "x" * 95])
@@ -188,13 +195,15 @@ def test_read_shard_and_urls(tmp_path):
 def test_reader_handles_pax_and_long_names(tmp_path):
     """Tars from other writers (pax headers, names > 100 chars) still read."""
     path, key = tmp_path / "pax.tar", "k" * 120
-    payload = msgpack.packb({"dtype": "float16", "shape": [1], "data": b"\x00\x3c"})
+    payload = msgpack.packb({"dtype": "float16", "shape": [1, 1], "data": b"\x00\x3c"})
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         info = tarfile.TarInfo(f"{key}.student.mp")
         info.size = len(payload)
         tar.addfile(info, io.BytesIO(payload))
-    ((k, sample),) = iter_shard(path)
-    assert k == key and sample["student"].tolist() == [1.0]
+    raw = path.read_bytes()
+    entry = ShardEntry(path.name, 1, len(raw), hashlib.sha256(raw).hexdigest())
+    data = read_shard(path, entry, model_entry([entry], shape=(1, 1)), labels=False)
+    assert data.keys == [key] and data.features.tolist() == [[[1.0]]]
 
 
 def corrupt(path: Path, offset: int, data: bytes) -> None:
@@ -235,18 +244,17 @@ def test_skip_counts_and_warns(tmp_path):
     (e,) = write_set(tmp_path, n=3, shard_size=3)
     path = tmp_path / e.name
     corrupt(path, 2560, b"\xc1\xc1")
-    skips = SkipLog()
-    with pytest.warns(RuntimeWarning, match="skipped 1 sample"):
-        data = read_shard(str(path), e, model_entry([e]), labels=True, on_error="skip",
-                          skips=skips)
-    assert data.present.tolist() == [False, True, True] and skips.samples == 1
+    policy = ErrorPolicy("skip")
+    with pytest.warns(RuntimeWarning, match="skipped 1 sample.*featurize --resume"):
+        data = read_shard(str(path), e, model_entry([e]), labels=True, policy=policy)
+    assert data.present.tolist() == [False, True, True] and policy.samples == 1
     path.write_bytes(path.read_bytes()[:4000])  # truncated in sample 1: 2 lost
     with pytest.warns(RuntimeWarning):
-        data = read_shard(f"pipe:cat {path}", e, model_entry([e]), labels=True,
-                          on_error="skip", skips=skips)
+        data = read_shard(f"pipe:cat {path}", e, model_entry([e]), labels=True, policy=policy)
     # the stream ends inside sample 1, before sample 0 is complete: both lost, and sample 2
-    assert data.present.tolist() == [False, False, False] and skips.samples == 4
-    assert len(skips.problems) == 2 and "000001_v1" in skips.problems[1]
+    assert data.present.tolist() == [False, False, False] and policy.samples == 4
+    assert len(policy.problems) == 2 and "000001_v1" in policy.problems[1]
+    assert policy.fresh() == ErrorPolicy("skip")
 
 
 def test_missing_labels_and_count_mismatch(tmp_path):
@@ -261,8 +269,7 @@ def test_missing_labels_and_count_mismatch(tmp_path):
 def test_verify_shard(tmp_path):
     (e,) = write_set(tmp_path, n=2, shard_size=2)
     path = str(tmp_path / e.name)
-    assert verify_shard(path, e) and verify_shard(path, e, keys=["000000_v0", "000001_v1"])
-    assert not verify_shard(path, e, keys=["x", "y"])
+    assert verify_shard(path, e)
     assert not verify_shard(path, type(e)(e.name, 3, e.bytes, e.sha256))
     assert verify_shard(path, type(e)(e.name, 2, e.bytes, ""))  # sha256 not recorded yet
     assert not verify_shard(str(tmp_path / "missing.tar"), e)
@@ -311,6 +318,14 @@ def test_missing_manifest_lists_the_directory(tmp_path):
         load_manifest(tmp_path / "nope", "train")
 
 
+def test_model_entry_json_round_trip_and_contradictions():
+    e = load_manifest(GOLDEN, "train").models["student"]
+    assert "name" not in e.to_json() and ModelEntry.from_json("student", e.to_json(), e.shards) == e
+    assert e.contradictions(backbone="tiny-vjepa2", frames=None, size=64) == {"size": (32, 64)}
+    with pytest.raises(TypeError, match="expected an integer"):
+        ModelEntry.from_json("student", {**e.to_json(), "dim": "4"})
+
+
 def test_model_lookup_lists_available():
     m = load_manifest(GOLDEN, "train")
     with pytest.raises(DatasetError, match=r"'vivit'.*\['student', 'videomae'\]"):
@@ -334,11 +349,11 @@ def test_save_refuses_inconsistent_manifest(tmp_path):
 
 # ---- the vectorised path for regular shards ----------------------------------------------------
 
-def read_both(path: Path, entry, model):
-    """read_shard (fast path when regular) and the member walk, for comparison."""
-    data = read_shard(str(path), entry, model, labels=True)
-    walked = [(k, s) for k, s in iter_shard(str(path))]
-    return data, walked
+def walk(path: Path) -> list[tuple[str, np.ndarray, int]]:
+    """(key, student features, label) of each sample, by the member walk and the codec."""
+    with open(path, "rb") as f:
+        return [(key, decode_tensor(fields["student.mp"]), decode_label(fields["cls"]))
+                for key, fields in iter_samples(f, str(path))]
 
 
 def test_regular_path_equals_member_walk(tmp_path):
@@ -350,10 +365,11 @@ def test_regular_path_equals_member_walk(tmp_path):
     buf = np.frombuffer(bytearray((tmp_path / e.name).read_bytes()), np.uint8)
     fast = read_regular(buf, 10, "student.mp", (3, 4), np.dtype("<f2"), True)
     assert fast is not None  # what the writer makes is regular
-    data, walked = read_both(tmp_path / e.name, e, model_entry([e]))
-    assert fast[0] == data.keys == [k for k, _ in walked]
-    assert fast[2].tolist() == data.labels.tolist() == labels
-    np.testing.assert_array_equal(data.features, np.stack([s["student"] for _, s in walked]))
+    data = read_shard(str(tmp_path / e.name), e, model_entry([e]), labels=True)
+    walked = walk(tmp_path / e.name)
+    assert fast[0] == data.keys == [k for k, _, _ in walked]
+    assert fast[2].tolist() == data.labels.tolist() == [c for _, _, c in walked] == labels
+    np.testing.assert_array_equal(data.features, np.stack([f for _, f, _ in walked]))
 
 
 def test_irregular_shard_falls_back_to_the_walk(tmp_path):
@@ -403,7 +419,6 @@ def test_read_over_http(tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}/{entries[0].name}"
         data = read_shard(url, entries[0], model_entry(entries), labels=True)
         assert data.keys == ["000000_v0", "000001_v1", "000002_v2"]
-        assert [k for k, _ in iter_shard(url)] == data.keys
     finally:
         server.shutdown()
 
@@ -451,9 +466,8 @@ def test_manifest_bounds_sizes(tmp_path, change, message):
     assert str(path) in str(info.value)
 
 
-def test_on_error_is_checked_once_with_the_argument_name(tmp_path):
-    (e,) = write_set(tmp_path, n=1, shard_size=1)
+def test_on_error_is_checked_once_with_the_argument_name():
     with pytest.raises(ConfigError, match=r"on_error must be one of .*, got 'warn'"):
-        list(iter_shard(str(tmp_path / e.name), on_error="warn"))
+        ErrorPolicy("warn")
     with pytest.raises(ConfigError, match="--on-error must be one of"):
-        check_on_error("ignore", "--on-error")
+        ErrorPolicy("ignore", "--on-error")

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy
+from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, ShardError
 from bombkd_io.names import locate
 from bombkd_io.sampling import check_streams, shard_order, stream_plan
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
-from bombkd_io.shards.reader import ShardData, ShardError, SkipLog, read_shard
+from bombkd_io.shards.reader import ShardData, read_shard
 from bombkd_io.workers import DieWithParent
 
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
@@ -74,9 +74,8 @@ class CachedFeatureDataset(IterableDataset):
         self.entries = {m: self.manifest.model(m) for m in models}
         self.classes = len(self.manifest.classes)  # labels outside [0, classes) are bad samples
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        self.rank, self.world_size, self.on_error = rank, world_size, on_error
-        self.policy = policy
-        self.skips, self.worker = SkipLog(), 0  # samples left out this epoch (on_error="skip")
+        self.rank, self.world_size = rank, world_size
+        self.policy, self.worker = policy, 0  # raise or skip, and what this epoch left out
         self.group = 0  # > 0: yield lists of `group` packed batches, the loader unpacks them
 
     @property
@@ -103,7 +102,7 @@ class CachedFeatureDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         shards, sizes = self.plan(self.epoch, worker, num_workers)
-        self.skips, self.worker = SkipLog(), worker  # per epoch
+        self.policy, self.worker = self.policy.fresh(), worker  # per epoch
         stream = self._read(shards)              # (k, {model: ShardData}) per shard, in order
         stream = self._permute(stream)           # (k, data, positions in shard_order)
         batches = _cut(stream, sizes)            # [(k, data, positions), ...] per batch
@@ -116,7 +115,7 @@ class CachedFeatureDataset(IterableDataset):
         for k in shards:
             data = {name: read_shard(self._url(entry.shards[k].name), entry.shards[k], entry,
                                      labels=name == "student", classes=self.classes,
-                                     on_error=self.on_error, skips=self.skips)
+                                     policy=self.policy)
                     for name, entry in self.entries.items()}
             _check_keys(data, {n: self._url(e.shards[k].name) for n, e in self.entries.items()})
             yield k, data
@@ -150,7 +149,7 @@ class CachedFeatureDataset(IterableDataset):
             "index": np.concatenate([np.zeros(0, np.int64)] +
                                     [k * size + p for k, _, p in pieces]).tobytes(),
             "key": [d["student"].keys[i] for _, d, p in pieces for i in p],
-            "skipped": (self.worker, self.skips.samples)}  # this worker's count so far
+            "skipped": (self.worker, self.policy.samples)}  # this worker's count so far
 
     def unpack(self, packed: dict, pin_memory: bool = False) -> dict:
         """The batch dict of a packed batch: features float32 ``[B, T', D]`` (pinned if asked)."""

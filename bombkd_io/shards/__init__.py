@@ -1,8 +1,10 @@
-"""The feature cache format (version 1): see FORMAT.md beside this file.
+"""The feature cache format (version 1): see FORMAT.md beside this file. In data-flow order:
 
-codec.py     one tensor <-> one msgpack member
-writer.py    one model's shard set (webdataset tars), sha256 taken while writing
-reader.py    lean tar parsing over webdataset.gopen; shard -> [N, T', D]; verification
-tarfmt.py    tar headers: one at a time, or a whole regular shard at once (numpy)
-manifest.py  {dataset}-{split}.index.json: what the cache holds; format/version checks
+import_tc.py  a TC-BombKD feature cache -> samples for the writer (``bombkd import-cache``)
+codec.py      each member's bytes: features (.mp msgpack), label (.cls), metadata (.json)
+writer.py     samples -> one model's shard set (webdataset tars), sha256 taken while writing
+manifest.py   {dataset}-{split}.index.json: what the cache holds, each model's record, checks
+tar.py        tar headers, member and archive sizes, the member walk, the regular-shard fast path
+reader.py     one shard -> ShardData ([N, T', D] features, keys, labels), local or by URL
+verify.py     does a shard (featurize --resume), or a cache (inspect --verify), match its manifest
 """

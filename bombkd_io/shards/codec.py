@@ -1,13 +1,18 @@
-"""One tensor <-> one msgpack member (``KEY.<model>.mp``), format 1.
+"""The bytes of each member of a sample, format 1: the one encoder (and decoder) of each.
 
-A member is the msgpack map ``{"dtype": "float16"|"float32", "shape": [d0, d1, ...],
-"data": <bin: raw little-endian bytes, C order>}``, keys in that order. Decoding is bounded:
-the unpacker refuses more than a handful of short strings and dims, so a hostile member cannot
-make the reader allocate more than the member's own size.
+- ``KEY.<model>.mp``: the msgpack map ``{"dtype": "float16"|"float32", "shape": [d0, d1, ...],
+  "data": <bin: raw little-endian bytes, C order>}``, keys in that order. Decoding is bounded:
+  the unpacker refuses more than a handful of short strings and dims, so a hostile member cannot
+  make the reader allocate more than the member's own size.
+- ``KEY.cls``: the class id in ASCII decimal (``LABEL_RE``).
+- ``KEY.json``: what the sample came from, compact JSON with sorted keys. bombkd writes it (and
+  ``featurize --dry-run`` measures it) but never reads it back: any JSON parser does.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import msgpack
 import numpy as np
@@ -19,6 +24,7 @@ DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4")}
 KEYS = ("dtype", "shape", "data")
 MAX_DIMS = 8
 MAX_TENSOR_BYTES = 1 << 30  # one member holds one clip's features: far below this
+LABEL_RE = re.compile(rb"-?[0-9]{1,18}")  # a .cls member: a decimal that fits int64
 
 
 def encode_tensor(array: np.ndarray) -> bytes:
@@ -42,7 +48,7 @@ def decode_tensor(payload: bytes | memoryview, *, where: str = "") -> np.ndarray
     that is not exactly a format-1 tensor: bad msgpack, trailing bytes, extra or missing keys,
     an unknown dtype, or data whose size does not match the shape.
     """
-    where = f"{where}: " if where else ""
+    where = _prefix(where)
     try:
         obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True,
                               max_bin_len=min(len(payload), MAX_TENSOR_BYTES),
@@ -66,3 +72,26 @@ def decode_tensor(payload: bytes | memoryview, *, where: str = "") -> np.ndarray
         raise FormatError(f"{where}data holds {len(data)} bytes; shape {shape} of {dtype} "
                           f"needs {expected}")
     return np.frombuffer(data, dtype=DTYPES[dtype]).reshape(shape)
+
+
+def encode_label(label: int) -> bytes:
+    """A ``KEY.cls`` member: ``1`` -> ``b"1"``."""
+    return str(int(label)).encode("ascii")
+
+
+def decode_label(payload: bytes | memoryview, *, where: str = "") -> int:
+    """The class id of a ``KEY.cls`` member; ``FormatError`` (starting with ``where``) unless it
+    is an ASCII decimal of at most 18 digits (``LABEL_RE``)."""
+    text = bytes(payload)
+    if not LABEL_RE.fullmatch(text):
+        raise FormatError(f"{_prefix(where)}member .cls is {text[:24]!r}, not a decimal class id")
+    return int(text)
+
+
+def encode_meta(doc: dict) -> bytes:
+    """A ``KEY.json`` member: ``doc`` as JSON with sorted keys and no spaces."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""

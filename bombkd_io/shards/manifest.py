@@ -1,16 +1,18 @@
 """The cache manifest ``{dataset}-{split}.index.json``: what a cache holds and how to check it.
 
 Written last and atomically, so a cache with a manifest is complete; until then featurize keeps
-a progress file ``{dataset}-{split}.progress.json`` beside the shards, and a reader that finds one
-(or shards) but no manifest says the featurize run is unfinished and how to finish it. Readers
-refuse another ``format`` or ``version`` with an error naming the expected value. A manifest may
-be a stranger's: before anything is built from it, every name must fit ``bombkd_io.names`` (a
-shard is exactly ``{dataset}-{split}-{model}-{k:06d}.tar``) and every count and size the limits
-below, checked without allocating in proportion to what the file claims.
+a progress file ``{dataset}-{split}.progress.json`` beside the shards (storing each model with
+``ModelEntry.to_json`` too), and a reader that finds one (or shards) but no manifest says the
+featurize run is unfinished and how to finish it. Readers refuse another ``format`` or
+``version`` with an error naming the expected value. A manifest may be a stranger's: before
+anything is built from it, every name must fit ``bombkd_io.names`` (a shard is exactly
+``{dataset}-{split}-{model}-{k:06d}.tar``, ``misnamed_shard``) and every count and size the
+limits below, checked without allocating in proportion to what the file claims.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,11 @@ class ShardEntry:
     bytes: int   # file size
     sha256: str  # hex digest of the whole file
 
+    @classmethod
+    def from_json(cls, data: dict) -> ShardEntry:
+        return cls(_str(data["name"]), _int(data["count"]), _int(data["bytes"]),
+                   _str(data["sha256"]))
+
 
 @dataclass
 class ModelEntry:
@@ -58,6 +65,30 @@ class ModelEntry:
     def bytes(self) -> int:
         return sum(s.bytes for s in self.shards)
 
+    def to_json(self, shards: list | dict | None = None) -> dict:
+        """What a manifest, and featurize's progress file, store under the model's name: every
+        field but the name, with ``shards`` as given (default: this entry's, as a list)."""
+        out = asdict(self)
+        del out["name"]
+        if shards is not None:
+            out["shards"] = shards
+        return out
+
+    @classmethod
+    def from_json(cls, name: str, data: dict, shards: Iterable[ShardEntry] = ()) -> ModelEntry:
+        """The inverse of ``to_json``, given the shards (read by the caller: their layout
+        differs between a manifest and a progress file); TypeError for a value of the wrong
+        type."""
+        return cls(name, _str(data["backbone"]), _int(data["dim"]), _int(data["tokens"]),
+                   _int(data["frames"]), _int(data["size"]), _str(data["pooling"]),
+                   _str(data["dtype"]), list(shards))
+
+    def contradictions(self, **wanted) -> dict[str, tuple]:
+        """The fields whose recorded value is not the ``wanted`` one (``None``: any will do),
+        as ``field -> (recorded, wanted)``: what a new run would contradict."""
+        return {key: (getattr(self, key), value) for key, value in wanted.items()
+                if value is not None and getattr(self, key) != value}
+
 
 @dataclass
 class Manifest:
@@ -72,10 +103,6 @@ class Manifest:
     # [{"path", "reason"}] in the cache, but read or decoded with warnings (optional in format 1)
     suspect: list[dict] = field(default_factory=list)
 
-    @property
-    def teachers(self) -> list[str]:
-        return [m for m in self.models if m != "student"]
-
     def model(self, name: str) -> ModelEntry:
         """The entry of model ``name``; else a ``DatasetError`` listing what the cache holds."""
         if name not in self.models:
@@ -88,17 +115,11 @@ class Manifest:
         out = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dataset": self.dataset,
                "split": self.split, "classes": list(self.classes), "shard_size": self.shard_size,
                "count": self.count, "labels": self.labels,
-               "models": {name: _model_json(m) for name, m in self.models.items()},
+               "models": {name: m.to_json() for name, m in self.models.items()},
                "failed": list(self.failed)}
         if self.suspect:  # written only when there are some: older readers never see it
             out["suspect"] = list(self.suspect)
         return out
-
-
-def _model_json(m: ModelEntry) -> dict:
-    out = asdict(m)
-    del out["name"]  # the key of the "models" map
-    return out
 
 
 def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
@@ -207,13 +228,8 @@ def read_manifest(path: str | Path) -> Manifest:
 
 
 def _from_json(data: dict) -> Manifest:
-    models = {}
-    for name, m in data["models"].items():
-        shards = [ShardEntry(_str(s["name"]), _int(s["count"]), _int(s["bytes"]),
-                             _str(s["sha256"])) for s in m["shards"]]
-        models[name] = ModelEntry(name, _str(m["backbone"]), _int(m["dim"]), _int(m["tokens"]),
-                                  _int(m["frames"]), _int(m["size"]), _str(m["pooling"]),
-                                  _str(m["dtype"]), shards)
+    models = {name: ModelEntry.from_json(name, m, [ShardEntry.from_json(s) for s in m["shards"]])
+              for name, m in data["models"].items()}
     return Manifest(_str(data["dataset"]), _str(data["split"]),
                     [_str(c) for c in data["classes"]], _int(data["shard_size"]), models,
                     _int(data["count"]), _videos(data.get("failed", [])),
@@ -266,14 +282,21 @@ def check_manifest(m: Manifest) -> list[str]:
         if counts != expected:
             problems.append(f"model {name}: shard counts {counts[:8]} do not split "
                             f"count={m.count} into shards of {m.shard_size}")
-        wrong = next(((k, s.name) for k, s in enumerate(entry.shards)
-                      if s.name != shard_name(m.dataset, m.split, name, k)), None)
-        if wrong:
-            problems.append(f"model {name}: shard {wrong[0]} is named {wrong[1]!r}, not "
-                            f"{shard_name(m.dataset, m.split, name, wrong[0])!r} (a shard is "
-                            "named {dataset}-{split}-{model}-{k:06d}.tar: no paths, no URLs)")
+        if problem := misnamed_shard(m.dataset, m.split, name, enumerate(entry.shards)):
+            problems.append(problem)
         problems += _size_problems(name, entry, m.shard_size)
     return problems
+
+
+def misnamed_shard(dataset: str, split: str, model: str,
+                   shards: Iterable[tuple[int, ShardEntry]]) -> str | None:
+    """Why the first of ``(k, shard)`` not named ``shard_name(dataset, split, model, k)`` is
+    refused, or None: a name read from a file must be exactly the one for its position."""
+    for k, s in shards:
+        if s.name != (expected := shard_name(dataset, split, model, k)):
+            return (f"model {model}: shard {k} is named {s.name!r}, not {expected!r} (a shard "
+                    "is named {dataset}-{split}-{model}-{k:06d}.tar: no paths, no URLs)")
+    return None
 
 
 def _size_problems(name: str, entry: ModelEntry, shard_size: int) -> list[str]:

@@ -1,204 +1,32 @@
-"""Read shards back: a lean tar parser over local files and URLs (the hot path).
+"""Read one shard back into arrays: ``read_shard`` -> ``ShardData`` (the cached loader's hot path).
 
-The mirror image of writer.py. A local shard is opened as a file; a shard under a URL root the
-user typed goes through ``webdataset.gopen`` (``file:``, ``pipe:``, ``http(s)`` through curl,
-...); its location comes from ``bombkd_io.names.locate``, never from a name read from a file
-alone. The tar stream is then parsed here, in big reads that grow only with the bytes that
-arrive, without webdataset's per-sample dict pipeline.
-
-Stages (each a generator):
-  _Stream -> iter_members   yields (key, suffix, payload view) per tar member
-          -> iter_samples   yields (key, {suffix: payload view}) for consecutive members of a key
-          -> iter_shard     yields (key, {model: array, "cls": int, "json": dict}), decoded
-``read_shard`` (the cached loader's) reads a whole shard into one ``[N, T', D]`` array: with
-``tarfmt.read_regular`` in a few array operations when the shard is regular (as written by
-``ShardSetWriter``), by the member walk otherwise.
+A local shard is opened as a file; a shard under a URL root the user typed goes through
+``webdataset.gopen`` (``file:``, ``pipe:``, ``http(s)`` through curl, ...); its location comes
+from ``bombkd_io.names.locate``, never from a name read from a file alone. ``read_shard``:
+  _load_shard     the shard's bytes, no more than the manifest lists (checked before allocating)
+  read_regular    (tar.py) all samples at once, when the shard is regular (what the writer makes)
+  _walk           else tar.iter_samples decoded sample by sample, naming the first bad one
+  _check_labels   labels outside [0, classes) make their samples bad ones
+Each bad shard or sample goes to the ``ErrorPolicy``: raised, or left out and recorded.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
-import json
-import re
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
-from bombkd_io.errors import ConfigError, FormatError, ShardError
-from bombkd_io.names import is_url, locate
-from bombkd_io.shards.codec import DTYPES, decode_tensor
+from bombkd_io.errors import ErrorPolicy, FormatError, ShardError
+from bombkd_io.names import is_url
+from bombkd_io.shards.codec import DTYPES, decode_label, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
-from bombkd_io.shards.tarfmt import BLOCK, padded, parse_header, read_regular, split_name
+from bombkd_io.shards.tar import iter_samples, read_into, read_regular
 
-CHUNK = 8 << 20  # bytes per read: big reads keep syscalls and Python calls per sample low
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
-ON_ERROR = ("raise", "skip")
-LABEL_RE = re.compile(rb"-?[0-9]{1,18}")
-
-
-@dataclass
-class SkipLog:
-    """What ``on_error="skip"`` left out: sample count and one line per problem."""
-    samples: int = 0
-    problems: list[str] = field(default_factory=list)
-
-    def add(self, error: ShardError, samples: int) -> None:
-        self.samples += samples
-        # the error's own fix suggests skipping: say where and why, and how to repair instead
-        where = f"{error.shard} (sample {error.sample})" if error.sample else error.shard
-        line = f"{where}: {error.reason}"
-        self.problems.append(f"{line} ({samples} sample(s) skipped)")
-        warnings.warn(f"skipped {samples} sample(s): {line}; `bombkd featurize --resume` "
-                      "rewrites shards that do not verify", RuntimeWarning, stacklevel=3)
-
-
-def check_on_error(value: str, argument: str = "on_error") -> None:
-    """The one check of an error policy; ConfigError naming ``argument`` (e.g. ``--on-error``)."""
-    if value not in ON_ERROR:
-        raise ConfigError(f"{argument} must be one of {ON_ERROR}, got {value!r}")
-
-
-class _Stream:
-    """Big reads from a file object; ``take(n)`` returns a view of the next ``n`` bytes."""
-
-    def __init__(self, fileobj, shard: str, chunk: int = CHUNK):
-        self.file, self.shard, self.chunk = fileobj, shard, chunk
-        self.buf, self.pos, self.offset = memoryview(b""), 0, 0  # offset: of buf[0] in the file
-        self.member = ""  # name of the member being read, for errors
-
-    def error(self, reason: str) -> ShardError:
-        return ShardError(self.shard, reason, split_name(self.member)[0] if self.member else None)
-
-    def take(self, n: int) -> memoryview | None:
-        """The next ``n`` bytes; ``None`` at a clean end of file; ShardError if cut short."""
-        end = self.pos + n
-        if end > len(self.buf):
-            self._refill(n)
-            end = self.pos + n
-            if end > len(self.buf):
-                if self.pos == len(self.buf):
-                    return None
-                raise self.error(f"truncated at byte {self.offset + len(self.buf)}: {n} bytes "
-                                 f"wanted, {len(self.buf) - self.pos} left")
-        view = self.buf[self.pos:end]
-        self.pos = end
-        return view
-
-    def _refill(self, need: int) -> None:
-        """Make the next ``need`` bytes readable (fewer at the end of the file). The buffer grows
-        only with bytes that arrive: a tar header claiming terabytes in a small shard costs one
-        chunk, then a "truncated" error - never an allocation of the claimed size."""
-        rest = self.buf[self.pos:]
-        size = max(self.chunk, min(need, len(rest) + self.chunk))
-        left = getattr(self.file, "left", None)  # what the source still holds, where it knows
-        if left is not None:
-            size = len(rest) + min(size - len(rest), left)
-        buf = bytearray(size)  # fresh buffers: views already handed out stay valid
-        buf[:len(rest)] = rest
-        filled = len(rest) + _read_into(self.file, memoryview(buf)[len(rest):])
-        while filled == len(buf) < need:  # more is wanted and the file went on: double
-            bigger = bytearray(min(need, 2 * len(buf)))
-            bigger[:filled] = buf
-            buf = bigger
-            filled += _read_into(self.file, memoryview(buf)[filled:])
-        self.offset += self.pos
-        self.buf, self.pos = memoryview(buf)[:filled], 0
-
-
-class _ViewFile:
-    """A read-only file over bytes already in memory, without copying them (unlike BytesIO)."""
-
-    def __init__(self, view: memoryview):
-        self.view, self.pos = view, 0
-
-    @property
-    def left(self) -> int:
-        return len(self.view) - self.pos
-
-    def readinto(self, out: memoryview) -> int:
-        n = min(len(out), len(self.view) - self.pos)
-        out[:n] = self.view[self.pos:self.pos + n]
-        self.pos += n
-        return n
-
-
-def _read_into(fileobj, view: memoryview) -> int:
-    got = 0
-    readinto = getattr(fileobj, "readinto", None)
-    while got < len(view):
-        if readinto is not None:
-            n = readinto(view[got:])
-        else:  # webdataset's Pipe objects only have read()
-            data = fileobj.read(len(view) - got)
-            n = len(data)
-            view[got:got + n] = data
-        if not n:
-            break
-        got += n
-    return got
-
-
-def _header(block: memoryview, stream: _Stream):
-    try:
-        return parse_header(bytes(block))
-    except ValueError as exc:
-        raise stream.error(f"corrupt tar header at byte {stream.offset + stream.pos - BLOCK} "
-                           f"({exc})") from exc
-
-
-def iter_members(fileobj, shard: str) -> Iterator[tuple[str, str, memoryview]]:
-    """Yields (key, suffix, payload) of each regular file member, in tar order.
-
-    ``KEY.a.b`` gives (``KEY``, ``a.b``); pax and GNU long names are followed.
-    """
-    stream, long_name = _Stream(fileobj, shard), None
-    while True:
-        block = stream.take(BLOCK)
-        head = None if block is None else _header(block, stream)
-        if head is None:
-            return
-        name, size, kind = head
-        stream.member = long_name or name
-        block = stream.take(padded(size)) if size else memoryview(b"")
-        if block is None:
-            raise stream.error(f"truncated: member {name} has no data")
-        if kind in (b"L", b"x"):  # GNU long name / pax header: names the next member
-            long_name = _long_name(bytes(block[:size]), kind) or long_name
-            continue
-        if kind in (b"0", b"\0", b"7"):  # not directories, links, global pax headers
-            long_name = None
-            yield *split_name(stream.member), block[:size]
-
-
-def _long_name(payload: bytes, kind: bytes) -> str | None:
-    if kind == b"L":
-        return payload.split(b"\0", 1)[0].decode("utf-8", "replace")
-    for record in payload.decode("utf-8", "replace").splitlines():
-        _, _, keyval = record.partition(" ")
-        if keyval.startswith("path="):
-            return keyval[5:]
-    return None
-
-
-def iter_samples(fileobj, shard: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
-    """Yields (key, {suffix: payload}) for each run of consecutive members sharing a key."""
-    key, fields = None, {}
-    for k, suffix, payload in iter_members(fileobj, shard):
-        if k != key:
-            if fields:
-                yield key, fields
-            key, fields = k, {}
-        if suffix in fields:
-            raise ShardError(shard, f"member {k}.{suffix} appears twice", key)
-        fields[suffix] = payload
-    if fields:
-        yield key, fields
+REPAIR = "`bombkd featurize --resume` rewrites shards that do not verify"  # said on a skip
 
 
 @contextlib.contextmanager
@@ -215,46 +43,6 @@ def open_shard(url) -> Iterator:
         raise ShardError(url, f"cannot read ({exc})") from exc
 
 
-def decode_sample(shard: str, key: str, fields: dict[str, memoryview]) -> dict:
-    """{model: array for each ``<model>.mp``, "cls": int, "json": dict} of one sample."""
-    out = {}
-    for suffix, payload in fields.items():
-        try:
-            if suffix.endswith(".mp"):
-                out[suffix[:-3]] = decode_tensor(payload, where=f"{shard} sample {key}")
-            elif suffix == "cls":
-                out["cls"] = parse_label(payload, shard, key)
-            elif suffix == "json":
-                out["json"] = json.loads(bytes(payload).decode("utf-8"))
-        except (FormatError, ValueError, UnicodeDecodeError) as exc:
-            raise ShardError(shard, f"member {key}.{suffix}: {exc}", key) from exc
-    return out
-
-
-def iter_shard(url: str, *, on_error: str = "raise",
-               skips: SkipLog | None = None) -> Iterator[tuple[str, dict]]:
-    """Yields (key, decoded sample) of every sample of one shard, in tar order.
-
-    ``on_error="skip"``: a bad sample is left out, a truncated or corrupt stream ends the shard;
-    each is counted in ``skips`` and warned about. ``"raise"``: ShardError naming shard + sample.
-    """
-    check_on_error(on_error)
-    skips = skips if skips is not None else SkipLog()
-    try:
-        with open_shard(url) as f:
-            for key, fields in iter_samples(f, str(url)):
-                try:
-                    yield key, decode_sample(str(url), key, fields)
-                except ShardError as exc:
-                    if on_error == "raise":
-                        raise
-                    skips.add(exc, 1)
-    except ShardError as exc:
-        if on_error == "raise":
-            raise
-        skips.add(exc, 0)
-
-
 @dataclass
 class ShardData:
     """One shard of one model, decoded: rows in tar order (position p is sample k*S + p)."""
@@ -265,52 +53,47 @@ class ShardData:
 
 
 def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
-               classes: int | None = None, on_error: str = "raise",
-               skips: SkipLog | None = None) -> ShardData:
+               classes: int | None = None, policy: ErrorPolicy | None = None) -> ShardData:
     """Read one shard whole into ``[count, T', D]`` (the hot path of the cached loader).
 
     ``classes``: labels must lie in ``[0, classes)``; a sample whose label does not is a bad
-    sample like any other (ShardError naming it, or skipped and counted)."""
-    check_on_error(on_error)
-    skips = skips if skips is not None else SkipLog()
+    sample like any other. ``policy`` (default: raise) handles each bad shard or sample: a
+    ShardError naming it, or left out and recorded in the policy."""
+    policy = policy if policy is not None else ErrorPolicy()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
     try:
-        _check_local_size(url, entry)
-        with open_shard(url) as f:
-            buf = np.empty(entry.bytes, np.uint8)  # the manifest's size (bounded by check_manifest)
-            filled = _read_into(f, memoryview(buf))
-            rest = f.read(TAIL)
-            if len(rest) == TAIL and f.read(1):
-                raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
+        buf, complete = _load_shard(url, entry)
     except ShardError as exc:
-        if on_error == "raise":
-            raise
-        skips.add(exc, entry.count)
+        policy.handle(exc, entry.count, fix=REPAIR)
         return _empty(entry.count, shape, dtype, labels)
-    fast = None
-    if filled == len(buf) and not rest:
-        fast = read_regular(buf, entry.count, member, shape, dtype, labels)
+    fast = read_regular(buf, entry.count, member, shape, dtype, labels) if complete else None
     if fast is not None:
         keys, features, cls = fast
         data = ShardData(keys, features, cls, np.ones(entry.count, bool))
     else:  # irregular: walk member by member, naming the first bad sample
-        stream = (_ViewFile(memoryview(buf)[:filled]) if not rest
-                  else io.BytesIO(buf[:filled].tobytes() + rest))
-        data = _walk(stream, str(url), entry.count, member,
-                     _empty(entry.count, shape, dtype, labels), on_error, skips)
-    return _check_labels(data, str(url), classes, on_error, skips)
+        data = _walk(memoryview(buf), str(url), entry.count, member,
+                     _empty(entry.count, shape, dtype, labels), policy)
+    return _check_labels(data, str(url), classes, policy)
 
 
-def parse_label(payload, shard: str, key: str) -> int:
-    """A ``.cls`` member: an ASCII decimal integer of at most 18 digits (it must fit int64)."""
-    text = bytes(payload)
-    if not LABEL_RE.fullmatch(text):
-        raise ShardError(shard, f"member {key}.cls is {text[:24]!r}, not a decimal class id", key)
-    return int(text)
+def _load_shard(url, entry: ShardEntry) -> tuple[np.ndarray, bool]:
+    """The shard's bytes, and whether they are exactly the size the manifest lists (else they
+    are what arrived: shorter, or up to ``TAIL`` longer). Nothing is allocated beyond the
+    listed size (bounded by ``check_manifest``) before the bytes are there."""
+    _check_local_size(url, entry)
+    with open_shard(url) as f:
+        buf = np.empty(entry.bytes, np.uint8)
+        filled = read_into(f, memoryview(buf))
+        rest = f.read(TAIL)
+        if len(rest) == TAIL and f.read(1):
+            raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
+    if rest:
+        return np.frombuffer(buf[:filled].tobytes() + rest, np.uint8), False
+    return buf[:filled], filled == len(buf)
 
 
-def _check_labels(data: ShardData, shard: str, classes: int | None, on_error: str,
-                  skips: SkipLog) -> ShardData:
+def _check_labels(data: ShardData, shard: str, classes: int | None,
+                  policy: ErrorPolicy) -> ShardData:
     """Labels outside ``[0, classes)`` make their samples bad ones (raised, or skipped)."""
     if data.labels is None or classes is None:
         return data
@@ -321,9 +104,7 @@ def _check_labels(data: ShardData, shard: str, classes: int | None, on_error: st
     error = ShardError(shard, f"label {data.labels[first]} is outside [0, {classes}): the "
                        f"manifest lists {classes} classes", data.keys[first],
                        fix="featurize the cache again, or pass --on-error skip")
-    if on_error == "raise":
-        raise error
-    skips.add(error, int(bad.sum()))
+    policy.handle(error, int(bad.sum()), fix=REPAIR)
     data.present[bad] = False
     for pos in np.flatnonzero(bad):
         data.keys[pos] = None
@@ -357,28 +138,24 @@ def _empty(n: int, shape: tuple[int, int], dtype, labels: bool) -> ShardData:
                      np.full(n, -1, np.int64) if labels else None, np.zeros(n, bool))
 
 
-def _walk(stream, shard: str, n: int, member: str, data: ShardData, on_error: str,
-          skips: SkipLog) -> ShardData:
+def _walk(view: memoryview, shard: str, n: int, member: str, data: ShardData,
+          policy: ErrorPolicy) -> ShardData:
     """Fill ``data`` sample by sample; errors name the sample (or are skipped and counted)."""
     done, labels = 0, data.labels is not None
     try:
-        for key, fields in iter_samples(stream, shard):
+        for key, fields in iter_samples(view, shard):
             if done == n:
                 raise ShardError(shard, f"holds more than the {n} samples the manifest "
                                  "lists", key)
             try:
                 _fill(data, done, shard, key, fields, member, labels)
             except ShardError as exc:
-                if on_error == "raise":
-                    raise
-                skips.add(exc, 1)
+                policy.handle(exc, 1, fix=REPAIR)
             done += 1
         if done < n:
             raise ShardError(shard, f"holds {done} samples, the manifest lists {n} (truncated?)")
     except ShardError as exc:
-        if on_error == "raise":
-            raise
-        skips.add(exc, n - done)
+        policy.handle(exc, n - done, fix=REPAIR)
     return data
 
 
@@ -387,10 +164,7 @@ def _fill(data: ShardData, pos: int, shard: str, key: str, fields: dict, member:
     payload = fields.get(member)
     if payload is None:
         raise ShardError(shard, f"sample has no {member} member (has {sorted(fields)})", key)
-    try:
-        array = decode_tensor(payload, where=f"{shard} sample {key}")
-    except FormatError as exc:
-        raise ShardError(shard, str(exc), key) from exc
+    array = _decode(decode_tensor, payload, shard, key)
     if array.shape != data.features.shape[1:] or array.dtype != data.features.dtype:
         raise ShardError(shard, f"features {array.dtype}{list(array.shape)}; the manifest says "
                          f"{data.features.dtype}{list(data.features.shape[1:])}", key)
@@ -399,62 +173,16 @@ def _fill(data: ShardData, pos: int, shard: str, key: str, fields: dict, member:
         if cls is None:
             raise ShardError(shard, "Cached features do not contain labels (no .cls member)",
                              key, fix="re-run `bombkd featurize` to write them")
-        data.labels[pos] = parse_label(cls, shard, key)
+        data.labels[pos] = _decode(decode_label, cls, shard, key)
     data.features[pos] = array
     data.keys[pos] = key
     data.present[pos] = True
 
 
-def hash_file(url: str) -> tuple[int, str]:
-    """(bytes, sha256 hex) of a whole file, read in big chunks."""
-    digest, size = hashlib.sha256(), 0
-    with open_shard(url) as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return size, digest.hexdigest()
-
-
-def verify_shard(path: str, entry: ShardEntry, keys: list[str] | None = None) -> bool:
-    """True when ``path`` is exactly ``entry``: size, sha256 (when recorded), sample count and,
-    if given, the keys in order. For ``featurize --resume`` and ``bombkd inspect --verify``."""
+def _decode(decode, payload, shard: str, key: str):
+    """``decode(payload)`` (a codec decoder); its ``FormatError`` as a ShardError naming the
+    sample."""
     try:
-        size, digest = hash_file(path)
-        if size != entry.bytes or (entry.sha256 and digest != entry.sha256):
-            return False
-        with open_shard(path) as f:
-            found = [key for key, _ in iter_samples(f, str(path))]
-    except (ShardError, OSError):
-        return False
-    return len(found) == entry.count and (keys is None or found == list(keys))
-
-
-def verify_cache(root, manifest, *, progress: bool = True) -> list[str]:
-    """Re-hash every shard and decode every sample; one line per problem (empty: all good).
-
-    Memory: one shard per model at a time.
-    """
-    root, problems = Path(root), []
-    student = manifest.models["student"]
-    for k in tqdm(range(len(student.shards)), desc="verify shards", unit="shard",
-                  disable=not progress):
-        keys = None
-        for name, model in manifest.models.items():
-            entry = model.shards[k]
-            path = locate(str(root), entry.name)
-            try:
-                size, digest = hash_file(path)
-                if (size, digest) != (entry.bytes, entry.sha256):
-                    problems.append(f"{path}: {size} bytes, sha256 {digest[:12]}...; the "
-                                    f"manifest lists {entry.bytes} bytes, {entry.sha256[:12]}...")
-                labelled = name == "student" and manifest.labels
-                data = read_shard(path, entry, model, labels=labelled,
-                                  classes=len(manifest.classes) if labelled else None)
-            except ShardError as exc:
-                problems.append(str(exc))
-                continue
-            if keys is None:
-                keys = data.keys
-            elif data.keys != keys:
-                problems.append(f"{path}: keys do not line up with the student shard {k}")
-    return problems
+        return decode(payload, where=f"{shard} sample {key}")
+    except FormatError as exc:
+        raise ShardError(shard, str(exc), key) from exc

@@ -1,14 +1,17 @@
-"""Write one model's shard set: ``{dataset}-{split}-{model}-{k:06d}.tar`` through webdataset.
+"""Write one model's shard set, ``{dataset}-{split}-{model}-{k:06d}.tar``: ``ShardSetWriter``
+encodes each sample's members with ``codec.py`` and streams them through ``webdataset.TarWriter``
+into shards of ``shard_size`` samples.
 
-The mirror image of reader.py. Each shard goes to ``NAME.tmp`` and is renamed when complete, so
-a finished name is always a whole shard; its size and sha256 are taken while writing. Tar bytes
-are deterministic (fixed mtime, owner and mode): the same features give the same sha256.
+A shard is written to its name plus ``.tmp`` (``...-000003.tar.tmp``, beside it: featurize's
+cleanup and the manifest's "unfinished run" message look for that name) and committed with
+``atomic.commit`` (fsync, rename) when complete, so a finished name is always a whole shard; its
+size and sha256 are taken while writing. Tar bytes are deterministic (fixed mtime, owner and
+mode): the same features give the same sha256.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +19,8 @@ import webdataset as wds
 
 from bombkd_io.atomic import commit, discard, folder_problem
 from bombkd_io.errors import ConfigError, ShardError
-from bombkd_io.shards.codec import DTYPES, encode_tensor
 from bombkd_io.names import KEY_RE, name_problems, shard_name
+from bombkd_io.shards.codec import DTYPES, encode_label, encode_meta, encode_tensor
 from bombkd_io.shards.manifest import ShardEntry
 
 TAR_NAME_MAX = 100  # ustar name field; longer member names would need a prefix split at "/"
@@ -133,7 +136,8 @@ class ShardSetWriter:
         return self.root / shard_name(*self.prefix, self.model, k)
 
     def _open(self) -> None:
-        self._tmp = self._path(self._next).with_suffix(".tar.tmp")
+        path = self._path(self._next)
+        self._tmp = path.with_name(path.name + ".tmp")
         self._file = _HashingFile(self._tmp)
         # mtime/owner/mode fixed so identical features give identical bytes (and sha256).
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0, user="bombkd",
@@ -152,8 +156,8 @@ class ShardSetWriter:
 
 def _encode_extra(name: str, value) -> bytes:
     if name == "cls":
-        return str(int(value)).encode("ascii")
+        return encode_label(value)
     if name == "json":
-        return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        return encode_meta(value)
     raise ShardError(name, f"unknown extra member {name!r}; a sample carries 'cls' and 'json'",
                      fix="pass extra={'cls': label, 'json': {...}}")

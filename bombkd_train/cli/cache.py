@@ -29,7 +29,7 @@ def inspect(
 ) -> None:
     """Summarise a feature cache: models, shapes, dtype, counts, bytes, failed videos."""
     from bombkd_io.shards.manifest import load_manifest, summarize
-    from bombkd_io.shards.reader import verify_cache
+    from bombkd_io.shards.verify import verify_cache
 
     with user_errors():
         splits = [split] if split else _splits(root)
@@ -73,7 +73,7 @@ def import_cache(
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16|float32 (default: "
                                                  "the source's)")] = None,
 ) -> None:
-    from bombkd_io.import_cache import import_tc_cache
+    from bombkd_io.shards.import_tc import import_tc_cache
     from bombkd_io.shards.manifest import summarize
 
     with user_errors():

@@ -42,8 +42,9 @@ from tqdm import tqdm
 from bombkd_io.atomic import folder_problem
 from bombkd_io.datasets import VideoItem, item_key
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
-from bombkd_io.names import check_name, name_problem
+from bombkd_io.names import check_name, name_problem, role_name
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
+from bombkd_io.shards.codec import DTYPES
 from bombkd_io.shards.manifest import Manifest, ModelEntry, manifest_path, save_manifest
 from bombkd_io.shards.writer import ShardSetWriter
 
@@ -56,7 +57,7 @@ TC_NAME_RE = re.compile(  # features_{dataset}_{split}[_shard_NNNNN](.index.json
     r"^features_(?P<dataset>.+)_(?P<split>[^_]+?)(?:_shard_\d+)?(?:\.index\.json|\.pkl)$")
 PICKLE_HELP = ("pickle files can run arbitrary code when loaded; pass --trust-pickle only for a "
                "cache you made yourself or trust")
-FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")  # a shard named in an index
+TC_FILE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,254}$")  # a shard named in an index
 NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"
 
 
@@ -98,8 +99,8 @@ def import_tc_cache(src, out, *, split: str | None = None, dataset: str | None =
     split = split or check_name(meta["split"], "split", where=where)
     if shard_size < 1:
         problems.append(f"--shard-size must be >= 1, got {shard_size}")
-    if dtype not in (None, "float16", "float32"):
-        problems.append(f"--dtype must be float16 or float32, got {dtype!r}")
+    if dtype is not None and dtype not in DTYPES:
+        problems.append(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     pickles = [p for p in source.shards if p.is_file() and file_kind(p) == "pickle"]
     if pickles and not trust_pickle:
         problems.append(f"{pickles[0]} is a pickle (by its content, whatever its name); "
@@ -190,11 +191,10 @@ def _check_models(where: str, rec: Record, writers: dict) -> None:
                           "teachers")
 
 
-def _role(name: str) -> str:
-    """A teacher's role name: last part of a hub id, ``t_`` dropped, only [A-Za-z0-9_-]."""
-    name = str(name).rsplit("/", 1)[-1]
-    name = name[2:] if name.startswith("t_") else name
-    return re.sub(r"[^A-Za-z0-9_-]", "_", name)
+def _role(name) -> str:
+    """A TC-BombKD teacher's role: ``names.role_name``, without the ``t_`` TC-BombKD puts before
+    a teacher's column name."""
+    return role_name(str(name)).removeprefix("t_")
 
 
 # ---- finding the source ------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def _from_index(path: Path) -> Source:
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise FormatError(f"{path}: not a TC-BombKD index ({type(exc).__name__}: {exc}); "
                           "expected {\"shards\": [{\"file\": ..., \"start\": ...}, ...]}") from exc
-    bad = next((n for n in names if not isinstance(n, str) or not FILE_RE.match(n)), None)
+    bad = next((n for n in names if not isinstance(n, str) or not TC_FILE_RE.match(n)), None)
     if bad is not None:
         raise FormatError(f"{path}: lists shard {bad!r}; an index may only name files beside "
                           "it (letters, digits, '_', '-', '.'; no paths); refusing to read it")
