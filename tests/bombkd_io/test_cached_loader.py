@@ -13,9 +13,9 @@ from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, save_manifest
 from bombkd_io.shards.writer import ShardSetWriter
+from places import GOLDEN
 
 N, S, B = 23, 4, 3  # 6 shards: enough for 2 ranks x 2 workers
-GOLDEN = Path(__file__).parent / "assets" / "golden"
 
 
 def make_cache(root: Path, n=N, shard_size=S, *, labels=True, dtype="float16",

@@ -36,9 +36,9 @@ from bombkd_train.checkpoint import save_checkpoint
 from bombkd_train.cli._common import user_errors
 from bombkd_train.cli.main import app
 from bombkd_train.featurize_estimate import check_free_space
+from places import GOLDEN
 from synthetic_cache import make_feature_cache
 
-GOLDEN = Path(__file__).parent / "assets" / "golden"
 runner = CliRunner()
 
 

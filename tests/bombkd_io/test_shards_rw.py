@@ -22,8 +22,8 @@ from bombkd_io.shards.reader import read_shard
 from bombkd_io.shards.tar import iter_samples, read_regular
 from bombkd_io.shards.verify import verify_cache, verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
+from places import GOLDEN, REPO
 
-GOLDEN = Path(__file__).parent / "assets" / "golden"
 GOLDEN_KEYS = ["000000_v_jump_g01_c01", "000001_v_run_g01_c01", "000002_v_jump_g02_c01"]
 
 
@@ -81,7 +81,7 @@ def test_golden_tar_member_names_and_values():
 
 
 def test_writer_still_reproduces_the_golden_bytes(tmp_path):
-    sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+    sys.path.insert(0, str(REPO / "scripts"))
     try:
         from make_golden import make_golden
     finally:

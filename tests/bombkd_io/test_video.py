@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
-from pathlib import Path
 
 import av
 import numpy as np
@@ -20,6 +19,7 @@ from bombkd_io.video import (ClipLoader, VideoInfo, cuda_index, dali_device, dec
 from bombkd_io.video.dali import DaliClipDecoder, encoded_sample, raw_sample
 from bombkd_io.video.pyav import decode_frames
 from bombkd_io.video.resize import resize_crop, resize_crop_tensor, resize_plan
+from places import REPO
 
 # DALI vs PyAV clip difference per codec (16 frames, 112 px; DECODERS.md): (mean, p99) levels.
 # The RGB frames are identical (same swscale flags); only the two resize kernels differ.
@@ -224,7 +224,7 @@ def test_importing_the_device_parser_loads_no_decoder():
     code = ("import sys, bombkd_io.video, bombkd_train.threads, bombkd_train.dist; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'av', 'nvidia'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+                         cwd=REPO)
     assert out.stdout.strip() == "[]"
 
 

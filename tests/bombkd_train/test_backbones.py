@@ -17,6 +17,7 @@ from bombkd_io.video.resize import resize_crop_tensor
 from bombkd_train.backbones import (POOLS, Backbone, check_backbone_name, create_backbone,
                                     list_backbones, register_backbone)
 from bombkd_train.backbones.hf import ARCHS
+from places import REPO, child_env
 
 TINY = [name for name in list_backbones() if name.startswith("tiny-")]
 # name -> (dim, tokens, frames, size): distinct widths and lengths, so converters must adapt.
@@ -93,11 +94,11 @@ def test_deterministic_weights_and_outputs(built, name):
 
 @pytest.mark.slow
 def test_weights_identical_in_another_process(built):
-    code = ("import json; from tests.test_backbones import TINY, weights_digest;"
+    code = ("import json; from tests.bombkd_train.test_backbones import TINY, weights_digest;"
             "from bombkd_train.backbones import create_backbone;"
             "print(json.dumps({n: weights_digest(create_backbone(n)) for n in TINY}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+                         cwd=str(REPO), env=child_env())
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {
         n: weights_digest(built[n]) for n in TINY}
 

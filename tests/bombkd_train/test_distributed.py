@@ -2,11 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +12,9 @@ import torch
 from bombkd_io.sampling import epoch_batches
 from bombkd_train.converters import ConverterTrainConfig, train_converters
 from bombkd_train.trainer import TrainConfig
+from places import child_env
 from synthetic_cache import TEACHERS, make_feature_cache
 
-TESTS = Path(__file__).parent
 
 # Runs on every rank: train, recording which samples this rank's loader yielded.
 RANK_SCRIPT = '''
@@ -62,8 +60,7 @@ def test_two_cpu_ranks_split_the_data_and_agree_on_the_weights(tmp_path):
                       save_dir=str(tmp_path / "run"), val_split="val", device="cpu", progress=False)
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),
-           "OMP_NUM_THREADS": "1"}
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(script), json.dumps(asdict(cfg)), str(tmp_path)],

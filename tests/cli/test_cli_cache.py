@@ -9,8 +9,8 @@ import numpy as np
 from typer.testing import CliRunner
 
 from bombkd_train.cli.main import app
+from places import GOLDEN
 
-GOLDEN = Path(__file__).parent / "assets" / "golden"
 runner = CliRunner()
 
 

@@ -1,17 +1,15 @@
 """`bombkd train` under torchrun: one report from rank 0, not one per rank."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bombkd_train.converters import ConverterTrainConfig, train_converters
+from places import child_env
 from synthetic_cache import TEACHERS, make_feature_cache
 
-TESTS = Path(__file__).parent
 
 
 @pytest.mark.slow
@@ -23,8 +21,7 @@ def test_torchrun_train_prints_one_report(tmp_path):
                                                  batch=16))
     script = tmp_path / "bombkd_cli.py"
     script.write_text("from bombkd_train.cli.main import app\napp()\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),
-           "OMP_NUM_THREADS": "1"}
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          str(script), "train", "--loader", "wds", "--root", str(root), "--split", "train",

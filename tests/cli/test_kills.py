@@ -18,17 +18,16 @@ from bombkd_io.lock import lock_folder
 from bombkd_train.cli.main import app
 from bombkd_train.converters import ConverterTrainConfig, train_converters
 from bombkd_train.featurize import FeaturizeConfig, featurize
+from places import child_env
 from synthetic_cache import TEACHERS, make_feature_cache
 
-TESTS = Path(__file__).parent
 CLI = "from bombkd_train.cli.main import app; app()"
 runner = CliRunner()
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux /proc")
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),
-            "OMP_NUM_THREADS": "1"}
+    return child_env()
 
 
 def _spawn(args: list, log: Path) -> subprocess.Popen:
