@@ -3,7 +3,7 @@
     .venv/bin/python scripts/make_golden.py [OUT]     # default tests/assets/golden
 
 3 samples in shards of 2, student [2, 4] fp16 and teacher "videomae" [1, 6] fp16, values from
-``golden_features`` (tests/test_shards_rw.py recomputes them to check the committed bytes). Run
+``golden_features`` (tests/bombkd_io/test_shards_rw.py recomputes them to check the committed bytes). Run
 it only for a new format version; the tests read the committed files, never regenerate them.
 """
 from __future__ import annotations
