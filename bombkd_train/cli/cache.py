@@ -1,6 +1,7 @@
 """``bombkd inspect`` and ``bombkd import-cache``: look into and convert feature caches."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,12 +11,14 @@ from bombkd_train.cli._common import fail, user_errors
 
 IMPORT_HELP = """Convert a TC-BombKD feature cache (polyspace.data.featurize) into a bombkd cache.
 
-SRC is a features_{dataset}_{split}.index.json (or a directory holding one), a single
-features_{dataset}_{split}.pkl, a directory of features_*_shard_*.pkl, or an npy_dir
-(student.npy, <teacher>.npy, labels.npy, paths.json; or per-sample .npz files). Records are
-{"student": [T, D], "<teacher>": [T, D] | "teachers": {...}, "label": int, "path": str}.
-See bombkd_io/shards/FORMAT.md. Pickle files run arbitrary code when loaded: they are read
-only with --trust-pickle."""
+SRC is a features_{dataset}_{split}.index.json (or a directory holding one) whose shards are
+npy_dirs (storage "npy_dir") or .pkl files (storage "pkl"), a single
+features_{dataset}_{split}.pkl, a directory of features_*_shard_*.pkl, or one npy_dir
+({name}_concat.npy + {name}_offs.npy per model, labels.npy, paths.npy; or student.npy,
+<teacher>.npy, labels.npy; or per-sample .npz files). Pickle records are {"student": [T, D],
+"<teacher>": [T, D] | "teachers": {...}, "label": int, "path": str}. Every sample of a model
+must have the same [T, D]. See bombkd_io/shards/FORMAT.md. Pickle files run arbitrary code
+when loaded: they are read only with --trust-pickle."""
 
 
 def inspect(
@@ -72,13 +75,15 @@ def import_cache(
                                             help="samples per output shard")] = 1000,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16|float32 (default: "
                                                  "the source's)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     from bombkd_io.shards.import_tc import import_tc_cache
     from bombkd_io.shards.manifest import summarize
 
     with user_errors():
         manifest = import_tc_cache(src, out, split=split, dataset=dataset,
-                                   trust_pickle=trust_pickle, shard_size=shard_size, dtype=dtype)
+                                   trust_pickle=trust_pickle, shard_size=shard_size, dtype=dtype,
+                                   progress=not quiet and sys.stderr.isatty())
     typer.echo(summarize(manifest, out))
 
 
