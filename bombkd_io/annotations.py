@@ -121,7 +121,7 @@ def _class_id(value, count: int, where: str) -> int:
 
 
 def _json(path: Path, kind: type, keys: tuple[str, ...] = ()) -> list | dict:
-    """The JSON document in ``path``, a ``kind``; for a list, each entry a dict with ``keys``."""
+    """The JSON document in ``path``, a ``kind``; with ``keys``, a list of dicts that hold them."""
     text = _read(path)
     try:
         data = json.loads(text)
@@ -130,7 +130,7 @@ def _json(path: Path, kind: type, keys: tuple[str, ...] = ()) -> list | dict:
     if not isinstance(data, kind):
         raise DatasetError(f"{path}: holds a JSON {type(data).__name__}, not a {kind.__name__}; "
                            f"{_REDOWNLOAD}")
-    for n, entry in enumerate(data if kind is list else (), start=1):
+    for n, entry in enumerate(data if keys else (), start=1):
         if not isinstance(entry, dict) or not all(k in entry for k in keys):
             raise DatasetError(f"{path}: entry {n} needs {', '.join(keys)} (got "
                                f"{str(entry)[:80]}); {_REDOWNLOAD}")
@@ -153,8 +153,8 @@ def _kinetics_rows(path: Path) -> list[tuple[str, str | None, str]]:
             vid = _part(row["youtube_id"], VIDEO_ID, "youtube_id", where)
             start, end = (_seconds(row[k], k, where) for k in ("time_start", "time_end"))
             rows.append((where, label, f"{vid}_{start:06d}_{end:06d}.mp4"))
-    except csv.Error as err:
-        raise DatasetError(f"{path}: line {reader.line_num}: not CSV ({err}); "
+    except csv.Error as err:  # raised before the reader counts the line
+        raise DatasetError(f"{path}: line {reader.line_num + 1}: not CSV ({err}); "
                            f"{_REDOWNLOAD}") from err
     return rows
 
