@@ -22,7 +22,7 @@ from bombkd_io.errors import DatasetError
 # (grammar, what it allows): what an id or label read from a file must match to become a path part
 VIDEO_ID = (re.compile(r"[A-Za-z0-9_-]{1,64}"), "1-64 letters, digits, '_' or '-'")
 CLASS_FOLDER = (re.compile(r"[^\x00-\x1f/\\:]{1,100}"),
-                "1-100 characters, no '/', '\\', ':' or control characters, not '.' or '..'")
+                "1-100 characters, no '/', '\\', ':' or control characters, not dots only")
 _DECIMAL = re.compile(r"[0-9]{1,9}")
 _REDOWNLOAD = "the annotation files are damaged or not the official ones: re-download them"
 
@@ -104,7 +104,8 @@ def _part(value, grammar: tuple[re.Pattern, str], what: str, where: str) -> str:
     """``value`` if it may become one part of a path: it matches ``grammar``, is not made of dots
     only and has no spaces at either end."""
     pattern, allowed = grammar
-    if isinstance(value, str) and pattern.fullmatch(value) and value.strip(". ") == value.strip():
+    if isinstance(value, str) and pattern.fullmatch(value) and value.strip(".") \
+            and value == value.strip():
         return value
     raise DatasetError(f"{where}: {what} {str(value)[:80]!r} cannot name a file ({allowed}); "
                        f"{_REDOWNLOAD}")

@@ -200,6 +200,8 @@ HOSTILE_KINETICS = [  # train.csv lines after the header
     ("abseiling,../../../etc/x,0,10,train", r"line 2: youtube_id '../../../etc/x' cannot name"),
     ("../../etc,bbbbbbbbbbb,0,10,train", r"line 2: label '../../etc' cannot name a file"),
     ("..,bbbbbbbbbbb,0,10,train", r"line 2: label '..' cannot name a file"),
+    ("...,bbbbbbbbbbb,0,10,train", r"line 2: label '...' cannot name a file"),
+    (" abseiling,bbbbbbbbbbb,0,10,train", r"line 2: label ' abseiling' cannot name a file"),
     ("/etc,bbbbbbbbbbb,0,10,train", r"line 2: label '/etc' cannot name"),
     ("C:\\x,bbbbbbbbbbb,0,10,train", r"line 2: label 'C:\\\\x' cannot name"),
     ("abseiling,bbbbbbbbbbb,-5,10,train", r"line 2: time_start '-5' is not whole seconds"),
