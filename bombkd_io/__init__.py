@@ -3,6 +3,7 @@
 The data path, one module (or package) per stage, in data-flow order:
 
     datasets.py    index: a dataset root -> items (path, label, class name); recorded paths -> items
+    annotations.py the annotation files of ssv2, kinetics, diving48 -> entries, read as hostile
     sampling.py    sample: which frames make a clip; plan: which samples make each batch of an epoch
     video/         decode: route, probe, DALI or PyAV -> uint8 clips [T, S, S, 3]
     shards/        encode, write, read, verify: the feature cache format (FORMAT.md)

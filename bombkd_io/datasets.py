@@ -12,6 +12,25 @@
   (``DataWarning``: often a ``--root`` one level too high). Ids are sorted class names.
 - ``csv`` / ``jsonl``: a manifest file with ``path,label[,split]``; relative paths resolve
   against the manifest's directory; labels may be names or integers.
+
+Datasets read from annotation files (``ANNOTATED``: the split files and the parser of each, in
+``bombkd_io.annotations``, which reads them as hostile; one builder makes the index):
+
+- ``ssv2``: ``root/labels/{labels,train,validation,test}.json``, videos
+  ``root/20bn-something-something-v2/{id}.webm``; ids are labels.json's, a video's class its
+  template without brackets. ``test`` has no labels.
+- ``kinetics400`` / ``kinetics600`` / ``kinetics700``:
+  ``root/annotations/{train,validate,test}.csv`` (``label,youtube_id,time_start,time_end,split``),
+  videos ``root/{split}/{label}/{youtube_id}_{time_start:06d}_{time_end:06d}.mp4`` (a csv with no
+  label column: ``root/{split}/{youtube_id}_...mp4``, no labels); ``val`` is ``validate``. Ids
+  are the sorted labels of train.csv. Videos taken off YouTube are missing: they stay in the
+  index (``VideoIndex.missing``, one ``DataWarning``), so featurize records them as failed, as
+  it does any unreadable video.
+- ``diving48``: ``root/Diving48_V2_{train,test}.json`` (``vid_name``, ``label``), videos
+  ``root/rgb/{vid_name}.mp4``; ids index ``root/Diving48_vocab.json``.
+
+A split without labels (items labelled ``UNLABELLED``) can be featurized but not trained on:
+``index_dataset(..., require_labels=True)`` refuses it.
 """
 from __future__ import annotations
 
@@ -20,14 +39,14 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Collection
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from bombkd_io import annotations
 from bombkd_io.errors import DataWarning, DatasetError
 from bombkd_io.names import check_name, sanitize
 
-DATASETS = ("ucf101", "hmdb51", "folder", "csv", "jsonl")
 VIDEO_EXTS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".ogv")
 
 
@@ -38,6 +57,9 @@ class VideoItem:
     class_name: str
 
 
+UNLABELLED = -1   # the label of a video in a split that has none (ssv2 test, kinetics test)
+
+
 @dataclass
 class VideoIndex:
     dataset: str
@@ -45,6 +67,13 @@ class VideoIndex:
     root: str
     classes: list[str]          # id -> name
     items: list[VideoItem]      # in split-file order: the "index order" of the cache
+    # listed videos that are not on disk, kept in ``items`` (kinetics only; other datasets refuse)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def labelled(self) -> bool:
+        """Whether every item has a class (a split to train or evaluate on)."""
+        return all(item.label != UNLABELLED for item in self.items)
 
 
 def parse_split(split: str) -> tuple[str, int]:
@@ -211,6 +240,69 @@ def _manifest_rows(manifest: Path, kind: str) -> list[dict]:
     return rows
 
 
+# --- datasets read from annotation files (bombkd_io.annotations parses them) ------------------
+
+
+@dataclass(frozen=True)
+class Annotated:
+    """A dataset read from annotation files: each split's file (under the root) and the parser
+    that reads one into ``(classes, entries)``."""
+    files: dict[str, str]                                    # split -> annotation file
+    parse: Callable[[Path, Path], tuple[list[str], list[annotations.Entry]]]   # (root, file)
+    missing_ok: bool = False    # a listed video that is not on disk is recorded, not refused
+
+
+_KINETICS = Annotated({"train": "annotations/train.csv", "validate": "annotations/validate.csv",
+                       "val": "annotations/validate.csv", "test": "annotations/test.csv"},
+                      annotations.kinetics, missing_ok=True)   # many YouTube videos are gone
+ANNOTATED = {
+    "ssv2": Annotated({s: f"labels/{s}.json" for s in ("train", "validation", "test")},
+                      annotations.ssv2),
+    "kinetics400": _KINETICS, "kinetics600": _KINETICS, "kinetics700": _KINETICS,
+    "diving48": Annotated({s: f"Diving48_V2_{s}.json" for s in ("train", "test")},
+                          annotations.diving48),
+}
+
+
+def index_annotated(dataset: str, root: Path, split: str, require_labels: bool) -> VideoIndex:
+    spec = ANNOTATED[dataset]
+    if split not in spec.files:
+        raise DatasetError(f"{dataset}: unknown split {split!r}; use one of "
+                           f"{', '.join(spec.files)}")
+    source = root / spec.files[split]
+    classes, entries = spec.parse(root, source)
+    if require_labels and any(e.label is None for e in entries):
+        raise DatasetError(f"{source}: split {split!r} of {dataset} has no labels, so it can be "
+                           "featurized but not trained or evaluated on; pass a labelled --split")
+    index = VideoIndex(dataset, split, str(root), classes, [])
+    for where, rel, label in entries:
+        path = (root / rel).absolute()
+        if spec.missing_ok and not path.is_file():
+            index.missing.append(str(path))
+        else:
+            path = _video(root, rel, where)
+        index.items.append(VideoItem(str(path), UNLABELLED, "") if label is None
+                           else VideoItem(str(path), label, classes[label]))
+    if index.missing:
+        _report_missing(index, source)
+    return _checked(index, source)
+
+
+def _report_missing(index: VideoIndex, source: Path) -> None:
+    """Missing videos (taken off YouTube) stay in the index, so that featurize records them as
+    failed like any unreadable video; none on disk at all is a wrong --root."""
+    gone, total = len(index.missing), len(index.items)
+    if gone == total:
+        raise DatasetError(f"{source}: none of the {total} videos it lists exist (first: "
+                           f"{index.missing[0]}); check --root")
+    warnings.warn(f"{source}: {gone} of the {total} videos it lists are missing (first: "
+                  f"{index.missing[0]}); they are left out and recorded as failed", DataWarning,
+                  stacklevel=4)
+
+
+DATASETS = ("ucf101", "hmdb51", "folder", "csv", "jsonl", *ANNOTATED)
+
+
 def _lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DatasetError(f"{path}: missing split file; pass the dataset root that holds it")
@@ -224,8 +316,12 @@ def _checked(index: VideoIndex, where: Path) -> VideoIndex:
     return index
 
 
-def index_dataset(dataset: str, root: str | Path, split: str) -> VideoIndex:
-    """Index ``split`` of ``dataset`` under ``root`` (a manifest file for csv/jsonl)."""
+def index_dataset(dataset: str, root: str | Path, split: str, *,
+                  require_labels: bool = False) -> VideoIndex:
+    """Index ``split`` of ``dataset`` under ``root`` (a manifest file for csv/jsonl).
+
+    ``require_labels``: refuse a split without labels (ssv2 or kinetics test), as training and
+    evaluation do; featurize takes it."""
     if dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {dataset!r}; expected one of {', '.join(DATASETS)}")
     check_name(split, "split")  # it names a folder (folder datasets) and the cache's files
@@ -236,6 +332,8 @@ def index_dataset(dataset: str, root: str | Path, split: str) -> VideoIndex:
         return index_manifest(root, split, dataset)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a directory; pass the dataset root as --root")
+    if dataset in ANNOTATED:
+        return index_annotated(dataset, root.absolute(), split, require_labels)
     indexers = {"ucf101": index_ucf101, "hmdb51": index_hmdb51, "folder": index_folder}
     return indexers[dataset](root.absolute(), split)
 

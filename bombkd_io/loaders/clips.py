@@ -53,7 +53,7 @@ class VideoClipLoader:
                  world_size: int = 1, device: str = "cpu", exclude: Collection[str] = ()):
         from bombkd_io.video import probe_index  # video mode only: PyAV stays out of cached mode
 
-        self.index = index_dataset(dataset, root, split)
+        self.index = index_dataset(dataset, root, split, require_labels=True)  # trains, evaluates
         self.classes = list(self.index.classes)
         # ``exclude``: videos a cache left out (failed to decode when featurized), so that sample
         # i here is sample i of that cache; ``unmatched``: those that are not in this index

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bombkd_io.datasets import DATASETS
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.shards.manifest import manifest_path
 from bombkd_train.cli._common import fail, names, user_errors
@@ -20,10 +21,12 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def featurize_command(
-    dataset: Annotated[str, typer.Option(help="ucf101, hmdb51, folder, csv or jsonl")],
+    dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
     root: Annotated[Path, typer.Option(help="dataset root (videos and split files)")],
     split: Annotated[str, typer.Option(
-        help="train / test (fold 1), train2, test3, ...; folder: a split folder, or all")],
+        help="train / test (fold 1), train2, test3, ...; folder: a split folder, or all; "
+             "ssv2: train, validation, test; kinetics: train, validate, test; diving48: "
+             "train, test")],
     student: Annotated[str, typer.Option(help="backbone: registry name, hub id or directory")],
     out: Annotated[Path, typer.Option(help="cache directory (created if missing)")],
     teachers: Annotated[Optional[list[str]], typer.Option(

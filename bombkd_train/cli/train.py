@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bombkd_io.datasets import DATASETS
 from bombkd_train.cli._common import names, user_errors
 
 Loader = Annotated[str, typer.Option(
@@ -14,7 +15,7 @@ Loader = Annotated[str, typer.Option(
 Root = Annotated[str, typer.Option("--root", help="wds: the feature cache; dali: the dataset root")]
 Split = Annotated[str, typer.Option("--split", help="split name, e.g. train, test, train2")]
 Dataset = Annotated[Optional[str], typer.Option(
-    "--dataset", help="ucf101, hmdb51, folder, csv, jsonl")]
+    "--dataset", help=f"one of {', '.join(DATASETS)}")]
 Student = Annotated[Optional[str], typer.Option(
     "--student", help="student backbone (registry or hub name)")]
 Frames = Annotated[Optional[int], typer.Option(
