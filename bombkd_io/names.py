@@ -28,7 +28,7 @@ _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:")  # two letters at least: "C:"
 
 def name_problem(value, what: str) -> str | None:
     """Why ``value`` is not a valid ``what`` name, or ``None`` when it is."""
-    if not isinstance(value, str) or not NAME_RE.match(value):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
         return (f"{what} {value!r} is not a valid name (1-64 letters, digits, '_' or '-'; "
                 "no dots, slashes or colons)")
     if what == "model" and value in RESERVED_MODELS:
@@ -87,7 +87,7 @@ def locate(root, name: str) -> str | Path:
     """Where shard (or manifest) ``name`` of a cache at ``root`` is: a ``Path`` under a local
     root, ``{root}/{name}`` under a URL root. ``name`` must be a plain shard or manifest name,
     so nothing read from a file can add a scheme, a ``..`` or an absolute path."""
-    if not isinstance(name, str) or not _FILE_RE.match(name):
+    if not isinstance(name, str) or not _FILE_RE.fullmatch(name):
         raise FormatError(f"{name!r} is not a shard or manifest name of a bombkd cache")
     if is_url(root):
         return f"{root.rstrip('/')}/{name}"

@@ -259,7 +259,7 @@ def find_source(src: Path) -> Source:
 
 
 def _name_hint(name: str) -> dict:
-    m = TC_NAME_RE.match(name)
+    m = TC_NAME_RE.fullmatch(name)
     return {"dataset": m["dataset"], "split": m["split"]} if m else {}
 
 
@@ -281,7 +281,7 @@ def _from_index(path: Path) -> Source:
     meta = {k: index.get(k) for k in INDEX_META}
     _check_index_types(path, meta, index.get("storage"))
     names = [name for name, _, _ in rows]
-    bad = next((n for n in names if not isinstance(n, str) or not TC_FILE_RE.match(n)), None)
+    bad = next((n for n in names if not isinstance(n, str) or not TC_FILE_RE.fullmatch(n)), None)
     if bad is not None:
         raise FormatError(f"{path}: lists shard {bad!r}; an index may only name files beside "
                           "it (letters, digits, '_', '-', '.'; no paths); refusing to read it")

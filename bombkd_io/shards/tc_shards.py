@@ -155,7 +155,7 @@ def _teacher_files(folder: Path, teachers: list[str]) -> dict[str, str]:
     stems = {t: t.replace("/", "_") for t in teachers} or {
         s: s for p in sorted(folder.glob("*_concat.npy"))
         if (s := p.name.removesuffix("_concat.npy")) != "student"}
-    bad = next((s for s in stems.values() if not TC_FILE_RE.match(f"{s}_concat.npy")), None)
+    bad = next((s for s in stems.values() if not TC_FILE_RE.fullmatch(f"{s}_concat.npy")), None)
     if bad is not None:
         raise FormatError(f"{folder}: teacher {bad!r} cannot name a file (letters, digits, "
                           "'_', '-', '.'); refusing to read it")

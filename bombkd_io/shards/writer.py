@@ -28,7 +28,7 @@ TAR_NAME_MAX = 100  # ustar name field; longer member names would need a prefix 
 
 def check_key(key: str, model: str) -> None:
     """Keys are ``[A-Za-z0-9_-]+`` (no dots: webdataset splits the member name at the first one)."""
-    if not isinstance(key, str) or not KEY_RE.match(key):
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
         raise ShardError(model, f"sample key {key!r} must match {KEY_RE.pattern} (no dots)",
                          fix="sanitise the key (bombkd_io.datasets.item_key does)")
     if len(f"{key}.{model}.mp") > TAR_NAME_MAX:

@@ -70,6 +70,7 @@ HOSTILE_SHARD_NAMES = [
     "{abs}",
     "s3://bucket/golden-train-student-000000.tar",
     "golden-train-student-000001.tar",  # a valid name, but not shard 0's
+    "golden-train-student-000000.tar\n",  # a grammar checked with `$` would let the newline in
 ]
 
 
@@ -92,7 +93,7 @@ def test_manifest_shard_name_is_checked_before_use(tmp_path, monkeypatch, templa
 
 
 @pytest.mark.parametrize("field, value", [("dataset", "../../escape"), ("split", "a/b"),
-                                          ("dataset", "pipe:x")])
+                                          ("dataset", "pipe:x"), ("split", "train\n")])
 def test_manifest_dataset_and_split_are_names(tmp_path, field, value):
     root, path, data = golden_copy(tmp_path)
     data[field] = value
