@@ -58,6 +58,7 @@ class VideoItem:
 
 
 UNLABELLED = -1   # the label of a video in a split that has none (ssv2 test, kinetics test)
+MAX_CLASSES = 100_000   # a numeric label column naming more classes is a broken file
 
 
 @dataclass
@@ -210,7 +211,13 @@ def index_manifest(manifest: Path, split: str, kind: str) -> VideoIndex:
     rows = _manifest_rows(manifest, kind)
     rows = [r for r in rows if not r.get("split") or r["split"] == split]
     labels = [str(r["label"]) for r in rows]
-    numeric = all(label.lstrip("-").isdigit() for label in labels)
+    numeric = all(label.isdecimal() for label in labels)
+    if bad := next((label for label in labels if label[1:].isdecimal() and label[0] == "-"), None):
+        raise DatasetError(f"{manifest}: label {bad!r} is negative; class ids are 0, 1, ... "
+                           "(or give class names)")
+    if numeric and labels and max(map(int, labels)) >= MAX_CLASSES:
+        raise DatasetError(f"{manifest}: label {max(map(int, labels))} is not a class id "
+                           f"(at most {MAX_CLASSES - 1}); fix the label column")
     classes = ([str(i) for i in range(max(map(int, labels)) + 1)] if numeric and labels
                else sorted(set(labels)))
     items = []

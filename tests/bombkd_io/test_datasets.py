@@ -113,6 +113,16 @@ def test_csv_and_jsonl_manifests(tmp_path):
         index_dataset("csv", tmp_path / "bad.csv", "train")
 
 
+@pytest.mark.parametrize("label, message", [("-1", "label '-1' is negative"),
+                                            ("4000000000", "label 4000000000 is not a class id")])
+def test_hostile_numeric_labels_are_refused(tmp_path, label, message):
+    _touch(tmp_path / "videos" / "a.mp4")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"path": "videos/a.mp4", "label": 0}) + "\n" +
+                                      json.dumps({"path": "videos/a.mp4", "label": label}) + "\n")
+    with pytest.raises(DatasetError, match=f"m.jsonl: {message}"):
+        index_dataset("jsonl", tmp_path / "m.jsonl", "train")
+
+
 def test_clear_errors_for_bad_roots(tmp_path):
     with pytest.raises(DatasetError, match="does not exist"):
         index_dataset("ucf101", tmp_path / "nope", "train")
