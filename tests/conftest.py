@@ -7,6 +7,11 @@
 - ``bad_videos``    dict kind -> Path: ``missing``, ``empty``, ``text`` (not a video),
                     ``garbage`` (random bytes, .webm), ``header_only`` (the first 200 bytes of a
                     webm), ``truncated`` (the first 60% of a webm), ``audio_only`` (.wav).
+- ``edit_list_mp4`` Path: the same 24 frames as ``codec_videos``, VP9 in MP4, whose edit list
+                    cuts the first 3: 24 packets stored, 21 frames shown.
+- ``gpu_videos``    dict codec -> Path: 24 frames, 176x144 (inside NVDEC's sizes for every
+                    codec), of every codec DALI's GPU decoder takes, plus mjpeg; mpeg4 is
+                    ``mpeg4_bframes`` (B-frames in AVI, not packed).
 """
 from __future__ import annotations
 
@@ -16,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bombkd_io.sample_data import CODECS, class_specs, encode_video, make_sample_data, render_clip
+from bombkd_io.sample_data import (CODECS, TEST_ENCODERS, class_specs, encode_video,
+                                   make_sample_data, render_clip)
 
 CODEC_EXT = {"vp9": ".webm", "h264": ".mp4", "mpeg4": ".avi", "mjpeg": ".avi"}
 
@@ -27,11 +33,15 @@ def sample_root(tmp_path_factory) -> Path:
                             codec="vp9", seed=0)
 
 
+def spinning_frames(width: int = 160, height: int = 120) -> np.ndarray:
+    """24 frames ``[24, H, W, 3]`` of a spinning shape: every frame differs from the last."""
+    return render_clip(class_specs(6)[4], np.random.default_rng(7), 24, width, height)
+
+
 @pytest.fixture(scope="session")
 def codec_videos(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("codecs")
-    spec = class_specs(6)[4]                                  # spinning: motion in every frame
-    frames = render_clip(spec, np.random.default_rng(7), 24, 160, 120)   # [24, 120, 160, 3]
+    frames = spinning_frames()                                # [24, 120, 160, 3]
     paths = {}
     for codec in CODECS:
         paths[codec] = out / f"clip_{codec}{CODEC_EXT[codec]}"
@@ -64,4 +74,24 @@ def bad_videos(tmp_path_factory, codec_videos) -> dict[str, Path]:
     with wave.open(str(paths["audio_only"]), "wb") as w:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
         w.writeframes(np.zeros(8000, np.int16).tobytes())
+    return paths
+
+
+@pytest.fixture(scope="session")
+def edit_list_mp4(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("editlist") / "edit_list_vp9.mp4"
+    encode_video(spinning_frames(), path, "vp9", fps=25, first_pts=-3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpu_videos(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("gpu_codecs")
+    frames = spinning_frames(176, 144)                        # [24, 144, 176, 3]
+    encoders = {**{codec: CODEC_EXT[codec] for codec in ("vp9", "h264", "mjpeg")},
+                **{codec: ext for codec, (ext, *_) in TEST_ENCODERS.items()}}
+    paths = {}
+    for codec, ext in encoders.items():
+        paths[codec] = out / f"clip_{codec}{ext}"
+        encode_video(frames, paths[codec], codec, fps=25)
     return paths
