@@ -44,6 +44,8 @@ TEST_ENCODERS = {
               "x265-params": "log-level=error:pools=none:frame-threads=1"}),
     "av1": (".mkv", "libsvtav1", "yuv420p", {"preset": "12", "crf": "30"}),
 }
+# Every codec DALI's GPU decoder takes, plus MJPEG, which it does not.
+GPU_CODECS = ["vp8", "vp9", "h264", "hevc", "av1", "mpeg4_bframes", "mjpeg"]
 MOTIONS = ("SlideRight", "SlideLeft", "SlideUp", "SlideDown", "Spin", "ZoomIn", "ZoomOut", "Bounce")
 SHAPES = ("Disc", "Box", "Bar", "Cross")
 SIZES = ((128, 96), (144, 108), (160, 120), (176, 144))   # (width, height), all even
@@ -148,6 +150,26 @@ def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int,
             frame.pts = first_pts + i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+
+
+def spinning_clip(width: int = 160, height: int = 120) -> np.ndarray:
+    """The decoder tests' frames: 24 frames ``[24, H, W, 3]`` of a spinning shape, each frame
+    different from the one before (a shifted or repeated frame shows)."""
+    return render_clip(class_specs(6)[4], np.random.default_rng(7), 24, width, height)
+
+
+def make_codec_clips(out: Path, codecs: list[str], width: int = 160,
+                     height: int = 120) -> dict[str, Path]:
+    """``spinning_clip`` encoded once per codec (keys of ``CODECS`` or ``TEST_ENCODERS``) as
+    ``out/clip_<codec><ext>`` at 25 fps; codec -> path."""
+    frames = spinning_clip(width, height)                  # [24, H, W, 3]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for codec in codecs:
+        ext = {**_ENCODERS, **TEST_ENCODERS}[codec][0]
+        paths[codec] = out / f"clip_{codec}{ext}"
+        encode_video(frames, paths[codec], codec, fps=25)
+    return paths
 
 
 def _split_lists(names: list[str], specs: list[ClassSpec], per_class: int) -> tuple[list, list]:

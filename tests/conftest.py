@@ -21,10 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bombkd_io.sample_data import (CODECS, TEST_ENCODERS, class_specs, encode_video,
-                                   make_sample_data, render_clip)
-
-CODEC_EXT = {"vp9": ".webm", "h264": ".mp4", "mpeg4": ".avi", "mjpeg": ".avi"}
+from bombkd_io.sample_data import (CODECS, GPU_CODECS, encode_video, make_codec_clips,
+                                   make_sample_data, spinning_clip)
 
 
 @pytest.fixture(scope="session")
@@ -33,20 +31,9 @@ def sample_root(tmp_path_factory) -> Path:
                             codec="vp9", seed=0)
 
 
-def spinning_frames(width: int = 160, height: int = 120) -> np.ndarray:
-    """24 frames ``[24, H, W, 3]`` of a spinning shape: every frame differs from the last."""
-    return render_clip(class_specs(6)[4], np.random.default_rng(7), 24, width, height)
-
-
 @pytest.fixture(scope="session")
 def codec_videos(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("codecs")
-    frames = spinning_frames()                                # [24, 120, 160, 3]
-    paths = {}
-    for codec in CODECS:
-        paths[codec] = out / f"clip_{codec}{CODEC_EXT[codec]}"
-        encode_video(frames, paths[codec], codec, fps=25)
-    return paths
+    return make_codec_clips(tmp_path_factory.mktemp("codecs"), list(CODECS))
 
 
 @pytest.fixture(scope="session")
@@ -80,18 +67,10 @@ def bad_videos(tmp_path_factory, codec_videos) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def edit_list_mp4(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("editlist") / "edit_list_vp9.mp4"
-    encode_video(spinning_frames(), path, "vp9", fps=25, first_pts=-3)
+    encode_video(spinning_clip(), path, "vp9", fps=25, first_pts=-3)
     return path
 
 
 @pytest.fixture(scope="session")
 def gpu_videos(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("gpu_codecs")
-    frames = spinning_frames(176, 144)                        # [24, 144, 176, 3]
-    encoders = {**{codec: CODEC_EXT[codec] for codec in ("vp9", "h264", "mjpeg")},
-                **{codec: ext for codec, (ext, *_) in TEST_ENCODERS.items()}}
-    paths = {}
-    for codec, ext in encoders.items():
-        paths[codec] = out / f"clip_{codec}{ext}"
-        encode_video(frames, paths[codec], codec, fps=25)
-    return paths
+    return make_codec_clips(tmp_path_factory.mktemp("gpu_codecs"), GPU_CODECS, 176, 144)

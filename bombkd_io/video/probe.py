@@ -90,7 +90,9 @@ def _probe(path: Path, device: str | None) -> tuple[VideoInfo, int | None]:
                 raise VideoError(path, "no video stream", "pass a video file")
             stream = container.streams.video[0]
             ctx = stream.codec_context
-            codec, pix_fmt, demuxer = ctx.name, ctx.pix_fmt or "", container.format.name
+            # the codec, not the decoder PyAV picked for it ("av1", not "libdav1d")
+            codec, pix_fmt = ctx.codec.canonical_name, ctx.pix_fmt or ""
+            demuxer = container.format.name
             width, height = ctx.width, ctx.height
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             claimed = claimed_frames(container, stream)

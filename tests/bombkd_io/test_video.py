@@ -42,6 +42,19 @@ def test_probe_reports_the_stream_and_route(codec_videos, codec):
                                                   "vp8, vp9 only"))
 
 
+def test_probe_names_the_codec_not_pyavs_decoder_and_routes_every_gpu_codec(gpu_videos):
+    from bombkd_io.video import nvdec_caps, route_for
+
+    infos, failed = probe_videos(list(gpu_videos.values()))
+    assert not failed
+    codecs = [i.codec for i in infos]       # PyAV decodes AV1 with "libdav1d"
+    assert codecs == ["vp8", "vp9", "h264", "hevc", "av1", "mpeg4", "mjpeg"]
+    assert [i.route for i in infos] == ["dali", "dali", "pyav", "pyav", "pyav", "pyav", "dali"]
+    ada = [route_for(i.codec, i.container, i.pix_fmt, i.width, i.height, nvdec_caps((8, 9)))
+           for i in infos]
+    assert [r.decoder for r in ada] == ["dali"] * 5 + ["pyav"] * 2
+
+
 @pytest.mark.parametrize("codec", ["vp9", "mjpeg"])
 def test_probed_frame_count_is_what_dali_and_pyav_decode(codec_videos, bad_videos, codec):
     paths = [codec_videos[codec]] + ([bad_videos["truncated"]] if codec == "vp9" else [])
