@@ -15,6 +15,8 @@ In data-flow order:
 - ``resize.py``: the torch resize + centre crop, DALI's rounding (``backend="pyav"``, backbones).
 - ``health.py``: the signs of a damaged file that still decodes (libav messages, a frame count
   short of the header's, repeated frames), in ``VideoInfo.warnings`` and ``ClipBatch.warnings``.
+- ``compare.py``: how far two clips of one video are apart (levels, frame order), and the
+  DALI-vs-PyAV tolerances on the CPU and the GPU.
 See DECODERS.md for the routing table and the measured DALI-vs-PyAV differences.
 
 Importing the package loads neither DALI nor PyAV: a name below imports its module on first use,
