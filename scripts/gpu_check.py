@@ -63,7 +63,8 @@ def check_pinned_transfer() -> str:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     assert host.is_pinned() and torch.equal(device.cpu(), host)
-    return f"256 MiB pinned -> GPU in {seconds * 1e3:.1f} ms ({host.numel() / seconds / 1e9:.1f} GB/s)"
+    rate = host.numel() / seconds / 1e9
+    return f"256 MiB pinned -> GPU in {seconds * 1e3:.1f} ms ({rate:.1f} GB/s)"
 
 
 def _student_difference(cpu_model, clips: torch.Tensor) -> tuple[float, float]:
@@ -214,8 +215,8 @@ def check_parity(tmp: Path) -> list[tuple[str, str]]:
     scale = max(float(a["student"].abs().max()) for a, _ in pairs)
     # no bound yet: the decode differs within compare.GPU_TOLERANCE levels, and what that makes
     # of the features is what this line measures, to set the GPU tolerance from (DECODERS.md)
-    return [("INFO", f"{len(pairs)} batches, video mode (GPU, full fp32) vs CPU cache: student features "
-            f"max |diff| {worst:.3e}, relative {worst / scale:.3e}")]
+    return [("INFO", f"{len(pairs)} batches, video mode (GPU, full fp32) vs CPU cache: student "
+                     f"features max |diff| {worst:.3e}, relative {worst / scale:.3e}")]
 
 
 def main() -> int:

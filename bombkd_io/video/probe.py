@@ -4,8 +4,9 @@ takes it and why (``route.py``'s rule).
 The frame count is counted the way DALI's decoder indexes a file: one video packet per frame
 (for the codecs we route to it), leaving out packets with a negative timestamp, which an MP4
 edit list puts before the start (DALI skips them, and so does a PyAV decode); reading packets
-costs no decoding. A count above DALI's would sample frames past its end: black frames. A probe also decodes the first frame, so a file with no decodable frame is
-refused here instead of failing inside a DALI pipeline (where an error invalidates the pipeline).
+costs no decoding. A count above DALI's would sample frames past its end: black frames. A probe
+also decodes the first frame, so a file with no decodable frame is refused here instead of
+failing inside a DALI pipeline (where an error invalidates the pipeline).
 What libav logs meanwhile, and a packet count short of the header's claim, become the video's
 ``warnings`` (``health.py``): it decodes, but maybe not as it should.
 """
