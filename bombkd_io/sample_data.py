@@ -32,6 +32,20 @@ _ENCODERS = {
     "mpeg4": (".avi", "mpeg4", "yuv420p", {"qscale": "3"}),
     "mjpeg": (".avi", "mjpeg", "yuvj420p", {"qscale": "3"}),
 }
+# Further streams for the decoder tests (every codec DALI's GPU decoder takes), not offered by
+# `sample-data`: MPEG-4 with B-frames in AVI like UCF101's (FFmpeg's encoder cannot write them
+# packed, DivX-style), VP8, HEVC and AV1.
+TEST_ENCODERS = {
+    "mpeg4_bframes": (".avi", "mpeg4", "yuv420p", {"qscale": "3", "bf": "2"}),
+    "vp8": (".webm", "libvpx", "yuv420p",
+            {"deadline": "realtime", "cpu-used": "8", "crf": "10", "b": "1M"}),
+    "hevc": (".mp4", "libx265", "yuv420p",
+             {"preset": "ultrafast", "crf": "18",
+              "x265-params": "log-level=error:pools=none:frame-threads=1"}),
+    "av1": (".mkv", "libsvtav1", "yuv420p", {"preset": "12", "crf": "30"}),
+}
+# Every codec DALI's GPU decoder takes, plus MJPEG, which it does not.
+GPU_CODECS = ["vp8", "vp9", "h264", "hevc", "av1", "mpeg4_bframes", "mjpeg"]
 MOTIONS = ("SlideRight", "SlideLeft", "SlideUp", "SlideDown", "Spin", "ZoomIn", "ZoomOut", "Bounce")
 SHAPES = ("Disc", "Box", "Bar", "Cross")
 SIZES = ((128, 96), (144, 108), (160, 120), (176, 144))   # (width, height), all even
@@ -115,9 +129,13 @@ def render_clip(spec: ClassSpec, rng: np.random.Generator, num_frames: int,
     return out
 
 
-def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int) -> None:
-    """Write ``frames`` ``[F, H, W, 3]`` uint8 RGB to ``path``, bit-exactly, via a temp name."""
-    _, encoder, pix_fmt, options = _ENCODERS[codec]
+def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int,
+                 first_pts: int = 0) -> None:
+    """Write ``frames`` ``[F, H, W, 3]`` uint8 RGB to ``path`` (its suffix picks the container),
+    via a temp name; bit-exactly for the codecs of ``CODECS``. ``codec`` is a key of those or
+    of ``TEST_ENCODERS``. A negative ``first_pts`` in an MP4 writes an edit list that cuts the
+    first ``-first_pts`` frames: they are stored but not shown."""
+    _, encoder, pix_fmt, options = {**_ENCODERS, **TEST_ENCODERS}[codec]
     with atomic_path(path) as tmp, \
             av.open(str(tmp), "w", container_options={"fflags": "+bitexact"}) as container:
         # One encoder thread: threaded encoders are not bit-reproducible. It must be the "threads"
@@ -129,9 +147,29 @@ def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int) -> None:
         stream.codec_context.flags |= av.codec.context.Flags.bitexact
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt)
-            frame.pts = i
+            frame.pts = first_pts + i
             container.mux(stream.encode(frame))
         container.mux(stream.encode(None))
+
+
+def spinning_clip(width: int = 160, height: int = 120) -> np.ndarray:
+    """The decoder tests' frames: 24 frames ``[24, H, W, 3]`` of a spinning shape, each frame
+    different from the one before (a shifted or repeated frame shows)."""
+    return render_clip(class_specs(6)[4], np.random.default_rng(7), 24, width, height)
+
+
+def make_codec_clips(out: Path, codecs: list[str], width: int = 160,
+                     height: int = 120) -> dict[str, Path]:
+    """``spinning_clip`` encoded once per codec (keys of ``CODECS`` or ``TEST_ENCODERS``) as
+    ``out/clip_<codec><ext>`` at 25 fps; codec -> path."""
+    frames = spinning_clip(width, height)                  # [24, H, W, 3]
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for codec in codecs:
+        ext = {**_ENCODERS, **TEST_ENCODERS}[codec][0]
+        paths[codec] = out / f"clip_{codec}{ext}"
+        encode_video(frames, paths[codec], codec, fps=25)
+    return paths
 
 
 def _split_lists(names: list[str], specs: list[ClassSpec], per_class: int) -> tuple[list, list]:

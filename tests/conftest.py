@@ -7,6 +7,11 @@
 - ``bad_videos``    dict kind -> Path: ``missing``, ``empty``, ``text`` (not a video),
                     ``garbage`` (random bytes, .webm), ``header_only`` (the first 200 bytes of a
                     webm), ``truncated`` (the first 60% of a webm), ``audio_only`` (.wav).
+- ``edit_list_mp4`` Path: the same 24 frames as ``codec_videos``, VP9 in MP4, whose edit list
+                    cuts the first 3: 24 packets stored, 21 frames shown.
+- ``gpu_videos``    dict codec -> Path: 24 frames, 176x144 (inside NVDEC's sizes for every
+                    codec), of every codec DALI's GPU decoder takes, plus mjpeg; mpeg4 is
+                    ``mpeg4_bframes`` (B-frames in AVI, not packed).
 """
 from __future__ import annotations
 
@@ -16,9 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bombkd_io.sample_data import CODECS, class_specs, encode_video, make_sample_data, render_clip
-
-CODEC_EXT = {"vp9": ".webm", "h264": ".mp4", "mpeg4": ".avi", "mjpeg": ".avi"}
+from bombkd_io.sample_data import (CODECS, GPU_CODECS, encode_video, make_codec_clips,
+                                   make_sample_data, spinning_clip)
 
 
 @pytest.fixture(scope="session")
@@ -29,14 +33,7 @@ def sample_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def codec_videos(tmp_path_factory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("codecs")
-    spec = class_specs(6)[4]                                  # spinning: motion in every frame
-    frames = render_clip(spec, np.random.default_rng(7), 24, 160, 120)   # [24, 120, 160, 3]
-    paths = {}
-    for codec in CODECS:
-        paths[codec] = out / f"clip_{codec}{CODEC_EXT[codec]}"
-        encode_video(frames, paths[codec], codec, fps=25)
-    return paths
+    return make_codec_clips(tmp_path_factory.mktemp("codecs"), list(CODECS))
 
 
 @pytest.fixture(scope="session")
@@ -65,3 +62,15 @@ def bad_videos(tmp_path_factory, codec_videos) -> dict[str, Path]:
         w.setnchannels(1), w.setsampwidth(2), w.setframerate(8000)
         w.writeframes(np.zeros(8000, np.int16).tobytes())
     return paths
+
+
+@pytest.fixture(scope="session")
+def edit_list_mp4(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("editlist") / "edit_list_vp9.mp4"
+    encode_video(spinning_clip(), path, "vp9", fps=25, first_pts=-3)
+    return path
+
+
+@pytest.fixture(scope="session")
+def gpu_videos(tmp_path_factory) -> dict[str, Path]:
+    return make_codec_clips(tmp_path_factory.mktemp("gpu_codecs"), GPU_CODECS, 176, 144)

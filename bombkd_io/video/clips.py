@@ -25,7 +25,7 @@ from bombkd_io.video.health import libav_messages, repeat_message, repeated_fram
 from bombkd_io.video.probe import VideoInfo, probe_video
 from bombkd_io.video.pyav import decode_frames
 from bombkd_io.video.resize import resize_crop
-from bombkd_io.video.route import parse_device, route_for
+from bombkd_io.video.route import DecodeCaps, device_caps, parse_device, route_for
 
 BACKENDS = ("dali", "pyav")
 
@@ -38,11 +38,21 @@ class ClipBatch:
     failed: list[tuple[int, str]] = field(default_factory=list)   # (position, reason)
     # decoded, but maybe wrongly (health.py): position -> libav messages, repeated frames
     warnings: dict[int, list[str]] = field(default_factory=dict)
+    # per clip, who decoded it and on which pipeline device: "dali/cpu", "dali/mixed" (NVDEC and
+    # DALI's CUDA colour conversion), "pyav/cpu", "pyav/mixed" (PyAV + swscale, resized on the
+    # GPU). Clips of different entries differ slightly (DECODERS.md).
+    decoded_by: list[str] = field(default_factory=list)
 
 
-def make_sample(info: VideoInfo, indices: np.ndarray, device: str | None) -> Sample:
+def video_route(info: VideoInfo, caps: DecodeCaps) -> str:
+    """"dali" or "pyav" for ``info`` on a device with ``caps`` (the probe's device may differ)."""
+    return route_for(info.codec, info.container, info.pix_fmt, info.width, info.height,
+                     caps).decoder
+
+
+def make_sample(info: VideoInfo, indices: np.ndarray, caps: DecodeCaps) -> Sample:
     """Encoded bytes for DALI's decoder, or PyAV-decoded frames where DALI cannot decode it."""
-    if route_for(info.codec, info.pix_fmt, device) == "dali":
+    if video_route(info, caps) == "dali":
         return encoded_sample(info.path, indices)
     return raw_sample(decode_frames(info.path, indices), indices)
 
@@ -60,6 +70,7 @@ class ClipLoader:
         self.device = parse_device(device)
         self.decoder = DaliClipDecoder(size=size, batch_size=batch_size, device=self.device,
                                        num_threads=num_threads)
+        self.caps = device_caps(self.device)   # on the caller's thread, like the GPU index
         self._lock = threading.Lock()    # one pipeline: streams of batches() take turns on it
         # PyAV-routed videos decode outside DALI; PyAV releases the GIL while decoding, so a
         # batch's videos decode side by side, like DALI's own threads do for the rest.
@@ -96,7 +107,10 @@ class ClipLoader:
         for pos, idx, repeats in zip(kept, indices, repeated_frames(clips, indices)):
             if repeats:
                 notes[pos].append(repeat_message(repeats, idx))
-        return ClipBatch(kept, clips, indices, failed, {p: notes[p] for p in kept if notes[p]})
+        decoded_by = [f"{video_route(self.videos[p], self.caps)}/{self.caps.device}"
+                      for p in kept]
+        return ClipBatch(kept, clips, indices, failed, {p: notes[p] for p in kept if notes[p]},
+                         decoded_by)
 
     def _sample(self, pos: int) -> tuple[Sample | str, list[str]]:
         """The pipeline input for one position (or the reason it has none), and what libav
@@ -105,7 +119,7 @@ class ClipLoader:
         with libav_messages() as messages:
             try:
                 sample = make_sample(info, sample_indices(info.num_frames, self.frames),
-                                     self.device)
+                                     self.caps)
             except (VideoError, ValueError) as err:
                 sample = getattr(err, "reason", str(err))
         return sample, messages
@@ -195,7 +209,7 @@ def decode_clip(path: str | Path, frames: int = 16, size: int = 112, backend: st
         return resize_crop(decode_frames(info.path, indices), size)
     decoder = DaliClipDecoder(size=size, batch_size=1, device=device, num_threads=1)
     try:
-        return decoder.run([make_sample(info, indices, device)])[0].cpu().numpy()
+        return decoder.run([make_sample(info, indices, device_caps(device))])[0].cpu().numpy()
     except DaliRunError as err:
         raise VideoError(info.path, str(err)) from err
     finally:

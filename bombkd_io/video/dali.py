@@ -5,7 +5,8 @@ Per sample the pipeline receives, through ``external_source``:
 - ``frames``: the frame indices to decode (int32 [T]);
 - ``raw``:    whether ``data`` already holds decoded frames (bool scalar);
 - ``shape``:  the frames' shape [T, H, W, 3] when ``raw`` (int32 [4]).
-A DALI conditional sends encoded samples to ``fn.decoders.video`` and raw ones to a reshape;
+A DALI conditional sends encoded samples to ``fn.decoders.video`` (no padding: an index past the
+end raises) and raw ones to a reshape;
 both then take the same resize and crop, so a clip is identical whichever decoder produced it.
 The function must live in a file: DALI's conditionals rewrite its source.
 """
@@ -33,7 +34,11 @@ def clip_pipeline(device: str, size: int):
         if device == "mixed":
             clip = clip.gpu()
     else:
-        clip = fn.decoders.video(data, device=device, frames=frames)  # [T, H, W, 3]
+        # pad_mode="none": a frame index past DALI's frame count is an error (the clip is
+        # recorded as failed), not a frame of zeros. DALI counts frames from the container's
+        # header, so indices between the probed (decodable) count and the header's still come
+        # back black: the probe's count is what keeps sampling inside the decodable frames.
+        clip = fn.decoders.video(data, device=device, frames=frames, pad_mode="none")
     # Shorter side to S, centre S x S crop, fused: the same pixels as resize + crop, ~20% less
     # CPU, as only the kept window is resampled.
     return fn.resize_crop_mirror(clip, resize_shorter=size, crop=(size, size), antialias=True,

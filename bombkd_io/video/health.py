@@ -72,18 +72,19 @@ def _summarised(logs: list[tuple[int, str, str]]) -> list[str]:
 
 
 def claimed_frames(container, stream) -> int | None:
-    """Frames the container's header claims for ``stream``: its frame count where the format
-    stores one (mp4, avi), else duration x frame rate (webm / mkv); None when it claims none."""
-    if stream.frames:
-        return int(stream.frames)
+    """Frames the container's header claims for ``stream``: the smaller of its frame count (mp4,
+    avi store one) and duration x frame rate (webm / mkv have only this); an MP4 edit list cuts
+    frames off the duration but not off the count. None when it claims neither."""
     rate = stream.average_rate or stream.guessed_rate
     if stream.duration and stream.time_base:
         seconds = float(stream.duration * stream.time_base)
     elif container.duration:
         seconds = container.duration / av.time_base
     else:
-        return None
-    return round(seconds * float(rate)) if rate and seconds > 0 else None
+        seconds = 0.0
+    claims = [round(seconds * float(rate))] if rate and seconds > 0 else []
+    claims += [int(stream.frames)] if stream.frames else []
+    return min(claims) if claims else None
 
 
 def frame_count_shortfall(count: int, claimed: int | None) -> str | None:

@@ -1,10 +1,12 @@
-"""Probe a video with PyAV: codec, size, fps, exact frame count, and which decoder takes it
-(``route.py``'s rule).
+"""Probe a video with PyAV: codec, container, size, fps, exact frame count, and which decoder
+takes it and why (``route.py``'s rule).
 
-The frame count is the number of video packets the demuxer returns, which is how DALI's decoder
-indexes a file (one packet per displayed frame for the codecs we route to it); reading packets
-costs no decoding. A probe also decodes the first frame, so a file with no decodable frame is
-refused here instead of failing inside a DALI pipeline (where an error invalidates the pipeline).
+The frame count is counted the way DALI's decoder indexes a file: one video packet per frame
+(for the codecs we route to it), leaving out packets with a negative timestamp, which an MP4
+edit list puts before the start (DALI skips them, and so does a PyAV decode); reading packets
+costs no decoding. A count above DALI's would sample frames past its end: black frames. A probe
+also decodes the first frame, so a file with no decodable frame is refused here instead of
+failing inside a DALI pipeline (where an error invalidates the pipeline).
 What libav logs meanwhile, and a packet count short of the header's claim, become the video's
 ``warnings`` (``health.py``): it decodes, but maybe not as it should.
 """
@@ -21,7 +23,8 @@ from tqdm import tqdm
 from bombkd_io.datasets import VideoIndex
 from bombkd_io.errors import DatasetError, ErrorPolicy, VideoError
 from bombkd_io.video.health import claimed_frames, frame_count_shortfall, libav_messages
-from bombkd_io.video.route import check_file, route_for
+from bombkd_io.video.pyav import is_frame_packet
+from bombkd_io.video.route import check_file, device_caps, route_for
 
 # FFmpeg renders any text file as "video" through its tty demuxer; that is never a dataset video.
 TEXT_FORMATS = frozenset({"tty", "bin", "idf", "xbin", "adf"})
@@ -39,15 +42,19 @@ class VideoInfo:
     pix_fmt: str = ""
     # what looked wrong while probing: libav messages, fewer packets than the header claims
     warnings: tuple[str, ...] = ()
+    container: str = ""     # FFmpeg demuxer name, e.g. "matroska,webm", "avi"
+    reason: str = ""        # why this route (route_for's reason)
+    device: str = "cpu"     # DALI's decoder device it was routed for: "cpu" | "mixed"
 
 
 def _count_and_check(container: av.container.InputContainer, stream, path: Path) -> int:
-    """Count video packets; decode until the first frame comes out (a readable stream)."""
+    """Count video packets as DALI indexes them; decode until the first frame comes out (a
+    readable stream)."""
     count, decoded = 0, False
     for packet in container.demux(stream):
         if packet.size == 0:            # the demuxer's final flush packet
             continue
-        count += 1
+        count += is_frame_packet(packet)    # still decoded below: later frames may need it
         if not decoded:
             try:
                 decoded = bool(stream.codec_context.decode(packet))
@@ -64,7 +71,8 @@ def _count_and_check(container: av.container.InputContainer, stream, path: Path)
 
 
 def probe_video(path: str | Path, device: str | None = "cpu") -> VideoInfo:
-    """Codec, size, fps, frame count and decode route of one file; VideoError names the file.
+    """Codec, size, fps, frame count and decode route (and why) of one file on ``device``;
+    VideoError names the file.
 
     ``warnings`` holds what libav logged while reading it and a frame count short of the
     container's claim (see ``health.py``): such a file decodes, but maybe not as it should."""
@@ -83,7 +91,9 @@ def _probe(path: Path, device: str | None) -> tuple[VideoInfo, int | None]:
                 raise VideoError(path, "no video stream", "pass a video file")
             stream = container.streams.video[0]
             ctx = stream.codec_context
-            codec, pix_fmt = ctx.name, ctx.pix_fmt or ""
+            # the codec, not the decoder PyAV picked for it ("av1", not "libdav1d")
+            codec, pix_fmt = ctx.codec.canonical_name, ctx.pix_fmt or ""
+            demuxer = container.format.name
             width, height = ctx.width, ctx.height
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
             claimed = claimed_frames(container, stream)
@@ -93,8 +103,11 @@ def _probe(path: Path, device: str | None) -> tuple[VideoInfo, int | None]:
     except (av.error.FFmpegError, UnicodeDecodeError, OSError) as err:
         reason = getattr(err, "strerror", None) or str(err)
         raise VideoError(path, f"not a readable video ({reason})") from err
+    caps = device_caps(device)
+    route = route_for(codec, demuxer, pix_fmt, width, height, caps)
     return VideoInfo(str(path), codec, width, height, float(rate) if rate else 0.0, num_frames,
-                     route_for(codec, pix_fmt, device), pix_fmt), claimed
+                     route.decoder, pix_fmt, container=demuxer, reason=route.reason,
+                     device=caps.device), claimed
 
 
 def probe_videos(paths: Iterable[str | Path], device: str | None = "cpu", on_error: str = "skip",

@@ -53,6 +53,14 @@ def decode_frames(path: str | Path, indices: np.ndarray) -> np.ndarray:
     return np.stack([got[int(i)] for i in indices])      # [T, H, W, 3]
 
 
+def is_frame_packet(packet) -> bool:
+    """Whether a demuxed packet is a frame in DALI's numbering (and a PyAV decode's): not the
+    demuxer's empty flush packet, and not before the start (a negative pts, or dts without a pts:
+    frames an MP4 edit list cuts off, which DALI's index skips and libavcodec drops)."""
+    stamp = packet.pts if packet.pts is not None else packet.dts
+    return packet.size > 0 and (stamp is None or stamp >= 0)
+
+
 def _sequential_frames(container, stream):
     """(frame number, frame) in presentation order: every frame must be decoded."""
     return enumerate(container.decode(stream))
@@ -62,7 +70,7 @@ def _intra_frames(container, stream, wanted: set[int]):
     """Intra-only codecs (MJPEG): packet ``n`` is frame ``n``, so decode only wanted packets."""
     number = 0
     for packet in container.demux(stream):
-        if packet.size == 0:
+        if not is_frame_packet(packet):
             continue
         if number in wanted:
             for frame in stream.codec_context.decode(packet):

@@ -43,7 +43,8 @@ def probe(
     frames: Annotated[int, typer.Option("--frames", min=1, help="Frames per clip.")] = 16,
     size: Annotated[int, typer.Option("--size", min=8, help="Clip size in pixels.")] = 112,
 ) -> None:
-    """Codec, size, fps, decodable frames and decode route (dali or pyav) of each video."""
+    """Codec, size, fps, decodable frames and decode route (dali or pyav) of each video, and
+    why it takes that route on this device."""
     from bombkd_io.video import decode_clip, parse_device, probe_video
 
     with user_errors():
@@ -62,7 +63,7 @@ def probe(
             bad += 1
             continue
         typer.echo(f"{info.path}: {info.codec} {info.width}x{info.height} {info.fps:g} fps "
-                   f"{info.num_frames} frames route={info.route}")
+                   f"{info.num_frames} frames route={info.route} ({info.reason})")
         for warning in info.warnings:   # it decodes, but maybe not as it should
             typer.echo(f"  warning: {warning}")
     if save_frames is not None:

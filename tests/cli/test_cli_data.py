@@ -26,13 +26,15 @@ def test_sample_data_refuses_an_unknown_codec(tmp_path):
     assert expected in result.stderr
 
 
-def test_probe_prints_codec_size_fps_frames_route(codec_videos):
+def test_probe_prints_codec_size_fps_frames_route_and_why(codec_videos):
     result = runner.invoke(app, ["probe", str(codec_videos["vp9"]), str(codec_videos["h264"]),
                                  "--device", "cpu"])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].endswith("vp9 160x120 25 fps 24 frames route=dali")
-    assert lines[1].endswith("h264 160x120 25 fps 24 frames route=pyav")
+    assert lines[0].endswith("vp9 160x120 25 fps 24 frames route=dali "
+                             "(vp9 on DALI's CPU decoder)")
+    assert lines[1].endswith("h264 160x120 25 fps 24 frames route=pyav "
+                             "(h264: DALI's CPU decoder takes mjpeg, vp8, vp9 only)")
 
 
 def test_probe_saves_a_contact_sheet(codec_videos, tmp_path):
