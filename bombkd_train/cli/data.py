@@ -8,7 +8,7 @@ import numpy as np
 import typer
 
 from bombkd_io.atomic import atomic_path
-from bombkd_io.errors import VideoError
+from bombkd_io.errors import VideoError, needs_extra
 from bombkd_io.sample_data import CODECS
 from bombkd_train.cli._common import fail, user_errors
 
@@ -44,7 +44,7 @@ def probe(
     size: Annotated[int, typer.Option("--size", min=8, help="Clip size in pixels.")] = 112,
 ) -> None:
     """Codec, size, fps, decodable frames and decode route (dali or pyav) of each video."""
-    from bombkd_io.video import decode_clip, parse_device, probe_video
+    from bombkd_io.video import parse_device, probe_video
 
     with user_errors():
         device = parse_device(device)
@@ -66,6 +66,8 @@ def probe(
         for warning in info.warnings:   # it decodes, but maybe not as it should
             typer.echo(f"  warning: {warning}")
     if save_frames is not None:
+        from bombkd_io.video import decode_clip  # DALI: only the contact sheet decodes
+
         with user_errors():
             clip = decode_clip(videos[0], frames=frames, size=size, device=device)
         write_contact_sheet(clip, save_frames)
@@ -76,7 +78,8 @@ def probe(
 
 def write_contact_sheet(clip: np.ndarray, out: Path, columns: int = 8) -> None:
     """Frames ``[T, S, S, 3]`` tiled ``columns`` wide into one PNG (temp name, then rename)."""
-    from PIL import Image
+    with needs_extra("video"):
+        from PIL import Image
 
     t, s = clip.shape[0], clip.shape[1]
     rows = -(-t // columns)
