@@ -9,7 +9,8 @@ The data path, one module (or package) per stage, in data-flow order:
     shards/        encode, write, read, verify: the feature cache format (FORMAT.md)
     loaders/       batch: video clips (clips.py) or cached features (cached.py) in the plan's order
 
-Beside the path: ``errors.py`` (errors and the raise-or-skip policy), ``names.py`` (the one name
-grammar), ``atomic.py`` (temporary name, then rename), ``lock.py`` (one run per output folder),
-``workers.py`` (loader workers end with their parent), ``sample_data.py`` (the demo's videos).
+Beside the path: ``errors.py`` (errors, the raise-or-skip policy, the message naming a missing
+extra), ``names.py`` (the one name grammar), ``atomic.py`` (temporary name, then rename),
+``lock.py`` (one run per output folder), ``workers.py`` (loader workers end with their parent),
+``sample_data.py`` (the demo's videos).
 """

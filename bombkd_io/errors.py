@@ -4,10 +4,14 @@ Each carries the offending path (video, shard, manifest) or argument and says wh
 They subclass the builtin type a caller would expect, so ``except ValueError`` still works.
 ``DataWarning`` is for data that is used but looks wrong (filter it like any ``UserWarning``).
 ``ErrorPolicy`` is the one place that decides between stopping and skipping (``--on-error``).
+``needs_extra`` turns the import of an optional dependency that is not installed into a
+``MissingExtraError`` naming the ``bombkd[...]`` extra to install.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 ON_ERROR = ("raise", "skip")
@@ -61,6 +65,44 @@ class TrainingError(BombkdError, RuntimeError):
 
 class OutputError(BombkdError, OSError):
     """An output that cannot be written (a full disk, a folder that is a file)."""
+
+
+# The optional parts of bombkd (pyproject.toml's extras), for the message when one is missing:
+# extra -> (what needs it, what it installs, the top-level modules it provides, how to install).
+EXTRAS = {
+    "video": ("video mode", "PyAV and transformers", ("av", "transformers", "PIL"),
+              "pip install 'bombkd[video]'"),
+    "dali": ("video mode", "NVIDIA DALI", ("nvidia",),
+             "pip install 'bombkd[dali-cu12]' (CUDA 12) or 'bombkd[dali-cu13]' (CUDA 13)"),
+    "plot": ("confusion.png", "matplotlib", ("matplotlib",), "pip install 'bombkd[plot]'"),
+}
+
+
+def extra_hint(extra: str, module: str | None = None) -> str:
+    """``<what needs it> needs <what> (no module <module>): pip install 'bombkd[<extra>]'``."""
+    feature, what, _, install = EXTRAS[extra]
+    return f"{feature} needs {what}" + (f" (no module {module!r})" if module else "") + f": {install}"
+
+
+class MissingExtraError(BombkdError, ImportError):
+    """An optional dependency that is not installed; the message names the extra to install."""
+
+    def __init__(self, extra: str, module: str):
+        self.extra = extra
+        super().__init__(extra_hint(extra, module), name=module)
+
+
+@contextlib.contextmanager
+def needs_extra(extra: str) -> Iterator[None]:
+    """Imports inside the block that fail because a module of ``extra`` is not installed raise
+    ``MissingExtraError``; any other import failure (a broken install) keeps its own error."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").split(".")[0]
+        if module not in EXTRAS[extra][2]:
+            raise
+        raise MissingExtraError(extra, module) from exc
 
 
 class DataWarning(UserWarning):

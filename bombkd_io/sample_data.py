@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from tqdm import tqdm
 
 from bombkd_io.atomic import atomic_path
+from bombkd_io.errors import needs_extra
 
 CODECS = ("vp9", "h264", "mpeg4", "mjpeg")
 # codec -> (container extension, encoder, pixel format, encoder options)
@@ -129,6 +129,13 @@ def render_clip(spec: ClassSpec, rng: np.random.Generator, num_frames: int,
     return out
 
 
+def _pyav():
+    """PyAV, imported on first use: the CLI reads ``CODECS`` in cached mode, without PyAV."""
+    with needs_extra("video"):
+        import av
+    return av
+
+
 def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int,
                  first_pts: int = 0) -> None:
     """Write ``frames`` ``[F, H, W, 3]`` uint8 RGB to ``path`` (its suffix picks the container),
@@ -136,6 +143,7 @@ def encode_video(frames: np.ndarray, path: Path, codec: str, fps: int,
     of ``TEST_ENCODERS``. A negative ``first_pts`` in an MP4 writes an edit list that cuts the
     first ``-first_pts`` frames: they are stored but not shown."""
     _, encoder, pix_fmt, options = {**_ENCODERS, **TEST_ENCODERS}[codec]
+    av = _pyav()
     with atomic_path(path) as tmp, \
             av.open(str(tmp), "w", container_options={"fflags": "+bitexact"}) as container:
         # One encoder thread: threaded encoders are not bit-reproducible. It must be the "threads"
@@ -208,6 +216,7 @@ def make_sample_data(out: str | Path, *, classes: int = 6, per_class: int = 10,
         raise ValueError(f"unknown codec {codec!r}; expected one of {CODECS + ('mixed',)}")
     if classes < 1 or per_class < 1:
         raise ValueError(f"classes and per_class must be >= 1, got {classes} and {per_class}")
+    _pyav()     # a missing PyAV fails here, before the progress bar
     out = Path(out)
     specs, names = class_specs(classes), []
     jobs = [(c, g) for c in range(classes) for g in range(per_class)]

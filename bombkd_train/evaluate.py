@@ -2,7 +2,7 @@
 
 ``evaluate_model`` is what the trainer calls each epoch on ``--val-split``; ``evaluate`` is
 ``bombkd eval``: it rebuilds the model from a fusion checkpoint, runs the split through either
-loader and writes ``eval.json`` and ``confusion.png``.
+loader and writes ``eval.json`` and, with matplotlib (``bombkd[plot]``), ``confusion.png``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from bombkd_io.atomic import atomic_path, folder_problem
-from bombkd_io.errors import ConfigError
+from bombkd_io.errors import ConfigError, MissingExtraError, needs_extra
 from bombkd_train.checkpoint import load_checkpoint
 from bombkd_train.converters import load_converters
 from bombkd_train.data import DataConfig, open_source
@@ -79,14 +79,29 @@ def _result(confusion: torch.Tensor, top5: int, classes: list[str]) -> EvalResul
 
 
 def save_eval(result: EvalResult, out_dir: str | Path, *, extra: dict | None = None) -> Path:
-    """Write ``eval.json`` and ``confusion.png`` atomically into ``out_dir``; returns the json."""
-    import matplotlib
+    """Write ``eval.json`` and ``confusion.png`` atomically into ``out_dir``; returns the json.
+
+    Without matplotlib there is no confusion.png (an older one is removed: it would not match
+    eval.json, which holds the matrix either way)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        save_confusion_png(result, out / "confusion.png")
+    except MissingExtraError:
+        (out / "confusion.png").unlink(missing_ok=True)
+    with atomic_path(out / "eval.json") as tmp:
+        tmp.write_text(json.dumps({**asdict(result), **(extra or {})}, indent=2))
+    return out / "eval.json"
+
+
+def save_confusion_png(result: EvalResult, path: Path) -> None:
+    """The confusion matrix as a PNG (MissingExtraError without ``bombkd[plot]``)."""
+    with needs_extra("plot"):
+        import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     n = len(result.classes)
     fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(4, 0.5 * n + 1.5)))
     ax.imshow(result.confusion, cmap="Blues")
@@ -98,13 +113,10 @@ def save_eval(result: EvalResult, out_dir: str | Path, *, extra: dict | None = N
         ax.text(j, i, str(v), ha="center", va="center", fontsize=6)
     fig.tight_layout()
     try:
-        with atomic_path(out / "confusion.png") as tmp:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=120)
     finally:
         plt.close(fig)
-    with atomic_path(out / "eval.json") as tmp:
-        tmp.write_text(json.dumps({**asdict(result), **(extra or {})}, indent=2))
-    return out / "eval.json"
 
 
 def _cells(matrix: list[list[int]]):

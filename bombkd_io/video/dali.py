@@ -16,10 +16,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.tensors import TensorGPU
 
-from bombkd_io.errors import VideoError
+from bombkd_io.errors import VideoError, needs_extra
+
+with needs_extra("dali"):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.tensors import TensorGPU
 from bombkd_io.video.route import check_file, cuda_index, dali_device
 
 

@@ -24,9 +24,13 @@ import contextlib
 import threading
 from collections.abc import Iterator, Sequence
 
-import av
 import numpy as np
 import torch
+
+from bombkd_io.errors import needs_extra
+
+with needs_extra("video"):
+    import av
 
 MAX_MESSAGES = 3           # distinct libav messages kept per video (a damaged file logs hundreds)
 _enable_lock = threading.Lock()

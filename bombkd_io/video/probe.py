@@ -17,14 +17,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import av
 from tqdm import tqdm
 
 from bombkd_io.datasets import VideoIndex
-from bombkd_io.errors import DatasetError, ErrorPolicy, VideoError
+from bombkd_io.errors import DatasetError, ErrorPolicy, VideoError, needs_extra
 from bombkd_io.video.health import claimed_frames, frame_count_shortfall, libav_messages
 from bombkd_io.video.pyav import is_frame_packet
 from bombkd_io.video.route import check_file, device_caps, route_for
+
+with needs_extra("video"):
+    import av
 
 # FFmpeg renders any text file as "video" through its tty demuxer; that is never a dataset video.
 TEXT_FORMATS = frozenset({"tty", "bin", "idf", "xbin", "adf"})

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import numpy as np
-from av.video.reformatter import Interpolation, VideoReformatter
 
-from bombkd_io.errors import VideoError
+from bombkd_io.errors import VideoError, needs_extra
+
+with needs_extra("video"):
+    import av
+    from av.video.reformatter import Interpolation, VideoReformatter
 from bombkd_io.video.route import check_file
 
 # The swscale flags DALI's CPU decoder converts with: with them PyAV's RGB frames are bit-identical

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from bombkd_io.errors import ConfigError
+from bombkd_io.errors import ConfigError, needs_extra
 from bombkd_train.backbones import hf
 from bombkd_train.backbones.hf import Backbone
 
@@ -53,9 +53,10 @@ def create_backbone(name: str, *, frames: int | None = None, size: int | None = 
     problem = check_backbone_name(name)
     if problem:
         raise ConfigError(problem)
-    if name in _ENTRY_POINTS:
-        return _ENTRY_POINTS[name](frames=frames, size=size, pool=pool, device=device)
-    return hf.load_pretrained(name, frames=frames, size=size, pool=pool, device=device)
+    with needs_extra("video"):  # every backbone, the tiny ones too, imports transformers
+        if name in _ENTRY_POINTS:
+            return _ENTRY_POINTS[name](frames=frames, size=size, pool=pool, device=device)
+        return hf.load_pretrained(name, frames=frames, size=size, pool=pool, device=device)
 
 
 # --- pretrained models (downloaded from the Hugging Face hub on first use) ---

@@ -1,4 +1,8 @@
-"""What every command does with a bad input: one line on stderr and exit code 2."""
+"""What every command does with a bad input: one line on stderr and exit code 2.
+
+That includes a command that needs an optional dependency which is not installed: ``Commands``
+(the app's group class) turns a ``MissingExtraError`` raised anywhere in a command, at an import
+as well, into the one line naming the ``bombkd[...]`` extra to install."""
 from __future__ import annotations
 
 import contextlib
@@ -6,9 +10,10 @@ import sys
 from collections.abc import Iterator
 
 import typer
+from typer.core import TyperGroup
 
 from bombkd_io.atomic import is_disk_full, write_failed
-from bombkd_io.errors import BombkdError
+from bombkd_io.errors import BombkdError, MissingExtraError
 
 EXIT_BAD_INPUT = 2
 
@@ -44,3 +49,14 @@ def user_errors() -> Iterator[None]:
         error = write_failed(exc.filename or "the output", exc, "free some space and run the "
                              "same command again (featurize: with --resume; train: --resume)")
         raise fail(str(error)) from exc
+
+
+class Commands(TyperGroup):
+    """The ``bombkd`` group: a command that imports an extra that is not installed fails with
+    ``error: <what needs it>: pip install 'bombkd[<extra>]'`` and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MissingExtraError as exc:
+            raise fail(str(exc)) from exc

@@ -8,7 +8,7 @@ import numpy as np
 import typer
 
 from bombkd_io.atomic import atomic_path
-from bombkd_io.errors import VideoError
+from bombkd_io.errors import VideoError, needs_extra
 from bombkd_io.sample_data import CODECS
 from bombkd_train.cli._common import fail, user_errors
 
@@ -45,7 +45,7 @@ def probe(
 ) -> None:
     """Codec, size, fps, decodable frames and decode route (dali or pyav) of each video, and
     why it takes that route on this device."""
-    from bombkd_io.video import decode_clip, parse_device, probe_video
+    from bombkd_io.video import parse_device, probe_video
 
     with user_errors():
         device = parse_device(device)
@@ -67,6 +67,8 @@ def probe(
         for warning in info.warnings:   # it decodes, but maybe not as it should
             typer.echo(f"  warning: {warning}")
     if save_frames is not None:
+        from bombkd_io.video import decode_clip  # DALI: only the contact sheet decodes
+
         with user_errors():
             clip = decode_clip(videos[0], frames=frames, size=size, device=device)
         write_contact_sheet(clip, save_frames)
@@ -77,7 +79,8 @@ def probe(
 
 def write_contact_sheet(clip: np.ndarray, out: Path, columns: int = 8) -> None:
     """Frames ``[T, S, S, 3]`` tiled ``columns`` wide into one PNG (temp name, then rename)."""
-    from PIL import Image
+    with needs_extra("video"):
+        from PIL import Image
 
     t, s = clip.shape[0], clip.shape[1]
     rows = -(-t // columns)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import typer
 
 from bombkd_train.cli import cache, data, featurize, train
+from bombkd_train.cli._common import Commands
 
 app = typer.Typer(
     name="bombkd",
@@ -11,6 +12,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=Commands,
 )
 for group in (data, featurize, cache, train):
     group.register(app)

@@ -124,6 +124,7 @@ def eval_cmd(
     device: Device = "auto",
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix (eval.json, confusion.png)."""
+    from bombkd_io.errors import extra_hint
     from bombkd_io.video import parse_device
     from bombkd_train.evaluate import EvalConfig, evaluate
     from bombkd_train.data import DataConfig
@@ -136,7 +137,8 @@ def eval_cmd(
         result, path = evaluate(EvalConfig(data=data, split=split, fusion=fusion,
                                            converters=converters, out=out))
     typer.echo(f"{result.count} clips: top-1 {result.top1:.1f}%, top-5 {result.top5:.1f}%")
-    typer.echo(f"wrote {path} and {path.parent / 'confusion.png'}")
+    png = path.parent / "confusion.png"
+    typer.echo(f"wrote {path} and {png}" if png.is_file() else f"wrote {path}; {extra_hint('plot')}")
 
 
 def demo_cmd(
