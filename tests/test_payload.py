@@ -19,7 +19,7 @@ from bombkd_io.loaders import cached
 from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, load_manifest, save_manifest
-from bombkd_io.shards.reader import ShardBuffers, read_shard
+from bombkd_io.shards.reader import BufferPool, read_shard
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_train.converters import Converter
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
@@ -138,7 +138,7 @@ def test_read_shard_into_a_buffer_views_it(large):
     root, _ = large
     model = load_manifest(root, "train").models["student"]
     entry = model.shards[0]
-    pool = ShardBuffers()
+    pool = BufferPool()
     buffer = pool.take(entry.bytes)
     into = read_shard(root / entry.name, entry, model, labels=True, buffer=buffer)
     fresh = read_shard(root / entry.name, entry, model, labels=True)
@@ -152,7 +152,7 @@ def test_read_shard_into_a_buffer_views_it(large):
 
 
 def test_a_buffer_is_reused_only_when_nothing_views_it():
-    pool = ShardBuffers(limit=2)
+    pool = BufferPool(limit=2)
     first = pool.take(100)
     view = first[10:20]
     first_id = id(first)
@@ -166,7 +166,7 @@ def test_a_buffer_is_reused_only_when_nothing_views_it():
 
 
 def test_take_waits_for_a_buffer_at_the_limit_unless_urgent():
-    pool = ShardBuffers(limit=1)
+    pool = BufferPool(limit=1)
     held = [pool.take(64)]
     target = id(held[0])
     releaser = threading.Timer(0.05, held.clear)

@@ -15,11 +15,11 @@ loader, also when it is killed (``bombkd_io.workers``).
 from __future__ import annotations
 
 import functools
+import math
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from bombkd_io.names import locate
 from bombkd_io.sampling import check_streams, shard_order, stream_plan
 from bombkd_io.shards.codec import DTYPES
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
-from bombkd_io.shards.reader import ShardBuffers, ShardData, read_shard
+from bombkd_io.shards.reader import BufferPool, ShardData, read_shard
 from bombkd_io.workers import DieWithParent
 
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
@@ -40,14 +40,8 @@ GROUP_BYTES = 4 << 20  # ... but a group of more than one batch holds at most th
 SHM_BYTES = 1 << 20  # a worker's batch features at least this large go over shared memory
 
 
-@dataclass
-class _Shard:
-    """Shard k of every model read: the reader's data, and its features as tensors (views)."""
-    data: dict[str, ShardData]
-    rows: dict[str, torch.Tensor]  # [N, T', D] in the cache dtype, viewing the shard buffer
-
-
-Piece = tuple[int, _Shard, np.ndarray]  # (shard k, its data, positions)
+BATCH_BUFFERS = 4  # reused batch buffers in process (more are allocated while batches are held)
+Piece = tuple[int, dict[str, ShardData], np.ndarray]  # (shard k, data per model, positions)
 
 
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -129,19 +123,20 @@ class CachedFeatureDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         shards, sizes = self.plan(self.epoch, worker, num_workers)
         self.policy, self.worker = self.policy.fresh(), worker  # per epoch
-        alloc = _in_worker if info else functools.partial(_in_process, pin=self.pin_memory)
-        stream = self._read(shards)              # (k, _Shard) per shard, in order, one ahead
-        stream = self._permute(stream)           # (k, shard, positions in shard_order)
-        batches = _cut(stream, sizes)            # [(k, shard, positions), ...] per batch
+        alloc = _in_worker if info else functools.partial(_in_process, BufferPool(BATCH_BUFFERS),
+                                                          pin=self.pin_memory)
+        stream = self._read(shards)              # (k, {model: ShardData}) per shard, one ahead
+        stream = self._permute(stream)           # (k, data, positions in shard_order)
+        batches = _cut(stream, sizes)            # [(k, data, positions), ...] per batch
         packed = (self._pack(b, alloc) for b in batches)  # gathered (None: all skipped)
         if self.group:
             return _groups(packed, self.group)   # lists of `group` packed batches
         return (self.unpack(p) for p in packed if p is not None)  # batch dicts
 
-    def _read(self, shards: list[int]) -> Iterator[tuple[int, _Shard]]:
+    def _read(self, shards: list[int]) -> Iterator[tuple[int, dict[str, ShardData]]]:
         """Each shard read whole; shard i+1 is read in a thread while shard i is cut into
-        batches (the read releases the GIL), into a reused buffer (``ShardBuffers``)."""
-        pools = {name: ShardBuffers() for name in self.entries}
+        batches (the read releases the GIL), into a reused buffer (``BufferPool``)."""
+        pools = {name: BufferPool() for name in self.entries}
         urgent = threading.Event()  # set while the stream waits: take a buffer, do not wait
         executor = ThreadPoolExecutor(1, thread_name_prefix="bombkd-shard-read")
         try:
@@ -158,51 +153,52 @@ class CachedFeatureDataset(IterableDataset):
             urgent.set()
             executor.shutdown(wait=True, cancel_futures=True)
 
-    def _read_one(self, k: int, pools: dict[str, ShardBuffers], urgent: threading.Event) -> _Shard:
+    def _read_one(self, k: int, pools: dict[str, BufferPool],
+                  urgent: threading.Event) -> dict[str, ShardData]:
         data = {name: read_shard(self._url(entry.shards[k].name), entry.shards[k], entry,
                                  labels=name == "student", classes=self.classes,
                                  policy=self.policy,
                                  buffer=pools[name].take(entry.shards[k].bytes, urgent))
                 for name, entry in self.entries.items()}
         _check_keys(data, {n: self._url(e.shards[k].name) for n, e in self.entries.items()})
-        with warnings.catch_warnings():  # the reader's views are read-only: only ever read here
-            warnings.simplefilter("ignore", UserWarning)
-            rows = {name: torch.from_numpy(d.features) for name, d in data.items()}
-        return _Shard(data, rows)
+        return data
 
     def _permute(self, stream) -> Iterator[Piece]:
-        for k, shard in stream:
-            size = len(shard.data["student"].keys)
-            yield k, shard, shard_order(self.seed, self.epoch, k, size)
-            del shard  # see _read
+        for k, data in stream:
+            size = len(data["student"].keys)
+            yield k, data, shard_order(self.seed, self.epoch, k, size)
+            del data  # see _read
 
     def _url(self, name: str):
         return locate(str(self.root), name)
 
     def _pack(self, pieces: list[Piece], alloc) -> dict | None:
-        """One batch: each model's rows gathered (one ``index_select`` per shard it spans) into
-        a tensor from ``alloc`` (``_in_process``, ``_in_worker``), in the cache dtype."""
+        """One batch: each model's rows copied once, from the shard buffers into memory from
+        ``alloc`` (``_in_process``, ``_in_worker``), in the cache dtype.
+
+        A row is a whole sample, contiguous in the shard: numpy copies it with one memcpy and no
+        thread pool (torch's ``index_select`` on a busy 2-core machine, and numpy's fancy
+        indexing of strided rows, both ran at a fifth of this), so the loop is per sample,
+        never per element."""
         if self.policy.skips:
-            pieces = [(k, s, p[_present(s.data)[p]]) for k, s, p in pieces]
+            pieces = [(k, d, p[_present(d)[p]]) for k, d, p in pieces]
         if sum(len(p) for _, _, p in pieces) == 0 and self.world_size == 1:
             return None  # every sample of the batch was skipped (on_error="skip")
         # Under DDP an empty batch still goes through: every rank must take every step.
         size, b = self.manifest.shard_size, sum(len(p) for _, _, p in pieces)
         features = {}
         for name, entry in self.entries.items():
-            sent, out = alloc((b, entry.tokens, entry.dim), _TORCH[entry.dtype])  # [B, T', D]
-            at = 0
-            for _, shard, p in pieces:
-                torch.index_select(shard.rows[name], 0, torch.from_numpy(p),
-                                   out=out[at:at + len(p)])
-                at += len(p)
+            sent, out = alloc((b, entry.tokens, entry.dim), DTYPES[entry.dtype])  # [B, T', D]
+            rows = (d[name].features[i] for _, d, p in pieces for i in p.tolist())
+            for j, row in enumerate(rows):
+                out[j] = row
             features[name] = sent
         return {
             "features": features,
             "label": np.concatenate([np.zeros(0, np.int64)] +
-                                    [s.data["student"].labels[p] for _, s, p in pieces]),
+                                    [d["student"].labels[p] for _, d, p in pieces]),
             "index": np.concatenate([np.zeros(0, np.int64)] + [k * size + p for k, _, p in pieces]),
-            "key": [s.data["student"].keys[i] for _, s, p in pieces for i in p],
+            "key": [d["student"].keys[i] for _, d, p in pieces for i in p],
             "skipped": (self.worker, self.policy.samples)}  # this worker's count so far
 
     def unpack(self, packed: dict, pin_memory: bool = False) -> dict:
@@ -224,32 +220,29 @@ class CachedFeatureDataset(IterableDataset):
         return batch
 
 
-def _in_process(shape: tuple, dtype: torch.dtype, *, pin: bool) -> tuple:
-    """(what the batch holds, the tensor to gather into): the same tensor. Pinned memory
-    comes from torch's caching host allocator, which reuses a block once its batch is freed
-    and its copies are done; else numpy's allocator, which maps large arrays with huge pages
-    (on a 2-core VM, 6x fewer page-fault cycles than torch's for a 50 MB batch)."""
+def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -> tuple:
+    """(the batch's tensor, the numpy view to fill): pinned memory from torch's caching host
+    allocator (it reuses a block once the batch using it is freed and its copies are done),
+    else a buffer of ``pool``, reused once the batch that viewed it is dropped."""
     if pin:
-        out = torch.empty(shape, dtype=dtype, pin_memory=True)
-    else:
-        out = torch.from_numpy(np.empty(shape, _NUMPY[dtype]))
-    return out, out
+        out = torch.empty(shape, dtype=_TORCH[dtype.name], pin_memory=True)
+        return out, out.numpy()
+    nbytes = math.prod(shape) * dtype.itemsize
+    view = pool.take(nbytes)[:nbytes].view(dtype).reshape(shape)
+    return torch.from_numpy(view), view
 
 
-def _in_worker(shape: tuple, dtype: torch.dtype) -> tuple:
-    """(what crosses to the loader's process, the tensor to gather into): large features in
-    a shared-memory tensor (passed as a file descriptor, never copied), small ones in a
-    bytearray that the pipe carries in the batch's one pickle (a shared-memory segment costs
-    more than the copy below ``SHM_BYTES``)."""
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+def _in_worker(shape: tuple, dtype: np.dtype) -> tuple:
+    """(what crosses to the loader's process, the numpy view to fill): large features in a
+    shared-memory tensor (passed as a file descriptor, never copied), small ones in a
+    bytearray that the pipe carries in the batch's one pickle (below ``SHM_BYTES`` a
+    shared-memory segment costs more than the copy)."""
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= SHM_BYTES:
-        out = torch.empty(shape, dtype=dtype).share_memory_()
-        return out, out
+        out = torch.empty(shape, dtype=_TORCH[dtype.name]).share_memory_()
+        return out, out.numpy()
     buf = bytearray(nbytes)
-    return buf, _tensor(buf, dtype).view(shape)
-
-
-_NUMPY = {torch.float16: np.float16, torch.float32: np.float32}
+    return buf, np.frombuffer(buf, dtype).reshape(shape)
 
 
 def _as_is(item):
