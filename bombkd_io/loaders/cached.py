@@ -91,6 +91,10 @@ class CachedFeatureDataset(IterableDataset):
         self.policy, self.worker = policy, 0  # raise or skip, and what this epoch left out
         self.group = 0  # > 0: yield lists of `group` packed batches, the loader unpacks them
         self.pin_memory = False  # in process: gather straight into pinned memory
+        self._pools: dict[str, BufferPool] = {}  # reused across epochs (fresh pages are slow)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pools": {}}  # a worker started by spawn makes its own
 
     @property
     def num_shards(self) -> int:
@@ -123,7 +127,8 @@ class CachedFeatureDataset(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         shards, sizes = self.plan(self.epoch, worker, num_workers)
         self.policy, self.worker = self.policy.fresh(), worker  # per epoch
-        alloc = _in_worker if info else functools.partial(_in_process, BufferPool(BATCH_BUFFERS),
+        batch_pool = self._pools.setdefault("", BufferPool(BATCH_BUFFERS))  # "": the batches
+        alloc = _in_worker if info else functools.partial(_in_process, batch_pool,
                                                           pin=self.pin_memory)
         stream = self._read(shards)              # (k, {model: ShardData}) per shard, one ahead
         stream = self._permute(stream)           # (k, data, positions in shard_order)
@@ -136,7 +141,7 @@ class CachedFeatureDataset(IterableDataset):
     def _read(self, shards: list[int]) -> Iterator[tuple[int, dict[str, ShardData]]]:
         """Each shard read whole; shard i+1 is read in a thread while shard i is cut into
         batches (the read releases the GIL), into a reused buffer (``BufferPool``)."""
-        pools = {name: BufferPool() for name in self.entries}
+        pools = {name: self._pools.setdefault(name, BufferPool()) for name in self.entries}
         urgent = threading.Event()  # set while the stream waits: take a buffer, do not wait
         executor = ThreadPoolExecutor(1, thread_name_prefix="bombkd-shard-read")
         try:
