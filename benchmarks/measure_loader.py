@@ -5,12 +5,12 @@
         --samples 256 --big 0 --teachers 0          # token-level features, 6.5 MB a sample
 
 Writes a synthetic cache (student + --teachers teachers, [--tokens, --dim] fp16 random
-features, default [16, 768] in shards of 1000) with ShardSetWriter, then times epochs of the fusion loader (student set only) in-process
-and with 1 and 2 workers, beside a raw sequential read of the same student shards: "warm" from
-the page cache (multi-epoch training on a machine with RAM to spare) and "cold" with the
-shards dropped from the page cache before each epoch/read. Then the peak RSS of a loader
-(in-process, and 2 workers) run in a fresh process at --samples and --big samples (0: skip). Records the
-load average: the machine may be shared.
+features, default [16, 768] in shards of 1000) with ShardSetWriter, then times epochs of the
+fusion loader (student set only) in-process and with 1 and 2 workers, beside a raw sequential
+read of the same student shards: "warm" from the page cache (multi-epoch training on a machine
+with RAM to spare) and "cold" with the shards dropped from the page cache before each
+epoch/read. Then the peak RSS of a loader (in-process, and 2 workers) run in a fresh process at
+--samples and --big samples (0: skip). Records the load average: the machine may be shared.
 """
 from __future__ import annotations
 

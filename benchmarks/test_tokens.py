@@ -191,8 +191,8 @@ def test_token_loader_rss(ledger, bench_size, token_cache):
         check = ledger.check(
             f"tokens-rss-{workers}w", f"tokens-{tokens}x{dim}, {workers} workers: peak RSS "
             f"{grew:.0f} MiB over the baseline ({rss['main_before_mb']:.0f} MiB; per process), "
-            f"vs two shards + 3 batches + slack {bound / 2**20:.0f} MiB", grew * 2**20 / bound, "<=",
-            1.0, unit="x", details={**rss, "shard_bytes": shard, "batch_bytes": batch})
+            f"vs two shards + 3 batches + slack {bound / 2**20:.0f} MiB", grew * 2**20 / bound,
+            "<=", 1.0, unit="x", details={**rss, "shard_bytes": shard, "batch_bytes": batch})
         assert check.passed, check.line
 
 
