@@ -1,7 +1,7 @@
 """Measure the cached loader against a raw read of the same shard bytes, and its peak RSS.
 
     .venv/bin/python -m benchmarks.measure_loader [--samples 4000 --big 16000 --batch 8]
-    .venv/bin/python -m benchmarks.measure_loader --tokens 2304 --dim 1408 --shard-size 64 \
+    .venv/bin/python -m benchmarks.measure_loader --tokens 2304 --dim 1408 --shard-size 64 \\
         --samples 256 --big 0 --teachers 0          # token-level features, 6.5 MB a sample
 
 Writes a synthetic cache (student + --teachers teachers, [--tokens, --dim] fp16 random
