@@ -40,6 +40,10 @@ class BenchSize:
     codec_per_class: int    # per-codec datasets for the decoder comparison
     loader_samples: int     # the corpus' features repeated to this many, for the loader twin
     scale_samples: int      # samples of the 1x cache in the scale benchmark (4x = 4 times this)
+    token_shapes: tuple[tuple[int, int], ...]  # token-level student features [T', D], fp16
+    token_samples: int      # samples of each token-level cache
+    token_shard_size: int
+    step_tokens: int        # the trainer's step is timed on [B, step_tokens, 1024] inputs
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,6 +79,12 @@ SMALL_CPU_LIMITS: dict[str, float | None] = {
     "featurize": 0.05,       # target 0.1: runs 0.015 .. 0.025; 3 ms more per sample written: 0.19
     "scale-time": 1.2,       # target 1.25: runs 0.86 .. 1.10; epoch plan once per batch: 1.22
     "video-overlap": None,   # target 0.9: runs 0.93 .. 1.49; no overlap at all: 0.95
+    # token-level loader (benchmarks/test_tokens.py), provisional: 3 runs on 2026-12-02 only
+    # (benchmarks/results/ci-limits.md, "Token-level checks"); 96 samples of [392, 1024] make
+    # an epoch of ~0.1 s, where one scheduler hiccup moves a round by 2x
+    "tokens-cold": 0.6,      # target 0.8: runs 0.69, 0.76, 0.84
+    "tokens-warm": 0.3,      # target 0.5: runs 0.34, 0.54, 0.56 (before: 0.16 at full size)
+    "tokens-vs-npy": 0.8,    # target 1.0: runs 1.01, 1.02 (np.load reads the same bytes)
 }
 
 BENCH_SIZES = {
@@ -82,13 +92,15 @@ BENCH_SIZES = {
                        student="tiny-vjepa2", teachers=("tiny-videomae", "tiny-timesformer"),
                        batch_size=8, shard_size=8, rounds=5, cheap_epochs=20,
                        parity_epochs=2, codec_per_class=4, loader_samples=3000,
-                       scale_samples=2000),
+                       scale_samples=2000, token_shapes=((392, 1024),), token_samples=96,
+                       token_shard_size=24, step_tokens=512),
     "full": BenchSize(name="full", classes=6, per_class=40, frames=16, size=112,
                       student="tiny-vjepa2",
                       teachers=("tiny-videomae", "tiny-timesformer", "tiny-vivit"),
                       batch_size=8, shard_size=16, rounds=5, cheap_epochs=10,
                       parity_epochs=3, codec_per_class=10, loader_samples=20000,
-                      scale_samples=5000),
+                      scale_samples=5000, token_shapes=((1568, 1024), (2304, 1408)),
+                      token_samples=256, token_shard_size=64, step_tokens=2048),
 }
 
 

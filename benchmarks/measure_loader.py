@@ -1,14 +1,16 @@
 """Measure the cached loader against a raw read of the same shard bytes, and its peak RSS.
 
     .venv/bin/python -m benchmarks.measure_loader [--samples 4000 --big 16000 --batch 8]
+    .venv/bin/python -m benchmarks.measure_loader --tokens 2304 --dim 1408 --shard-size 64 \\
+        --samples 256 --big 0 --teachers 0          # token-level features, 6.5 MB a sample
 
-Writes a synthetic cache (student + 3 teachers, [16, 768] fp16 random features, shards of
-1000) with ShardSetWriter, then times epochs of the fusion loader (student set only) in-process
-and with 1 and 2 workers, beside a raw sequential read of the same student shards: "warm" from
-the page cache (multi-epoch training on a machine with RAM to spare) and "cold" with the
-shards dropped from the page cache before each epoch/read. Then the peak RSS of a loader
-(in-process, and 2 workers) run in a fresh process at --samples and --big samples. Records the
-load average: the machine may be shared.
+Writes a synthetic cache (student + --teachers teachers, [--tokens, --dim] fp16 random
+features, default [16, 768] in shards of 1000) with ShardSetWriter, then times epochs of the
+fusion loader (student set only) in-process and with 1 and 2 workers, beside a raw sequential
+read of the same student shards: "warm" from the page cache (multi-epoch training on a machine
+with RAM to spare) and "cold" with the shards dropped from the page cache before each
+epoch/read. Then the peak RSS of a loader (in-process, and 2 workers) run in a fresh process at
+--samples and --big samples (0: skip). Records the load average: the machine may be shared.
 """
 from __future__ import annotations
 
@@ -35,13 +37,16 @@ TEACHERS = ("videomae", "timesformer", "vivit")
 TOKENS, DIM, DISTINCT = 16, 768, 1000
 
 
-def make_cache(root: Path, samples: int, shard_size: int = 1000) -> None:
-    """Student + 3 teachers, [16, 768] fp16 random features (1000 distinct, tiled), 101 classes."""
+def make_cache(root: Path, samples: int, shard_size: int = 1000, tokens: int = TOKENS,
+               dim: int = DIM, teachers: int = len(TEACHERS)) -> None:
+    """Student + ``teachers`` teachers, [tokens, dim] fp16 random features (tiled: 1000
+    distinct ones, fewer when they are large), 101 classes."""
     rng = np.random.default_rng(0)
-    features = rng.standard_normal((DISTINCT, TOKENS, DIM), dtype=np.float32)  # [N, T', D]
-    like = ModelEntry("student", "synthetic-student", DIM, TOKENS, 16, 112, "time", "float16")
-    write_cache(root, samples, features=features, labels=np.arange(DISTINCT) % 101, like=like,
-                shard_size=shard_size, dataset="synth", teachers=TEACHERS)
+    distinct = max(1, min(DISTINCT, (256 << 20) // (tokens * dim * 4)))
+    features = rng.standard_normal((distinct, tokens, dim), dtype=np.float32)  # [N, T', D]
+    like = ModelEntry("student", "synthetic-student", dim, tokens, 16, 112, "time", "float16")
+    write_cache(root, samples, features=features, labels=np.arange(distinct) % 101, like=like,
+                shard_size=shard_size, dataset="synth", teachers=TEACHERS[:teachers])
 
 
 def time_loader(root: Path, workers: int, batch: int, paths: list[Path], cold: bool,
@@ -131,16 +136,21 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--big", type=int, default=16000)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=TOKENS)
+    ap.add_argument("--dim", type=int, default=DIM)
+    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--teachers", type=int, default=len(TEACHERS), choices=range(4))
     ap.add_argument("--dir", type=Path, default=None, help="where to write the caches (temp)")
     args = ap.parse_args()
     base = Path(tempfile.mkdtemp(dir=args.dir))
     result = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
               "python": platform.python_version(), "torch": torch.__version__,
               "numpy": np.__version__, "samples": args.samples, "batch": args.batch,
-              "sample_shape": [TOKENS, DIM], "dtype": "float16"}
+              "sample_shape": [args.tokens, args.dim], "shard_size": args.shard_size,
+              "dtype": "float16"}
     result["load_average_start"] = os.getloadavg()  # the machine may be shared: say how busy
     small = base / "small"
-    make_cache(small, args.samples)
+    make_cache(small, args.samples, args.shard_size, args.tokens, args.dim, args.teachers)
     manifest = load_manifest(small, "train")
     os.sync()  # written pages must be clean before they can be dropped from the page cache
     paths = [small / s.name for s in manifest.models["student"].shards]
@@ -155,9 +165,11 @@ def main() -> None:
             mb_s = rates["samples_s_median"] * per_sample_mb
             result[f"{cache}_workers_{workers}"] = {**rates, "mb_s_median": mb_s,
                                                     "fraction_of_raw": mb_s / raw}
-    big = base / "big"
-    make_cache(big, args.big)
-    for root, count in ((small, args.samples), (big, args.big)):
+    caches = [(small, args.samples)]
+    if args.big:
+        caches.append((base / "big", args.big))
+        make_cache(base / "big", args.big, args.shard_size, args.tokens, args.dim, args.teachers)
+    for root, count in caches:
         for workers in (0, 2):
             result[f"rss_{count}_workers_{workers}"] = peak_rss(root, workers, args.batch)
     result["load_average_end"] = os.getloadavg()

@@ -249,6 +249,8 @@ def _rows(batch: dict, keep: torch.Tensor,
     if not bool(rows.any()):
         return None
     picked = {k: v[rows].to(device) for k, v in batch.items() if torch.is_tensor(v)}
+    # features come in the cache dtype; cast on the device (exact)
+    picked = {k: v.float() if v.is_floating_point() else v for k, v in picked.items()}
     return picked["student"], picked
 
 

@@ -58,7 +58,7 @@ def evaluate_model(model: torch.nn.Module, loader, classes: list[str], num_class
     model.eval()
     loader.set_epoch(epoch)
     for batch in tqdm(loader, desc="eval", unit="batch", disable=not progress, leave=False):
-        logits = model(batch["student"].to(device)).logits.float().cpu()  # [B, C]
+        logits = model(batch["student"].to(device).float()).logits.float().cpu()  # [B, C]
         labels = batch["label"]
         pred = logits.argmax(dim=1)  # [B]
         confusion.index_put_((labels, pred), torch.ones_like(labels), accumulate=True)

@@ -225,7 +225,8 @@ class Trainer:
                    desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    disable=not (self.main and self.cfg.progress))
         for batch in bar:
-            student = batch["student"].to(self.device, non_blocking=True)  # [B, T', D]
+            # the cache dtype crosses to the device; the cast to float32 is exact
+            student = batch["student"].to(self.device, non_blocking=True).float()  # [B, T', D]
             labels = batch["label"].to(self.device, non_blocking=True)  # [B]
             out = self.model(student)
             n = len(labels)

@@ -2,17 +2,24 @@
 
 Worker ``w`` of rank ``r`` reads the shards ``stream_plan`` gives its stream, permutes each shard
 with ``shard_order`` and cuts the stream into the batch sizes of that plan, so the batches equal
-``bombkd_io.sampling.epoch_batches`` exactly (and so equal the video loader's). Batches are
-gathered in the worker into one byte buffer per model and sent in groups (the DataLoader runs
-with ``batch_size=None`` and only carries them); the loader casts them to float32 tensors.
-Memory is bounded by a shard or two per model, whatever the split's size. Workers die with the
-process that iterates the loader, also when it is killed (``bombkd_io.workers``).
+``bombkd_io.sampling.epoch_batches`` exactly (and so equal the video loader's). Each byte is
+copied twice: read into a reused shard buffer (the next shard is read in a thread while batches
+are cut from this one), then one gather per model and batch into the batch tensor. Batches keep
+the cache's dtype: the consumer casts on its device (``.to(device).float()``), which halves host
+memory traffic and PCIe bytes for fp16 caches and changes no value. Large batches cross from a
+worker in shared memory, small ones as bytes in the pipe, in groups (the DataLoader runs with
+``batch_size=None`` and only carries them). Memory is bounded by two shards per model plus the
+batches in flight, whatever the split's size. Workers die with the process that iterates the
+loader, also when it is killed (``bombkd_io.workers``).
 """
 from __future__ import annotations
 
 import functools
+import math
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +29,18 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, ShardError
 from bombkd_io.names import locate
 from bombkd_io.sampling import check_streams, shard_order, stream_plan
+from bombkd_io.shards.codec import DTYPES
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
-from bombkd_io.shards.reader import ShardData, read_shard
+from bombkd_io.shards.reader import BufferPool, ShardData, read_shard
 from bombkd_io.workers import DieWithParent
 
 _TORCH = {"float16": torch.float16, "float32": torch.float32}
 GROUP = 8  # batches per worker-to-loader transfer: amortises the DataLoader's per-item cost
-_GRAIN = 32768  # at::internal::GRAIN_SIZE: elements below which torch runs an op on one thread
+GROUP_BYTES = 4 << 20  # ... but a group of more than one batch holds at most this many bytes
+SHM_BYTES = 1 << 20  # a worker's batch features at least this large go over shared memory
+
+
+BATCH_BUFFERS = 4  # reused batch buffers in process (more are allocated while batches are held)
 Piece = tuple[int, dict[str, ShardData], np.ndarray]  # (shard k, data per model, positions)
 
 
@@ -43,8 +55,9 @@ def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int
 
 
 class CachedFeatureDataset(IterableDataset):
-    """Yields ready batches ``{"student": float32 [B,T',D], "label": int64 [B], "key": [str],
-    "index": int64 [B]}`` (+ one entry per teacher in ``models``) from a format-1 cache."""
+    """Yields ready batches ``{"student": [B,T',D] in the cache dtype, "label": int64 [B],
+    "key": [str], "index": int64 [B]}`` (+ one entry per teacher in ``models``) from a
+    format-1 cache."""
 
     def __init__(self, root, split: str, *, models: Sequence[str] = ("student",),
                  batch_size: int = 8, seed: int = 0, dataset: str | None = None,
@@ -77,6 +90,11 @@ class CachedFeatureDataset(IterableDataset):
         self.rank, self.world_size = rank, world_size
         self.policy, self.worker = policy, 0  # raise or skip, and what this epoch left out
         self.group = 0  # > 0: yield lists of `group` packed batches, the loader unpacks them
+        self.pin_memory = False  # in process: gather straight into pinned memory
+        self._pools: dict[str, BufferPool] = {}  # reused across epochs (fresh pages are slow)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pools": {}}  # a worker started by spawn makes its own
 
     @property
     def num_shards(self) -> int:
@@ -98,80 +116,138 @@ class CachedFeatureDataset(IterableDataset):
                            self.batch_size, rank=self.rank, world_size=self.world_size,
                            worker=worker, num_workers=num_workers)
 
+    @property
+    def batch_bytes(self) -> int:
+        """Feature bytes of a full batch, all models."""
+        return self.batch_size * sum(e.tokens * e.dim * DTYPES[e.dtype].itemsize
+                                     for e in self.entries.values())
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         shards, sizes = self.plan(self.epoch, worker, num_workers)
         self.policy, self.worker = self.policy.fresh(), worker  # per epoch
-        stream = self._read(shards)              # (k, {model: ShardData}) per shard, in order
+        batch_pool = self._pools.setdefault("", BufferPool(BATCH_BUFFERS))  # "": the batches
+        alloc = _in_worker if info else functools.partial(_in_process, batch_pool,
+                                                          pin=self.pin_memory)
+        stream = self._read(shards)              # (k, {model: ShardData}) per shard, one ahead
         stream = self._permute(stream)           # (k, data, positions in shard_order)
         batches = _cut(stream, sizes)            # [(k, data, positions), ...] per batch
-        packed = map(self._pack, batches)        # raw bytes per batch (None: all skipped)
+        packed = (self._pack(b, alloc) for b in batches)  # gathered (None: all skipped)
         if self.group:
             return _groups(packed, self.group)   # lists of `group` packed batches
         return (self.unpack(p) for p in packed if p is not None)  # batch dicts
 
     def _read(self, shards: list[int]) -> Iterator[tuple[int, dict[str, ShardData]]]:
-        for k in shards:
-            data = {name: read_shard(self._url(entry.shards[k].name), entry.shards[k], entry,
-                                     labels=name == "student", classes=self.classes,
-                                     policy=self.policy)
-                    for name, entry in self.entries.items()}
-            _check_keys(data, {n: self._url(e.shards[k].name) for n, e in self.entries.items()})
-            yield k, data
+        """Each shard read whole; shard i+1 is read in a thread while shard i is cut into
+        batches (the read releases the GIL), into a reused buffer (``BufferPool``)."""
+        pools = {name: self._pools.setdefault(name, BufferPool()) for name in self.entries}
+        urgent = threading.Event()  # set while the stream waits: take a buffer, do not wait
+        executor = ThreadPoolExecutor(1, thread_name_prefix="bombkd-shard-read")
+        try:
+            ahead = executor.submit(self._read_one, shards[0], pools, urgent) if shards else None
+            for i, k in enumerate(shards):
+                urgent.set()
+                shard = ahead.result()
+                urgent.clear()
+                if i + 1 < len(shards):
+                    ahead = executor.submit(self._read_one, shards[i + 1], pools, urgent)
+                yield k, shard
+                del shard  # let its buffers come free as soon as its batches are cut
+        finally:
+            urgent.set()
+            executor.shutdown(wait=True, cancel_futures=True)
+
+    def _read_one(self, k: int, pools: dict[str, BufferPool],
+                  urgent: threading.Event) -> dict[str, ShardData]:
+        data = {name: read_shard(self._url(entry.shards[k].name), entry.shards[k], entry,
+                                 labels=name == "student", classes=self.classes,
+                                 policy=self.policy,
+                                 buffer=pools[name].take(entry.shards[k].bytes, urgent))
+                for name, entry in self.entries.items()}
+        _check_keys(data, {n: self._url(e.shards[k].name) for n, e in self.entries.items()})
+        return data
 
     def _permute(self, stream) -> Iterator[Piece]:
         for k, data in stream:
             size = len(data["student"].keys)
             yield k, data, shard_order(self.seed, self.epoch, k, size)
+            del data  # see _read
 
     def _url(self, name: str):
         return locate(str(self.root), name)
 
-    def _pack(self, pieces: list[Piece]) -> dict | None:
-        """One batch as raw bytes: each model's rows gathered into one buffer in the cache dtype.
+    def _pack(self, pieces: list[Piece], alloc) -> dict | None:
+        """One batch: each model's rows copied once, from the shard buffers into memory from
+        ``alloc`` (``_in_process``, ``_in_worker``), in the cache dtype.
 
-        Workers send this rather than tensors: a tensor crosses processes through a shared-memory
-        segment of its own (about a millisecond per batch here), bytes go through the pipe in one
-        pickle, half the size in fp16. ``unpack`` casts to float32 in the receiving process.
-        """
+        A row is a whole sample, contiguous in the shard: numpy copies it with one memcpy and no
+        thread pool (torch's ``index_select`` on a busy 2-core machine, and numpy's fancy
+        indexing of strided rows, both ran at a fifth of this), so the loop is per sample,
+        never per element."""
         if self.policy.skips:
             pieces = [(k, d, p[_present(d)[p]]) for k, d, p in pieces]
         if sum(len(p) for _, _, p in pieces) == 0 and self.world_size == 1:
             return None  # every sample of the batch was skipped (on_error="skip")
         # Under DDP an empty batch still goes through: every rank must take every step.
-        size = self.manifest.shard_size
+        size, b = self.manifest.shard_size, sum(len(p) for _, _, p in pieces)
+        features = {}
+        for name, entry in self.entries.items():
+            sent, out = alloc((b, entry.tokens, entry.dim), DTYPES[entry.dtype])  # [B, T', D]
+            rows = (d[name].features[i] for _, d, p in pieces for i in p.tolist())
+            for j, row in enumerate(rows):
+                out[j] = row
+            features[name] = sent
         return {
-            "features": {name: b"".join(d[name].features[p].tobytes() for _, d, p in pieces)
-                         for name in self.entries},
+            "features": features,
             "label": np.concatenate([np.zeros(0, np.int64)] +
-                                    [d["student"].labels[p] for _, d, p in pieces]).tobytes(),
-            "index": np.concatenate([np.zeros(0, np.int64)] +
-                                    [k * size + p for k, _, p in pieces]).tobytes(),
+                                    [d["student"].labels[p] for _, d, p in pieces]),
+            "index": np.concatenate([np.zeros(0, np.int64)] + [k * size + p for k, _, p in pieces]),
             "key": [d["student"].keys[i] for _, d, p in pieces for i in p],
             "skipped": (self.worker, self.policy.samples)}  # this worker's count so far
 
     def unpack(self, packed: dict, pin_memory: bool = False) -> dict:
-        """The batch dict of a packed batch: features float32 ``[B, T', D]`` (pinned if asked)."""
+        """The batch dict of a packed batch: features ``[B, T', D]`` in the cache dtype (copied
+        into pinned memory if asked and not there yet), labels and indices int64."""
         b = len(packed["key"])
         batch = {}
-        with warnings.catch_warnings():  # read-only bytes: copied at once, never written
-            warnings.simplefilter("ignore", UserWarning)
-            for name, entry in self.entries.items():
-                rows = _tensor(packed["features"][name], _TORCH[entry.dtype])
-                rows = rows.view(b, entry.tokens, entry.dim)  # [B, T', D]
-                out = torch.empty(rows.shape, dtype=torch.float32, pin_memory=pin_memory)
-                # Cast in slices under torch's parallel grain: a small cast handed to the
-                # intra-op thread pool costs far more in thread wake-ups than it saves (~100x
-                # on a busy 2-core machine).
-                step = max(1, _GRAIN // (entry.tokens * entry.dim))
-                for i in range(0, b, step):
-                    out[i:i + step].copy_(rows[i:i + step])
-                batch[name] = out
-            batch["label"] = _tensor(packed["label"], torch.int64).clone()
-            batch["index"] = _tensor(packed["index"], torch.int64).clone()
+        for name, entry in self.entries.items():
+            rows = packed["features"][name]
+            if not torch.is_tensor(rows):  # a small batch from a worker: bytes from the pipe
+                rows = _tensor(rows, _TORCH[entry.dtype])
+            rows = rows.view(b, entry.tokens, entry.dim)  # [B, T', D]
+            if pin_memory and not rows.is_pinned():
+                rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows)
+            batch[name] = rows
+        batch["label"] = torch.from_numpy(packed["label"])
+        batch["index"] = torch.from_numpy(packed["index"])
         batch["key"] = packed["key"]
         return batch
+
+
+def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -> tuple:
+    """(the batch's tensor, the numpy view to fill): pinned memory from torch's caching host
+    allocator (it reuses a block once the batch using it is freed and its copies are done),
+    else a buffer of ``pool``, reused once the batch that viewed it is dropped."""
+    if pin:
+        out = torch.empty(shape, dtype=_TORCH[dtype.name], pin_memory=True)
+        return out, out.numpy()
+    nbytes = math.prod(shape) * dtype.itemsize
+    view = pool.take(nbytes)[:nbytes].view(dtype).reshape(shape)
+    return torch.from_numpy(view), view
+
+
+def _in_worker(shape: tuple, dtype: np.dtype) -> tuple:
+    """(what crosses to the loader's process, the numpy view to fill): large features in a
+    shared-memory tensor (passed as a file descriptor, never copied), small ones in a
+    bytearray that the pipe carries in the batch's one pickle (below ``SHM_BYTES`` a
+    shared-memory segment costs more than the copy)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes >= SHM_BYTES:
+        out = torch.empty(shape, dtype=_TORCH[dtype.name]).share_memory_()
+        return out, out.numpy()
+    buf = bytearray(nbytes)
+    return buf, np.frombuffer(buf, dtype).reshape(shape)
 
 
 def _as_is(item):
@@ -239,12 +315,15 @@ class CachedLoader:
 
     def __init__(self, dataset: CachedFeatureDataset, *, num_workers: int, pin_memory: bool):
         dataset.check_streams(num_workers)
-        dataset.group = GROUP
+        # batches per transfer: many small ones, one large one (each waits in the queue)
+        dataset.group = max(1, min(GROUP, GROUP_BYTES // max(1, dataset.batch_bytes)))
         self.dataset, self.num_workers = dataset, num_workers
         self.manifest: Manifest = dataset.manifest
         if pin_memory and not torch.cuda.is_available():
             warnings.warn("pin_memory=True but CUDA is not available; not pinning", stacklevel=3)
             pin_memory = False
+        # in process, batches are gathered straight into pinned memory; from workers, copied
+        dataset.pin_memory = pin_memory and not num_workers
         self.unpack = functools.partial(dataset.unpack, pin_memory=pin_memory)
         self._skipped: dict[int, int] = {}
         # Batches are made whole in the workers; the DataLoader only carries them.
@@ -272,21 +351,22 @@ class CachedLoader:
     def __iter__(self) -> Iterator[dict]:
         """Batches in ``epoch_batches`` order: batch j of each worker in turn.
 
-        Each worker sends its batches in groups of ``GROUP`` (one transfer per group), and the
-        DataLoader delivers the groups round-robin over the workers that still have batches;
-        group r of every worker holds batches [r*G, (r+1)*G) of its stream, so taking batch j
-        of each group in turn restores the one-batch round-robin order.
+        Each worker sends its batches in groups of ``G = dataset.group`` (one transfer per
+        group), and the DataLoader delivers the groups round-robin over the workers that still
+        have batches; group r of every worker holds batches [r*G, (r+1)*G) of its stream, so
+        taking batch j of each group in turn restores the one-batch round-robin order.
         """
         self._skipped = {}
         planned = self._planned(self.dataset.epoch)
         groups = iter(self.loader)
-        for r in range(-(-max(planned) // GROUP)):
-            round_ = [next(groups) for n in planned if n > r * GROUP]
-            for j in range(GROUP):
+        group = self.dataset.group
+        for r in range(-(-max(planned) // group)):
+            round_ = [next(groups) for n in planned if n > r * group]
+            for j in range(group):
                 for packed in (g[j] for g in round_ if j < len(g) and g[j] is not None):
                     worker, count = packed["skipped"]
                     self._skipped[worker] = count
-                    yield self.unpack(packed)  # bytes -> float32 tensors, in this process
+                    yield self.unpack(packed)  # tensors (pinned if asked), in this process
 
     @property
     def skipped(self) -> int:

@@ -1,0 +1,202 @@
+"""Token-level payloads (several hundred KB to MB a sample) through the reader and the loader.
+
+The loader reads each shard into a reused buffer and gathers every batch from it, delivers the
+cache dtype, hands large worker batches over shared memory: these tests check that what comes
+out is exactly what the writer stored, whatever path a batch took, and that a buffer is never
+reused while a batch or a shard still views it. The fusion head and the converters take the
+tokens as they are.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bombkd_io.loaders import cached
+from bombkd_io.loaders.cached import make_cached_loader
+from bombkd_io.sampling import epoch_batches
+from bombkd_io.shards.manifest import Manifest, ModelEntry, load_manifest, save_manifest
+from bombkd_io.shards.reader import BufferPool, read_shard
+from bombkd_io.shards.writer import ShardSetWriter
+from bombkd_train.converters import Converter
+from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
+
+N, S, B = 11, 4, 3  # 3 shards, the last short; batches span shards
+
+
+def token_cache(root: Path, tokens: int, dim: int, *, dtype: str = "float16") -> dict:
+    """A student + teacher cache of distinct random token-level features; key -> arrays."""
+    rng = np.random.default_rng(tokens)
+    want = {}
+    writers = {m: ShardSetWriter(root, "tok", "train", m, S, dtype) for m in ("student", "t")}
+    for i in range(N):
+        key = f"{i:06d}_clip"
+        student = rng.standard_normal((tokens, dim)).astype(dtype)  # [T', D]
+        teacher = rng.standard_normal((tokens // 2, dim + 8)).astype(dtype)
+        writers["student"].write(key, student, {"cls": i % 3, "json": {"path": key}})
+        writers["t"].write(key, teacher)
+        want[key] = (student, teacher)
+    shapes = {"student": (tokens, dim), "t": (tokens // 2, dim + 8)}
+    models = {m: ModelEntry(m, "synthetic", d, t, 16, 224, "none", dtype, writers[m].close())
+              for m, (t, d) in shapes.items()}
+    save_manifest(Manifest("tok", "train", ["a", "b", "c"], S, models, N), root)
+    return want
+
+
+@pytest.fixture(scope="module")
+def large(tmp_path_factory):
+    """[256, 1024] fp16, 512 KiB a sample: a batch of 3 is over ``SHM_BYTES``."""
+    root = tmp_path_factory.mktemp("large")
+    return root, token_cache(root, 256, 1024)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """[8, 64] fp16, 1 KiB a sample: batches go through the pipe as bytes."""
+    root = tmp_path_factory.mktemp("small")
+    return root, token_cache(root, 8, 64)
+
+
+def check_exact(batches: list[dict], want: dict, dtype=torch.float16) -> None:
+    for b in batches:
+        assert b["student"].dtype == dtype and b["t"].dtype == dtype
+        for row, key in enumerate(b["key"]):
+            np.testing.assert_array_equal(b["student"][row].numpy(), want[key][0])
+            np.testing.assert_array_equal(b["t"][row].numpy(), want[key][1])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("cache", ["large", "small"])
+def test_batches_are_the_stored_bytes_in_plan_order(request, cache, workers):
+    root, want = request.getfixturevalue(cache)
+    loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B, seed=3,
+                                num_workers=workers)
+    held = []
+    for epoch in (0, 1, 2):  # every batch kept: no buffer may be reused under it
+        loader.set_epoch(epoch)
+        got = list(loader)
+        plan = epoch_batches(3, epoch, N, S, B, num_workers=workers)
+        assert [b["index"].tolist() for b in got] == [p.tolist() for p in plan]
+        held += got
+    check_exact(held, want)
+    # from a worker, large features arrive in shared memory, small ones as bytes
+    for b in held:
+        for name in ("student", "t"):
+            assert b[name].is_shared() == (workers > 0 and b[name].nbytes >= cached.SHM_BYTES)
+    if workers and cache == "large":  # both paths taken: full batches, and a 1-sample one
+        assert {b["student"].is_shared() for b in held} == {True, False}
+
+
+def test_float32_cache_comes_as_float32(tmp_path):
+    want = token_cache(tmp_path, 16, 32, dtype="float32")
+    batches = list(make_cached_loader(tmp_path, "train", models=("student", "t"), batch_size=B,
+                                      num_workers=0))
+    check_exact(batches, want, torch.float32)
+
+
+def test_group_size_follows_the_batch_bytes(large, small):
+    big = make_cached_loader(large[0], "train", models=("student", "t"), batch_size=B,
+                             num_workers=0)
+    little = make_cached_loader(small[0], "train", batch_size=B, num_workers=0)
+    assert big.dataset.group == 1 and little.dataset.group == cached.GROUP
+
+
+def test_stopping_early_leaves_no_reader_thread(large):
+    loader = make_cached_loader(large[0], "train", batch_size=B, num_workers=0)
+    batches = iter(loader)
+    next(batches)
+    del batches  # the generator closes: its read-ahead thread is joined
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("bombkd-shard-read")]
+    assert alive == []
+
+
+@pytest.mark.gpu
+def test_pinned_batches_are_exact_and_stay_intact(large):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: pinned memory")
+    root, want = large
+    for workers in (0, 2):
+        loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
+                                    num_workers=workers, pin_memory=True)
+        held = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            for b in loader:
+                assert b["student"].is_pinned() and b["t"].is_pinned()
+                b["student"].to("cuda", non_blocking=True)
+                held.append(b)
+        torch.cuda.synchronize()
+        check_exact(held, want)
+
+
+# ---- the reader's buffers ---------------------------------------------------------------------
+
+def test_read_shard_into_a_buffer_views_it(large):
+    root, _ = large
+    model = load_manifest(root, "train").models["student"]
+    entry = model.shards[0]
+    pool = BufferPool()
+    buffer = pool.take(entry.bytes)
+    into = read_shard(root / entry.name, entry, model, labels=True, buffer=buffer)
+    fresh = read_shard(root / entry.name, entry, model, labels=True)
+    assert np.shares_memory(into.features, buffer)
+    np.testing.assert_array_equal(into.features, fresh.features)
+    assert into.keys == fresh.keys and (into.labels == fresh.labels).all()
+    small_buffer = np.empty(entry.bytes - 1, np.uint8)  # too small: read into a new one
+    again = read_shard(root / entry.name, entry, model, labels=True, buffer=small_buffer)
+    assert not np.shares_memory(again.features, small_buffer)
+    np.testing.assert_array_equal(again.features, fresh.features)
+
+
+def test_a_buffer_is_reused_only_when_nothing_views_it():
+    pool = BufferPool(limit=2)
+    first = pool.take(100)
+    view = first[10:20]
+    first_id = id(first)
+    del first
+    second = pool.take(100)  # the first is still viewed: a new one
+    assert id(second) != first_id and len(pool.buffers) == 2
+    del view, second
+    assert {id(pool.take(50))} <= {id(b) for b in pool.buffers}  # a free one that fits
+    bigger = pool.take(200)  # none fits: a free one is replaced, the pool stays at its limit
+    assert len(bigger) == 200 and len(pool.buffers) == 2
+
+
+def test_take_waits_for_a_buffer_at_the_limit_unless_urgent():
+    pool = BufferPool(limit=1)
+    held = [pool.take(64)]
+    target = id(held[0])
+    releaser = threading.Timer(0.05, held.clear)
+    releaser.start()
+    assert id(pool.take(64, threading.Event())) == target  # waited for it
+    releaser.join()
+    viewing = pool.take(64)[:8]
+    urgent = threading.Event()
+    urgent.set()
+    other = pool.take(64, urgent)  # at the limit, still viewed, urgent: a new one
+    assert not np.shares_memory(other, viewing) and len(pool.buffers) == 1
+
+
+# ---- token-level inputs go through the models as tokens ----------------------------------------
+
+def test_converter_and_fusion_take_token_level_inputs():
+    torch.manual_seed(0)
+    tokens, dim = 196, 64
+    converters = {"t": Converter(dim, 48, tokens, 2 * tokens)}
+    model = FusionModel(converters, FusionHead(dim, teacher_specs(converters), 5))
+    student = torch.randn(2, tokens, dim, dtype=torch.float16)  # as the loader delivers it
+    x = student.float()  # [B, T', D]: the trainer's cast
+    out = converters["t"](x)
+    assert out.shape == (2, 2 * tokens, 48)
+    nudged = x.clone()
+    nudged[0, -1] += 1.0  # one token of one sample
+    moved = (converters["t"](nudged) - out).abs().amax(dim=2)  # [B, 2T']
+    # token-level: only the output tokens interpolated from the last input token move
+    assert moved[0, -1] > 0 and moved[0, :-3].max() == 0 and moved[1].max() == 0
+    logits = model(x).logits
+    assert logits.shape == (2, 5)
+    assert not torch.equal(model(nudged).logits[0], logits[0])
+    assert torch.equal(model(nudged).logits[1], logits[1])
