@@ -23,7 +23,7 @@ from bombkd_io.atomic import folder_problem, remove_temps
 from bombkd_io.errors import ConfigError
 from bombkd_io.lock import lock_folder
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
-from bombkd_train.threads import model_threads
+from bombkd_train.runtime import model_threads
 
 CONVERTER_KINDS = ("linear", "mlp")
 CHECKPOINT_KIND = "bombkd-converters"
@@ -318,7 +318,7 @@ def train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
     One run per ``save_dir``: it is locked for the run (``bombkd_io.lock``)."""
     cfg.validate()
     with lock_folder(cfg.save_dir, argument="--save-dir"), \
-            model_threads(cfg.device, cfg.workers):  # a busy machine: see bombkd_train.threads
+            model_threads(cfg.device, cfg.workers):  # a busy machine: see bombkd_train.runtime
         return _train_converters(cfg)
 
 

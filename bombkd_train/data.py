@@ -19,7 +19,7 @@ import torch
 from bombkd_io.errors import ConfigError, ErrorPolicy
 from bombkd_io.loaders.clips import VideoClipLoader
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
-from bombkd_train.threads import decode_threads_for, model_threads
+from bombkd_train.runtime import decode_threads_for, model_threads
 
 LOADERS = ("dali", "wds")
 

@@ -18,9 +18,8 @@ from bombkd_io.errors import ConfigError
 from bombkd_train.checkpoint import load_checkpoint
 from bombkd_train.converters import load_converters
 from bombkd_train.data import DataConfig, open_source
-from bombkd_train.dist import all_reduce_sum
 from bombkd_train.fusion import FusionHead, FusionModel
-from bombkd_train.threads import model_threads
+from bombkd_train.runtime import all_reduce_sum, model_threads
 
 FUSION_KIND = "bombkd-fusion"
 
@@ -152,7 +151,7 @@ def evaluate(cfg: EvalConfig) -> tuple[EvalResult, Path]:
                               f"in {cfg.fusion} has {ckpt['head']['num_classes']}")
         model = load_fusion(ckpt, converters=cfg.converters, student_dim=source.student.dim,
                             student_tokens=source.student.tokens)
-        with model_threads(cfg.data.device, cfg.data.workers):  # see bombkd_train.threads
+        with model_threads(cfg.data.device, cfg.data.workers):  # see bombkd_train.runtime
             result = evaluate_model(model.to(cfg.data.device), source.loader, source.classes,
                                     ckpt["head"]["num_classes"], device=cfg.data.device,
                                     progress=cfg.progress)

@@ -42,9 +42,9 @@ from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_io.video import ClipLoader, parse_device, probe_index
 from bombkd_train.backbones import Backbone, create_backbone
 from bombkd_train.featurize_estimate import DiskEstimate, check_free_space, estimate_bytes
-from bombkd_train.threads import model_threads
 from bombkd_train.featurize_state import (CacheState, FeaturizeConfig, load_state,
                                           remove_stale_temps, save_progress)
+from bombkd_train.runtime import model_threads
 
 __all__ = ["DiskEstimate", "FeaturizeConfig", "FeaturizeStats", "estimate_featurize", "featurize"]
 

@@ -34,10 +34,10 @@ from bombkd_io.lock import lock_folder
 from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
 from bombkd_train.converters import load_converters
 from bombkd_train.data import DataConfig, open_source
-from bombkd_train.dist import all_reduce_sum, init_distributed, is_distributed, launch_rank
 from bombkd_train.evaluate import FUSION_KIND, evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
-from bombkd_train.threads import model_threads
+from bombkd_train.runtime import (all_reduce_sum, init_distributed, is_distributed, launch_rank,
+                                  model_threads)
 
 # Settings a resumed run must share with the run that wrote the checkpoint (besides the plan).
 RESUME_KEYS = ("split", "teachers", "classes", "lr", "weight_decay", "gate_l1", "fusion_rank")
@@ -140,7 +140,7 @@ class Trainer:
         self.determinism = (torch.are_deterministic_algorithms_enabled(),
                             torch.is_deterministic_algorithms_warn_only_enabled())
         torch.use_deterministic_algorithms(True, warn_only=True)
-        # torch's CPU threads, capped for a shared machine (see bombkd_train.threads)
+        # torch's CPU threads, capped for a shared machine (see bombkd_train.runtime)
         self.threads = contextlib.ExitStack()
         self.threads.enter_context(model_threads(self.device, cfg.workers))
 

@@ -1,10 +1,10 @@
-"""torch's CPU threads beside our own threads and other programs (bombkd_train/threads.py)."""
+"""torch's CPU threads beside our own threads and other programs (bombkd_train/runtime.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bombkd_train.threads import cpu_cores, model_threads, torch_threads_for
+from bombkd_train.runtime import cpu_cores, model_threads, torch_threads_for
 from bombkd_train.trainer import TrainConfig, Trainer
 from synthetic_cache import make_feature_cache
 
