@@ -19,10 +19,10 @@ from bombkd_io.sample_data import make_sample_data
 from bombkd_io.shards.manifest import load_manifest, manifest_path
 from bombkd_io.shards.reader import read_shard
 from bombkd_io.video import ClipLoader, probe_videos
-from bombkd_train import featurize as featurize_module
 from bombkd_train.backbones import create_backbone
 from bombkd_train.cli.main import app
 from bombkd_train.featurize import FeaturizeConfig, estimate_featurize, featurize
+from bombkd_train.featurize import run as featurize_run
 
 STUDENT, TEACHERS = "tiny-vjepa2", ["tiny-videomae", "tiny-timesformer", "tiny-vivit"]
 BROKEN = 4  # index position of the video overwritten with garbage
@@ -168,7 +168,7 @@ def test_resume_redoes_broken_shards_byte_identically(full_cache, small_root, tm
 
 def test_interrupted_run_resumes_to_the_same_bytes(full_cache, small_root, tmp_path, monkeypatch):
     out = tmp_path / "cache"
-    real, calls = featurize_module.save_progress, []
+    real, calls = featurize_run.save_progress, []
 
     def crash_after_two_shards(state, where):
         real(state, where)
@@ -176,7 +176,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(full_cache, small_root, tmp_p
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(featurize_module, "save_progress", crash_after_two_shards)
+    monkeypatch.setattr(featurize_run, "save_progress", crash_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
         featurize(config(small_root, out))
     monkeypatch.undo()

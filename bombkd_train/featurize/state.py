@@ -26,6 +26,7 @@ from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.names import check_name, name_problem, role_name
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, manifest_path,
                                        misnamed_shard, progress_path, read_manifest)
+from bombkd_io.shards.writer import remove_temp_shards
 from bombkd_io.video import is_cuda
 from bombkd_train.backbones import POOLS, Backbone, check_backbone_name
 
@@ -354,7 +355,6 @@ def remove_stale_temps(out: Path, dataset: str, split: str, roles: list[str]) ->
     manifest and the progress file of (dataset, split); never anything else. Only while holding
     the lock on ``out`` for (dataset, split)."""
     for role in roles:
-        for tmp in out.glob(f"{dataset}-{split}-{role}-*.tar.tmp"):
-            tmp.unlink(missing_ok=True)
+        remove_temp_shards(out, dataset, split, role)
     remove_temps(out, [manifest_path(out, dataset, split).name,
                        progress_path(out, dataset, split).name])

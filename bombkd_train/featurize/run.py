@@ -1,4 +1,4 @@
-"""featurize: videos -> clips -> every backbone -> one shard set per model (cache format 1).
+"""The featurize run: videos -> clips -> every backbone -> one shard set per model (cache format 1).
 
 The stages, in order (each clip is decoded once per distinct (frames, size) the models need,
 and the student and every teacher run on that one decode):
@@ -41,12 +41,10 @@ from bombkd_io.shards.verify import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_io.video import ClipLoader, parse_device, probe_index
 from bombkd_train.backbones import Backbone, create_backbone
-from bombkd_train.featurize_estimate import DiskEstimate, check_free_space, estimate_bytes
-from bombkd_train.featurize_state import (CacheState, FeaturizeConfig, load_state,
+from bombkd_train.featurize.estimate import DiskEstimate, check_free_space, estimate_bytes
+from bombkd_train.featurize.state import (CacheState, FeaturizeConfig, load_state,
                                           remove_stale_temps, save_progress)
 from bombkd_train.runtime import model_threads
-
-__all__ = ["DiskEstimate", "FeaturizeConfig", "FeaturizeStats", "estimate_featurize", "featurize"]
 
 Need = tuple[int, int]  # (frames, size) a backbone consumes
 
