@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from bombkd_train.converters import ConverterTrainConfig, train_converters
+from bombkd_train.config import ConverterTrainConfig
+from bombkd_train.converters import train_converters
 from synthetic_cache import TEACHERS, make_feature_cache
 
 TESTS = Path(__file__).parent
@@ -20,7 +21,7 @@ def test_torchrun_train_prints_one_report(tmp_path):
     conv = train_converters(ConverterTrainConfig(root=str(root), split="train",
                                                  teachers=list(TEACHERS),
                                                  save_dir=str(tmp_path / "conv"), epochs=0,
-                                                 batch=16))
+                                                 batch_size=16))
     script = tmp_path / "bombkd_cli.py"
     script.write_text("from bombkd_train.cli.main import app\napp()\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),

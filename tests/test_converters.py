@@ -82,13 +82,14 @@ def test_load_converters_rejects_other_student_and_missing_teacher(tmp_path):
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_train_converters_on_a_cache_with_other_token_counts_and_widths(tmp_path, kind):
-    from bombkd_train.converters import ConverterTrainConfig, train_converters
+    from bombkd_train.config import ConverterTrainConfig
+    from bombkd_train.converters import train_converters
     from synthetic_cache import STUDENT, TEACHERS, make_feature_cache
 
     root = make_feature_cache(tmp_path / "cache")
     result = train_converters(ConverterTrainConfig(
         root=str(root), split="train", teachers=list(TEACHERS), save_dir=str(tmp_path / "out"),
-        epochs=1, kind=kind, val_frac=0.25, batch=16))
+        epochs=1, kind=kind, val_frac=0.25, batch_size=16))
     assert result.held_out == 12
     # the teachers are linear in the student: held-out cosine is ~1 after the least-squares start
     assert set(result.cosine) == set(TEACHERS) and min(result.cosine.values()) > 0.99
@@ -101,7 +102,8 @@ def test_train_converters_on_a_cache_with_other_token_counts_and_widths(tmp_path
 
 
 def test_train_converters_refuses_a_teacher_the_cache_lacks(tmp_path):
-    from bombkd_train.converters import ConverterTrainConfig, train_converters
+    from bombkd_train.config import ConverterTrainConfig
+    from bombkd_train.converters import train_converters
     from synthetic_cache import make_feature_cache
 
     root = make_feature_cache(tmp_path / "cache", count=16)

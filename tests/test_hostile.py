@@ -119,7 +119,8 @@ def test_teacher_roles_and_key_stems_are_sanitised_into_the_grammar():
 
 def test_progress_file_names_are_checked(tmp_path):
     from bombkd_io.datasets import VideoIndex
-    from bombkd_train.featurize.state import FeaturizeConfig, load_state
+    from bombkd_train.config import FeaturizeConfig
+    from bombkd_train.featurize.state import load_state
 
     out = tmp_path / "out"
     out.mkdir()

@@ -1,6 +1,6 @@
 """``bombkd featurize``: videos -> every backbone -> one shard set per model (cache format 1).
 
-The modules, in data-flow order:
+Its config is ``bombkd_train.config.FeaturizeConfig``. The modules, in data-flow order:
 
     state.py     what ``--out`` already holds (manifest, progress file), checked against the run
     estimate.py  the exact bytes the run will write, against the free space (``--dry-run``)
@@ -8,6 +8,5 @@ The modules, in data-flow order:
 """
 from bombkd_train.featurize.estimate import DiskEstimate
 from bombkd_train.featurize.run import FeaturizeStats, estimate_featurize, featurize
-from bombkd_train.featurize.state import FeaturizeConfig
 
-__all__ = ["DiskEstimate", "FeaturizeConfig", "FeaturizeStats", "estimate_featurize", "featurize"]
+__all__ = ["DiskEstimate", "FeaturizeStats", "estimate_featurize", "featurize"]
