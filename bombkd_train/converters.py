@@ -1,12 +1,13 @@
-"""Converters: frozen maps from the student's feature space into each teacher's.
+"""Converters, frozen maps from the student's feature space into each teacher's: the model, the
+record its checkpoint holds, and its training (``bombkd train-converters``).
 
 A converter resamples the student tokens to the teacher's token count (linear interpolation along
 time), then projects the width: a linear map (``kind="linear"``) started at the closed-form
 least-squares solution, plus a residual MLP (``kind="mlp"``) whose last layer starts at zero, so
 training starts from the least-squares fit and only improves on it.
 
-Checkpoints are plain dicts of tensors and primitives (see :func:`converters_checkpoint`), loaded
-with ``weights_only=True``.
+The record (``converters_checkpoint``, read back by ``load_converters``) is saved and loaded as a
+``CONVERTERS_KIND`` checkpoint by ``bombkd_train.checkpoint``.
 """
 from __future__ import annotations
 
@@ -23,11 +24,11 @@ from bombkd_io.atomic import remove_temps
 from bombkd_io.errors import ConfigError
 from bombkd_io.lock import lock_folder
 from bombkd_io.video.route import parse_device
-from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
+from bombkd_train.checkpoint import (CONVERTERS_KIND, checkpoint_header, load_checkpoint,
+                                     save_checkpoint)
 from bombkd_train.config import CONVERTER_KINDS, ConverterTrainConfig
 from bombkd_train.runtime import model_threads
 
-CHECKPOINT_KIND = "bombkd-converters"
 
 
 def resample_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -131,7 +132,7 @@ def converters_checkpoint(converters: dict[str, Converter], *, student: dict, va
                           config: dict, stats: dict | None = None) -> dict:
     """The checkpoint dict: kind, dims, teacher names and token counts, weights, metrics."""
     return {
-        "format": CHECKPOINT_KIND, "version": 1,
+        **checkpoint_header(CONVERTERS_KIND),
         "kind": next(iter(converters.values())).kind,
         "student": dict(student),  # {"backbone", "dim", "tokens"}
         "teachers": list(converters),
@@ -153,7 +154,7 @@ def load_converters(path, *, student_dim: int, student_tokens: int,
     ``teachers`` picks (and orders) the teachers; ``None`` takes all, in checkpoint order.
     Raises ``ConfigError`` naming the file when a teacher is missing or a dimension differs.
     """
-    ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND, argument="--converters")
+    ckpt = load_checkpoint(path, kind=CONVERTERS_KIND, argument="--converters")
     names = list(teachers) if teachers else list(ckpt["teachers"])
     problems = [f"--converters {path}: no converter for teacher {n!r} (it has {ckpt['teachers']}); "
                 f"train one with `bombkd train-converters --teachers ...`"

@@ -16,15 +16,12 @@ from tqdm import tqdm
 from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import ConfigError
 from bombkd_io.video.route import parse_device
-from bombkd_train.checkpoint import load_checkpoint
+from bombkd_train.checkpoint import FUSION_KIND, load_checkpoint
 from bombkd_train.config import EvalConfig
 from bombkd_train.converters import load_converters
 from bombkd_train.data import open_source
 from bombkd_train.fusion import FusionHead, FusionModel
 from bombkd_train.runtime import all_reduce_sum, model_threads
-
-FUSION_KIND = "bombkd-fusion"
-
 
 @dataclass
 class EvalResult:

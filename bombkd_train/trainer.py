@@ -32,11 +32,12 @@ from bombkd_io.atomic import atomic_path, remove_temps
 from bombkd_io.errors import ConfigError, TrainingError
 from bombkd_io.lock import lock_folder
 from bombkd_io.video.route import is_cuda
-from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
+from bombkd_train.checkpoint import (FUSION_KIND, checkpoint_header, load_checkpoint,
+                                     save_checkpoint)
 from bombkd_train.config import TrainConfig
 from bombkd_train.converters import load_converters
 from bombkd_train.data import open_source
-from bombkd_train.evaluate import FUSION_KIND, evaluate_model, topk_hits
+from bombkd_train.evaluate import evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
 from bombkd_train.runtime import (all_reduce_sum, init_distributed, is_distributed, launch_rank,
                                   model_threads)
@@ -216,7 +217,7 @@ class Trainer:
         """``fusion_ep{N}.pt``: weights, optimizer, progress, RNG and the run's config."""
         if not self.main:
             return None
-        ckpt = {"format": FUSION_KIND, "version": 1, "model": self.head.state_dict(),
+        ckpt = {**checkpoint_header(FUSION_KIND), "model": self.head.state_dict(),
                 "head": self.head.spec(), "optimizer": self.optim.state_dict(),
                 "epoch": epochs_done, "step": self.step, "rng": _get_rng(),
                 "config": asdict(self.cfg), "student": asdict(self.source.student),

@@ -116,22 +116,23 @@ def test_train_converters_refuses_a_teacher_the_cache_lacks(tmp_path):
 
 
 def test_checkpoints_are_atomic_and_refuse_pickled_code(tmp_path):
-    from bombkd_train.checkpoint import load_checkpoint
+    from bombkd_train.checkpoint import FUSION_KIND as k
+    from bombkd_train.checkpoint import checkpoint_header, load_checkpoint
 
-    path = save_checkpoint({"format": "k", "version": 1, "w": torch.ones(2)}, tmp_path / "a" / "c.pt")
+    path = save_checkpoint({**checkpoint_header(k), "w": torch.ones(2)}, tmp_path / "a" / "c.pt")
     assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temporary file left
-    assert torch.equal(load_checkpoint(path, kind="k", argument="--x")["w"], torch.ones(2))
-    save_checkpoint({"format": "k", "version": 2}, path)
+    assert torch.equal(load_checkpoint(path, kind=k, argument="--x")["w"], torch.ones(2))
+    save_checkpoint({"format": k, "version": 2}, path)
     with pytest.raises(FormatError, match="version 2 is not supported"):
-        load_checkpoint(path, kind="k", argument="--x")
-    torch.save({"format": "k", "version": 1, "obj": object()}, path)  # needs pickle to load
+        load_checkpoint(path, kind=k, argument="--x")
+    torch.save({**checkpoint_header(k), "obj": object()}, path)  # needs pickle to load
     with pytest.raises(FormatError, match="cannot be read as a checkpoint") as refused:
-        load_checkpoint(path, kind="k", argument="--x")
+        load_checkpoint(path, kind=k, argument="--x")
     # names the option, and does not pass on torch's advice to load with weights_only=False
     assert str(refused.value).startswith(f"--x {path}: ") and "weights_only" not in str(refused.value)
     path.write_text('{"not": "a checkpoint"}')  # e.g. a manifest passed to --converters
     with pytest.raises(FormatError, match="cannot be read as a checkpoint") as refused:
-        load_checkpoint(path, kind="k", argument="--x")
+        load_checkpoint(path, kind=k, argument="--x")
     assert str(refused.value).startswith(f"--x {path}: ") and "weights_only" not in str(refused.value)
     assert "\n" not in str(refused.value)
 
