@@ -4,7 +4,8 @@
 nest one. ``problems()`` lists every bad argument by its CLI flag, ``validate()`` raises them all
 at once. One name per idea: ``batch_size``, ``pooling``, ``decode_threads`` (featurize's decoder
 threads) vs ``loader_workers`` (DataLoader processes, which also shape the epoch plan); every
-``device`` is read by ``bombkd_io.video.route.parse_device``.
+``device`` is read by ``bombkd_io.video.route.parse_device``. ``cache_contradictions`` is what
+a run's settings contradict in a feature cache it reads or adds to.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from bombkd_io.errors import ConfigError, ErrorPolicy
 from bombkd_io.names import name_problem, role_name
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.shards.codec import DTYPES
+from bombkd_io.shards.manifest import ModelEntry
 from bombkd_io.video.route import is_cuda
 from bombkd_train.backbones import POOLS, check_backbone_name
 
@@ -48,6 +50,18 @@ def device_problems(device: str) -> list[str]:
     if cuda and not torch.cuda.is_available():
         return [f"--device {device}: CUDA is not available on this machine; use --device cpu"]
     return []
+
+
+def cache_contradictions(student: ModelEntry, shard_size: int, wanted_shard_size: int | None,
+                         **wanted) -> dict[str, tuple]:
+    """What a run's settings contradict in a feature cache: the fields of its ``student`` entry
+    (``ModelEntry.contradictions``) and its ``shard_size``, as ``field -> (recorded, wanted)``;
+    ``None`` takes what the cache holds. Reading a cache (``data.py``) and adding to one
+    (``featurize/state.py``) both refuse a run on it."""
+    found = student.contradictions(**wanted)
+    if wanted_shard_size not in (None, shard_size):
+        found["shard_size"] = (shard_size, wanted_shard_size)
+    return found
 
 
 def _at_least(minimum: int, *named: tuple[str, float | None]) -> list[str]:

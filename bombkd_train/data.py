@@ -20,8 +20,12 @@ from bombkd_io.errors import ConfigError
 from bombkd_io.loaders.clips import VideoClipLoader
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.video.route import parse_device
-from bombkd_train.config import DataConfig
+from bombkd_train.config import DataConfig, cache_contradictions
 from bombkd_train.runtime import decode_threads_for, model_threads
+
+# the argument that sets each field a cache records of its student and shards
+CACHE_FLAGS = {"shard_size": "--shard-size", "frames": "--frames", "size": "--size",
+               "pooling": "--pool"}
 
 
 @dataclass
@@ -80,15 +84,16 @@ def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureS
 def _check_cache(cfg: DataConfig, manifest, where) -> None:
     """``ConfigError`` naming every argument that contradicts the cache at ``where`` (its
     manifest ``manifest``)."""
-    entry = manifest.models["student"]
+    found = cache_contradictions(manifest.models["student"], manifest.shard_size, cfg.shard_size,
+                                 backbone=cfg.student or None, frames=cfg.frames, size=cfg.size,
+                                 pooling=cfg.pooling)
     problems = []
-    if cfg.student and cfg.student != entry.backbone:
-        problems.append(f"--student {cfg.student}: the cache at {where} was built with student "
-                        f"{entry.backbone!r}; pass --student {entry.backbone} or featurize again")
-    for arg, want, have in (("--shard-size", cfg.shard_size, manifest.shard_size),
-                            ("--frames", cfg.frames, entry.frames), ("--size", cfg.size, entry.size),
-                            ("--pool", cfg.pooling, entry.pooling)):
-        if want is not None and want != have:
+    for key, (have, want) in found.items():
+        if key == "backbone":
+            problems.append(f"--student {want}: the cache at {where} was built with student "
+                            f"{have!r}; pass --student {have} or featurize again")
+        else:
+            arg = CACHE_FLAGS[key]
             problems.append(f"{arg} {want}: the cache at {where} holds {arg[2:]}={have}; "
                             f"drop {arg} or featurize again")
     if problems:

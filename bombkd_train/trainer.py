@@ -247,14 +247,9 @@ class Trainer:
 
     def _check_resume(self, ckpt: dict) -> None:
         old, new = ckpt["config"], asdict(self.cfg)
-        problems = [f"{k}: {new[k]!r} here, {old.get(k)!r} in the checkpoint"
-                    for k in RESUME_KEYS if old.get(k) != new[k]]
-        if asdict(self.source.student) != ckpt["student"]:
-            problems.append(f"student: {asdict(self.source.student)} here, {ckpt['student']} in "
-                            "the checkpoint")
-        plan, saved = self.plan(), _saved_plan(ckpt)
-        problems += [f"epoch plan {k}: {plan[k]} here, {v} in the checkpoint"
-                     for k, v in saved.items() if plan[k] != v]
+        problems = (_differences("", new, {k: old.get(k) for k in RESUME_KEYS})
+                    + _differences("student ", asdict(self.source.student), ckpt["student"])
+                    + _differences("epoch plan ", self.plan(), _saved_plan(ckpt)))
         if problems:
             raise ConfigError([f"--resume: the checkpoint in {self.save_dir} is from another "
                                f"configuration ({'; '.join(problems)}); resume with the same "
@@ -332,6 +327,13 @@ def _step_stats(loss: torch.Tensor, out, labels: torch.Tensor, names: list[str])
     top1, top5 = topk_hits(out.logits.detach(), labels)
     values = [loss.detach(), top1, top5, *(out.gates[k].detach() for k in names)]
     return torch.stack([v.double() for v in values]).cpu()
+
+
+def _differences(what: str, here: dict, recorded: dict) -> list[str]:
+    """``{what}{key}: {here} here, {recorded} in the checkpoint`` for each recorded value that
+    this run does not share: the one "does the run contradict its checkpoint" decision."""
+    return [f"{what}{k}: {here.get(k)!r} here, {v!r} in the checkpoint"
+            for k, v in recorded.items() if here.get(k) != v]
 
 
 def _saved_plan(ckpt: dict) -> dict:

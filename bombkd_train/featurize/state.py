@@ -25,7 +25,7 @@ from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, manifes
                                        misnamed_shard, progress_path, read_manifest)
 from bombkd_io.shards.writer import remove_temp_shards
 from bombkd_train.backbones import Backbone
-from bombkd_train.config import FeaturizeConfig
+from bombkd_train.config import FeaturizeConfig, cache_contradictions
 
 PROGRESS_FORMAT = "bombkd-featurize-progress"
 
@@ -187,14 +187,12 @@ def _check_compatible(state: CacheState, config: FeaturizeConfig, index: VideoIn
     if not state.models:
         return
     where, problems = f"{config.out} holds a {config.dataset}-{config.split} cache", []
-    student = state.models["student"]
-    for key, (have, want) in student.contradictions(
+    for key, (have, want) in cache_contradictions(
+            state.models["student"], state.config.shard_size, config.shard_size,
             backbone=config.student, pooling=config.pooling, dtype=config.dtype,
             frames=config.frames, size=config.size).items():
-        problems.append(f"student {key} is {have!r} there, this run asks for {want!r}")
-    if state.config.shard_size != config.shard_size:
-        problems.append(f"shard size is {state.config.shard_size} there, this run asks for "
-                        f"{config.shard_size}")
+        what = "shard size" if key == "shard_size" else f"student {key}"
+        problems.append(f"{what} is {have!r} there, this run asks for {want!r}")
     if list(state.index.classes) != list(index.classes):
         problems.append("its class list differs from the dataset's")
     for role, name in config.roles().items():
