@@ -21,7 +21,7 @@ from bombkd_io.names import name_problem, role_name
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.shards.codec import DTYPES
 from bombkd_io.shards.manifest import ModelEntry
-from bombkd_io.video.route import is_cuda
+from bombkd_io.video.route import is_cuda, parse_device
 from bombkd_train.backbones import POOLS, check_backbone_name
 
 LOADERS = ("dali", "wds")
@@ -41,13 +41,11 @@ class _Checked:
             raise ConfigError(problems)
 
 
-def device_problems(device: str) -> list[str]:
+def _device_problems(device: str) -> list[str]:
     """Why ``--device`` names no device of this machine (``parse_device``'s rule), or []."""
-    try:
-        cuda = is_cuda(device)
-    except ConfigError as err:
-        return err.problems
-    if cuda and not torch.cuda.is_available():
+    if problems := _raised(parse_device, device):
+        return problems
+    if is_cuda(device) and not torch.cuda.is_available():
         return [f"--device {device}: CUDA is not available on this machine; use --device cpu"]
     return []
 
@@ -62,6 +60,15 @@ def cache_contradictions(student: ModelEntry, shard_size: int, wanted_shard_size
     if wanted_shard_size not in (None, shard_size):
         found["shard_size"] = (shard_size, wanted_shard_size)
     return found
+
+
+def _raised(check, *args) -> list[str]:
+    """The problems of the ``ConfigError`` that ``check(*args)`` raises ([] if it raises none)."""
+    try:
+        check(*args)
+    except ConfigError as err:
+        return err.problems
+    return []
 
 
 def _at_least(minimum: int, *named: tuple[str, float | None]) -> list[str]:
@@ -112,13 +119,11 @@ class DataConfig(_Checked):
             out.append("--student: required with --loader dali")
         if self.pooling is not None:
             out += _one_of("--pool", self.pooling, POOLS)
-        try:
-            ErrorPolicy(self.on_error, "--on-error")
-        except ConfigError as exc:
-            out += exc.problems
+        out += _raised(ErrorPolicy, self.on_error, "--on-error")
         out += _at_least(1, ("--batch", self.batch_size), ("--shard-size", self.shard_size),
                          ("--frames", self.frames), ("--size", self.size))
-        return out + _at_least(0, ("--workers", self.loader_workers)) + device_problems(self.device)
+        out += _at_least(0, ("--workers", self.loader_workers))
+        return out + _device_problems(self.device)
 
 
 @dataclass
@@ -198,7 +203,7 @@ class FeaturizeConfig(_Checked):
         p += _at_least(1, ("--shard-size", self.shard_size), ("--batch", self.batch_size),
                        ("--workers", self.decode_threads), ("--frames", self.frames),
                        ("--size", self.size))
-        p += device_problems(self.device)
+        p += _device_problems(self.device)
         p += [problem for name in [self.student, *self.teachers]
               if name and (problem := check_backbone_name(name))]
         roles = [role_name(t) for t in self.teachers]
@@ -244,7 +249,7 @@ class ConverterTrainConfig(_Checked):
             out.append(f"--val-frac {self.val_frac}: must be in [0, 1)")
         out += _at_least(1, ("--batch", self.batch_size))
         out += _at_least(0, ("--epochs", self.epochs), ("--workers", self.loader_workers))
-        return out + device_problems(self.device)
+        return out + _device_problems(self.device)
 
 
 @dataclass
@@ -273,4 +278,4 @@ class DemoConfig(_Checked):
     def problems(self) -> list[str]:
         out = _at_least(1, ("--classes", self.classes), ("--per-class", self.per_class),
                         ("--batch", self.batch_size), ("--epochs", self.epochs))
-        return out + device_problems(self.device)
+        return out + _device_problems(self.device)

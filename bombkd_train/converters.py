@@ -280,7 +280,7 @@ def train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
     cfg.validate()
     cfg = replace(cfg, device=parse_device(cfg.device))
     with lock_folder(cfg.save_dir, argument="--save-dir"), \
-            model_threads(cfg.device, cfg.loader_workers):  # a busy machine: see bombkd_train.runtime
+            model_threads(cfg.device, cfg.loader_workers):  # a busy machine: see runtime.py
         return _train_converters(cfg)
 
 

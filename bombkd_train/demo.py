@@ -133,8 +133,8 @@ def _markdown(cfg: DemoConfig, r: DemoReport, total_s: float) -> str:
     return f"""# bombkd demo
 
 {cfg.classes} classes x {cfg.per_class} clips ({cfg.codec}), student `{cfg.student}`, teachers
-{", ".join(f"`{t}`" for t in cfg.teachers)}; {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr},
-seed {cfg.seed}, {"fp16" if cfg.fp16 else "fp32"} cache, device {cfg.device}
+{", ".join(f"`{t}`" for t in cfg.teachers)}; {cfg.epochs} epochs, batch {cfg.batch_size},
+lr {cfg.lr}, seed {cfg.seed}, {"fp16" if cfg.fp16 else "fp32"} cache, device {cfg.device}
 ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}).
 
 | loader | test top-1 | test top-5 | train samples/s | train wall time |

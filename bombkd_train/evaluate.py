@@ -23,6 +23,7 @@ from bombkd_train.data import open_source
 from bombkd_train.fusion import FusionHead, FusionModel
 from bombkd_train.runtime import all_reduce_sum, model_threads
 
+
 @dataclass
 class EvalResult:
     count: int

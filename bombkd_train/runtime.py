@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from bombkd_io.video import is_cuda, parse_device
+from bombkd_io.video.route import is_cuda, parse_device
 
 
 def is_distributed() -> bool:
