@@ -60,9 +60,9 @@ def _size(config: pytest.Config) -> BenchSize:
 
 def _device() -> str:
     """Video mode runs where the training would: the GPU when there is one."""
-    from benchmarks.workloads import torch_device
+    from bombkd_io.video.route import parse_device
 
-    return torch_device()
+    return parse_device("auto")
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

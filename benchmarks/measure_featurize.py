@@ -21,7 +21,8 @@ import torch
 
 from bombkd_io.sample_data import make_sample_data
 from bombkd_train.backbones import create_backbone
-from bombkd_train.featurize import FeaturizeConfig, FeaturizeStats, featurize
+from bombkd_train.config import FeaturizeConfig
+from bombkd_train.featurize import FeaturizeStats, featurize
 
 
 def run_once(args, data: Path, out: Path) -> dict:
@@ -32,7 +33,7 @@ def run_once(args, data: Path, out: Path) -> dict:
         featurize(FeaturizeConfig(dataset="ucf101", root=str(data), split=split,
                                   student=args.student, teachers=args.teachers, out=str(out),
                                   shard_size=args.shard_size, batch_size=args.batch,
-                                  workers=args.workers, device=args.device), stats=stats)
+                                  decode_threads=args.workers, device=args.device), stats=stats)
         for name in ("clips", "failed", "shards", "bytes", "probe_s", "decode_wait_s",
                      "write_s", "total_s"):
             setattr(total, name, getattr(total, name) + getattr(stats, name))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks.workloads import (DTYPES, cached_features, features_by_key, materialise,
-                                  train_config, train_records, torch_device)
+                                  train_config, train_records)
 from bombkd_train.data import open_source
 
 FEATURE_ABS_MAX = 1e-5
@@ -25,7 +25,7 @@ FP16_MIN_NORMAL = 2.0 ** -14
 def video_features(corpus, bench_size, bench_dir):
     """key -> student features [T', D] computed in video mode (the video loader alone)."""
     cfg = train_config(corpus, bench_size, "video", bench_dir / "parity-features")
-    source = open_source(cfg.data(torch_device()), cfg.split)
+    source = open_source(cfg.data, cfg.split)
     try:
         return features_by_key(materialise(source.loader))
     finally:

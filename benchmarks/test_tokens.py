@@ -39,7 +39,7 @@ from bombkd_io.shards.manifest import ModelEntry, load_manifest
 from bombkd_io.shards.reader import read_shard
 from bombkd_train.checkpoint import save_checkpoint
 from bombkd_train.converters import Converter, converters_checkpoint
-from bombkd_train.trainer import TrainConfig
+from bombkd_train.config import DataConfig, TrainConfig
 
 COLD_MIN, WARM_MIN, REFERENCE_MIN = 0.8, 0.5, 1.0
 BATCH, READ = 8, 8 << 20
@@ -205,9 +205,10 @@ def test_trainer_step_on_tokens(benchmark, ledger, bench_dir, bench_size):
     ckpt = converters_checkpoint(converters, student={"backbone": "synthetic-tokens", "dim": dim,
                                                       "tokens": tokens}, val_cosine={}, config={})
     path = save_checkpoint(ckpt, bench_dir / f"step-{tokens}-converters.pt")
-    cfg = TrainConfig(loader="wds", root=str(root), split="train", dataset=DATASET,
-                      teachers=["t1"], converters=str(path), classes=4, batch=BATCH, epochs=1,
-                      seed=0, save_dir=str(bench_dir / f"step-{tokens}-run"), progress=False)
+    cfg = TrainConfig(DataConfig(loader="wds", root=str(root), dataset=DATASET, batch_size=BATCH,
+                                 seed=0), split="train", teachers=["t1"], converters=str(path),
+                      classes=4, epochs=1, save_dir=str(bench_dir / f"step-{tokens}-run"),
+                      progress=False)
     runner = EpochRunner(cfg)
     loader = runner.trainer.source.loader
     in_memory = InMemoryLoader(materialise(loader))

@@ -18,9 +18,9 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.ledger import Workload
-from benchmarks.workloads import make_videos, torch_device
+from benchmarks.workloads import make_videos
 from bombkd_io.datasets import index_dataset
-from bombkd_io.video import ClipLoader, decode_clip, probe_videos
+from bombkd_io.video import ClipLoader, decode_clip, parse_device, probe_videos
 
 CODECS = ("vp9", "mjpeg", "h264", "mpeg4")
 GPU_DALI_MIN, CPU_DALI_MIN, PYAV_ROUTE_MIN = 1.0, 0.8, 0.7
@@ -38,7 +38,7 @@ def codec_videos(bench_dir, bench_size):
                                per_class=bench_size.codec_per_class)
             paths = [item.path for item in index_dataset("ucf101", root, "train").items]
             paths += [item.path for item in index_dataset("ucf101", root, "test").items]
-            infos, failed = probe_videos(paths, device=torch_device())
+            infos, failed = probe_videos(paths, device=parse_device("auto"))
             assert not failed, failed
             made[codec] = infos
         return made[codec]
@@ -51,7 +51,7 @@ def test_decode(benchmark, ledger, codec_videos, bench_size, codec):
     infos = codec_videos(codec)
     step = bench_size.batch_size
     loader = ClipLoader(infos, frames=bench_size.frames, size=bench_size.size, batch_size=step,
-                        device=torch_device())
+                        device=parse_device("auto"))
     batches = [list(range(i, min(i + step, len(infos)))) for i in range(0, len(infos), step)]
 
     def with_loader() -> int:
@@ -71,7 +71,7 @@ def test_decode(benchmark, ledger, codec_videos, bench_size, codec):
     fast, pyav = ledger.get(f"decode/{codec}/loader"), ledger.get(f"decode/{codec}/pyav")
     routes = sorted({info.route for info in infos})
     route = routes[0] if len(routes) == 1 else "+".join(routes)
-    on_gpu = torch_device() == "cuda"
+    on_gpu = parse_device("auto") == "cuda"
     limit = bench_size.limit(f"decode-{codec}", PYAV_ROUTE_MIN if "pyav" in routes else
                              GPU_DALI_MIN if on_gpu else CPU_DALI_MIN)
     check = ledger.check(

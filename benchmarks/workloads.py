@@ -8,20 +8,20 @@ the loader out of a measurement.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from benchmarks.ledger import BenchSize
 from benchmarks.scale import write_cache
 from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.sample_data import make_sample_data
 from bombkd_io.shards.manifest import load_manifest
-from bombkd_train.converters import ConverterTrainConfig, train_converters
-from bombkd_train.featurize import FeaturizeConfig, featurize
-from bombkd_train.trainer import MetricsLog, TrainConfig, Trainer, train
+from bombkd_train.config import ConverterTrainConfig, DataConfig, FeaturizeConfig, TrainConfig
+from bombkd_train.converters import train_converters
+from bombkd_train.featurize import featurize
+from bombkd_train.trainer import MetricsLog, Trainer, train
 
 DATASET, SPLIT = "ucf101", "train"
 DTYPES = ("float32", "float16")
@@ -38,11 +38,6 @@ class Corpus:
     count: int                             # samples in the train split's cache
 
 
-def torch_device() -> str:
-    """Where video mode runs: the GPU when there is one (DALI "mixed" decode, CUDA student)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def make_videos(out: Path, size: BenchSize, *, codec: str = "vp9",
                 per_class: int | None = None) -> Path:
     return make_sample_data(out, classes=size.classes, per_class=per_class or size.per_class,
@@ -54,8 +49,8 @@ def featurize_config(videos: Path, out: Path, size: BenchSize, dtype: str,
     return FeaturizeConfig(dataset=DATASET, root=str(videos), split=split, student=size.student,
                            teachers=list(size.teachers), out=str(out),
                            shard_size=size.shard_size, dtype=dtype, frames=size.frames,
-                           size=size.size, batch_size=size.batch_size, workers=2,
-                           device=torch_device())
+                           size=size.size, batch_size=size.batch_size, decode_threads=2,
+                           device="auto")
 
 
 def make_corpus(root: Path, size: BenchSize) -> Corpus:
@@ -66,7 +61,7 @@ def make_corpus(root: Path, size: BenchSize) -> Corpus:
         manifest = featurize(featurize_config(videos, caches[dtype], size, dtype))
     result = train_converters(ConverterTrainConfig(
         root=str(caches["float16"]), split=SPLIT, teachers=list(size.teachers),
-        save_dir=str(root / "converters"), epochs=1, batch=size.batch_size, seed=0))
+        save_dir=str(root / "converters"), epochs=1, batch_size=size.batch_size, seed=0))
     return Corpus(videos=videos, caches=caches, converters=result.path,
                   classes=len(manifest.classes), count=manifest.count)
 
@@ -76,16 +71,17 @@ def train_config(corpus: Corpus, size: BenchSize, mode: str, save_dir: Path, *,
     """The same run in either mode: video mode replays the cache's plan and student settings.
 
     ``cache``: train cached mode on another cache of the same student (a tiled one)."""
-    common = dict(split=SPLIT, teachers=list(size.teachers), converters=str(corpus.converters),
-                  classes=corpus.classes, batch=size.batch_size, epochs=epochs, seed=0,
-                  save_dir=str(save_dir), progress=False, device="auto")
     if mode == "cached":
-        return TrainConfig(loader="wds", root=str(cache or corpus.caches[dtype]), dataset=DATASET,
-                           **common)
-    if mode == "video":
-        return TrainConfig(loader="dali", root=str(corpus.videos), dataset=DATASET,
-                           student=size.student, cache=str(corpus.caches[dtype]), **common)
-    raise ValueError(f"mode {mode!r}: expected 'cached' or 'video'")
+        data = DataConfig(loader="wds", root=str(cache or corpus.caches[dtype]), dataset=DATASET)
+    elif mode == "video":
+        data = DataConfig(loader="dali", root=str(corpus.videos), dataset=DATASET,
+                          student=size.student, cache=str(corpus.caches[dtype]))
+    else:
+        raise ValueError(f"mode {mode!r}: expected 'cached' or 'video'")
+    return TrainConfig(data=replace(data, batch_size=size.batch_size, seed=0, device="auto"),
+                       split=SPLIT, teachers=list(size.teachers), converters=str(corpus.converters),
+                       classes=corpus.classes, epochs=epochs, save_dir=str(save_dir),
+                       progress=False)
 
 
 class EpochRunner:

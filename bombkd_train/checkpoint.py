@@ -1,8 +1,10 @@
-"""Checkpoints as plain dicts of tensors and primitives: written atomically, read without pickle.
+"""Checkpoints: the kinds bombkd writes, and how every one is saved and loaded.
 
-Every checkpoint bombkd writes loads with ``torch.load(weights_only=True)``, so a checkpoint from
-a stranger cannot run code. Writes go to a temporary name in the same folder and are renamed, so
-an interrupted run never leaves a half-written file under the final name.
+A checkpoint is a plain dict of tensors and primitives that opens with ``checkpoint_header(kind)``
+and loads with ``torch.load(weights_only=True)``, so one from a stranger cannot run code. Writes go
+to a temporary name in the same folder and are renamed, so an interrupted run never leaves a
+half-written file under the final name. What each kind holds besides its header is written by
+its maker: ``Trainer.save`` (fusion) and ``converters_checkpoint`` (converters).
 """
 from __future__ import annotations
 
@@ -14,6 +16,15 @@ import torch
 
 from bombkd_io.atomic import atomic_path, write_failed
 from bombkd_io.errors import ConfigError, FormatError
+
+FUSION_KIND = "bombkd-fusion"          # `bombkd train`: the head, optimizer, RNG, config, plan
+CONVERTERS_KIND = "bombkd-converters"  # `bombkd train-converters`: one converter per teacher
+VERSIONS = {FUSION_KIND: 1, CONVERTERS_KIND: 1}  # the layout of each kind this bombkd writes
+
+
+def checkpoint_header(kind: str) -> dict[str, Any]:
+    """The keys every checkpoint opens with: its kind and the version of that kind's layout."""
+    return {"format": kind, "version": VERSIONS[kind]}
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
@@ -30,9 +41,9 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, *, kind: str, argument: str,
-                    version: int = 1) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` and check that it holds a ``kind``.
+def load_checkpoint(path: str | Path, *, kind: str, argument: str) -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint` and check that it holds a ``kind``
+    of the version this bombkd writes.
 
     ``argument`` names the option the path came from, so the error tells the user what to fix.
     Raises ``ConfigError`` for a missing file and ``FormatError`` for a file of another kind.
@@ -52,7 +63,7 @@ def load_checkpoint(path: str | Path, *, kind: str, argument: str,
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise FormatError(f"{path}: expected a {kind!r} checkpoint, found {found!r}; "
                           f"check {argument}")
-    if obj.get("version") != version:
+    if obj.get("version") != VERSIONS[kind]:
         raise FormatError(f"{path}: {kind} checkpoint version {obj.get('version')!r} is not "
-                          f"supported (expected {version}); re-create it with this bombkd")
+                          f"supported (expected {VERSIONS[kind]}); re-create it with this bombkd")
     return obj

@@ -1,16 +1,17 @@
-"""Converters: frozen maps from the student's feature space into each teacher's.
+"""Converters, frozen maps from the student's feature space into each teacher's: the model, the
+record its checkpoint holds, and its training (``bombkd train-converters``).
 
 A converter resamples the student tokens to the teacher's token count (linear interpolation along
 time), then projects the width: a linear map (``kind="linear"``) started at the closed-form
 least-squares solution, plus a residual MLP (``kind="mlp"``) whose last layer starts at zero, so
 training starts from the least-squares fit and only improves on it.
 
-Checkpoints are plain dicts of tensors and primitives (see :func:`converters_checkpoint`), loaded
-with ``weights_only=True``.
+The record (``converters_checkpoint``, read back by ``load_converters``) is saved and loaded as a
+``CONVERTERS_KIND`` checkpoint by ``bombkd_train.checkpoint``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,14 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from bombkd_io.atomic import folder_problem, remove_temps
+from bombkd_io.atomic import remove_temps
 from bombkd_io.errors import ConfigError
 from bombkd_io.lock import lock_folder
-from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
-from bombkd_train.threads import model_threads
+from bombkd_io.video.route import parse_device
+from bombkd_train.checkpoint import (CONVERTERS_KIND, checkpoint_header, load_checkpoint,
+                                     save_checkpoint)
+from bombkd_train.config import CONVERTER_KINDS, ConverterTrainConfig
+from bombkd_train.runtime import model_threads
 
-CONVERTER_KINDS = ("linear", "mlp")
-CHECKPOINT_KIND = "bombkd-converters"
 
 
 def resample_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
@@ -130,7 +132,7 @@ def converters_checkpoint(converters: dict[str, Converter], *, student: dict, va
                           config: dict, stats: dict | None = None) -> dict:
     """The checkpoint dict: kind, dims, teacher names and token counts, weights, metrics."""
     return {
-        "format": CHECKPOINT_KIND, "version": 1,
+        **checkpoint_header(CONVERTERS_KIND),
         "kind": next(iter(converters.values())).kind,
         "student": dict(student),  # {"backbone", "dim", "tokens"}
         "teachers": list(converters),
@@ -152,7 +154,7 @@ def load_converters(path, *, student_dim: int, student_tokens: int,
     ``teachers`` picks (and orders) the teachers; ``None`` takes all, in checkpoint order.
     Raises ``ConfigError`` naming the file when a teacher is missing or a dimension differs.
     """
-    ckpt = load_checkpoint(path, kind=CHECKPOINT_KIND, argument="--converters")
+    ckpt = load_checkpoint(path, kind=CONVERTERS_KIND, argument="--converters")
     names = list(teachers) if teachers else list(ckpt["teachers"])
     problems = [f"--converters {path}: no converter for teacher {n!r} (it has {ckpt['teachers']}); "
                 f"train one with `bombkd train-converters --teachers ...`"
@@ -177,47 +179,6 @@ def load_converters(path, *, student_dim: int, student_tokens: int,
 
 
 # --- training --------------------------------------------------------------------------------
-
-
-@dataclass
-class ConverterTrainConfig:
-    """``bombkd train-converters``: one converter per teacher from cached student->teacher pairs."""
-
-    root: str
-    split: str
-    teachers: list[str]
-    save_dir: str
-    epochs: int = 5
-    kind: str = "linear"
-    val_frac: float = 0.1
-    lr: float = 1e-3
-    batch: int = 32
-    seed: int = 0
-    dataset: str | None = None
-    workers: int = 0
-    hidden: int = 0
-    device: str = "cpu"
-    progress: bool = True
-
-    def validate(self) -> None:
-        """Report every bad argument at once, before any I/O."""
-        problems = []
-        if not self.teachers:
-            problems.append("--teachers: name at least one teacher (comma-separated)")
-        if self.kind not in CONVERTER_KINDS:
-            problems.append(f"--kind {self.kind!r}: expected one of {CONVERTER_KINDS}")
-        if self.epochs < 0:
-            problems.append(f"--epochs {self.epochs}: must be >= 0")
-        if not 0.0 <= self.val_frac < 1.0:
-            problems.append(f"--val-frac {self.val_frac}: must be in [0, 1)")
-        if self.lr <= 0:
-            problems.append(f"--lr {self.lr}: must be > 0")
-        if self.batch < 1:
-            problems.append(f"--batch {self.batch}: must be >= 1")
-        if problem := folder_problem(self.save_dir, "--save-dir"):
-            problems.append(problem)
-        if problems:
-            raise ConfigError(problems)
 
 
 @dataclass
@@ -319,8 +280,9 @@ def train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
     """Fit one converter per teacher: least-squares start, then ``epochs`` of L2 + cosine.
     One run per ``save_dir``: it is locked for the run (``bombkd_io.lock``)."""
     cfg.validate()
+    cfg = replace(cfg, device=parse_device(cfg.device))
     with lock_folder(cfg.save_dir, argument="--save-dir"), \
-            model_threads(cfg.device, cfg.workers):  # a busy machine: see bombkd_train.threads
+            model_threads(cfg.device, cfg.loader_workers):  # a busy machine: see runtime.py
         return _train_converters(cfg)
 
 
@@ -337,7 +299,8 @@ def _train_converters(cfg: ConverterTrainConfig) -> ConverterResult:
     remove_temps(cfg.save_dir, [out.name])  # the lock is ours: a killed run's half-written file
     # a teacher the cache lacks is a DatasetError here, naming what the cache holds
     loader = make_cached_loader(cfg.root, cfg.split, models=("student", *cfg.teachers),
-                                batch_size=cfg.batch, seed=cfg.seed, num_workers=cfg.workers,
+                                batch_size=cfg.batch_size, seed=cfg.seed,
+                                num_workers=cfg.loader_workers,
                                 dataset=cfg.dataset)
     manifest = loader.manifest
     converters = _build(cfg, manifest)

@@ -16,55 +16,16 @@ from typing import Any
 
 import torch
 
-from bombkd_io.errors import ConfigError, ErrorPolicy
+from bombkd_io.errors import ConfigError
 from bombkd_io.loaders.clips import VideoClipLoader
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
-from bombkd_train.threads import decode_threads_for, model_threads
+from bombkd_io.video.route import parse_device
+from bombkd_train.config import DataConfig, cache_contradictions
+from bombkd_train.runtime import decode_threads_for, model_threads
 
-LOADERS = ("dali", "wds")
-
-
-@dataclass
-class DataConfig:
-    """Where the features come from. ``None`` means: what the cache records, else the default."""
-
-    loader: str                   # "wds" (cached features) | "dali" (videos)
-    root: str                     # wds: the feature cache; dali: the dataset root
-    dataset: str | None = None    # dali: required; wds: picks one of several caches in root
-    student: str | None = None    # dali: required; wds: checked against the cache's student
-    frames: int | None = None     # dali: default 16 (or the cache's)
-    size: int | None = None       # dali: default the backbone's (or the cache's)
-    pool: str | None = None       # dali: default "time" (or the cache's)
-    batch: int = 8
-    workers: int = 0
-    seed: int = 0
-    shard_size: int | None = None  # dali: the cache's, else DEFAULT_SHARD_SIZE; wds: checked
-    cache: str | None = None       # dali: a feature cache whose plan and student settings to replay
-    device: str = "cpu"
-    on_error: str = "raise"        # wds: a corrupt shard stops the run ("raise") or is skipped
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.loader not in LOADERS:
-            out.append(f"--loader {self.loader!r}: expected one of {LOADERS}")
-        if self.loader == "dali" and not self.dataset:
-            out.append("--dataset: required with --loader dali "
-                       "(ucf101, hmdb51, folder, csv, jsonl)")
-        if self.loader == "dali" and not self.student:
-            out.append("--student: required with --loader dali")
-        try:
-            ErrorPolicy(self.on_error, "--on-error")
-        except ConfigError as exc:
-            out += exc.problems
-        if self.batch < 1:
-            out.append(f"--batch {self.batch}: must be >= 1")
-        if self.workers < 0:
-            out.append(f"--workers {self.workers}: must be >= 0")
-        for arg, value in (("--shard-size", self.shard_size), ("--frames", self.frames),
-                           ("--size", self.size)):
-            if value is not None and value < 1:
-                out.append(f"{arg} {value}: must be >= 1")
-        return out
+# the argument that sets each field a cache records of its student and shards
+CACHE_FLAGS = {"shard_size": "--shard-size", "frames": "--frames", "size": "--size",
+               "pooling": "--pool"}
 
 
 @dataclass
@@ -96,9 +57,8 @@ class FeatureSource:
 def open_source(cfg: DataConfig, split: str, *, rank: int = 0,
                 world_size: int = 1) -> FeatureSource:
     """A loader for ``split`` and what it feeds; raises ``ConfigError`` before any training."""
-    problems = cfg.problems()
-    if problems:
-        raise ConfigError(problems)
+    cfg.validate()
+    cfg = replace(cfg, device=parse_device(cfg.device))
     if cfg.loader == "wds":
         return _cached(cfg, split, rank, world_size)
     return _video(cfg, split, rank, world_size)
@@ -107,8 +67,8 @@ def open_source(cfg: DataConfig, split: str, *, rank: int = 0,
 def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSource:
     from bombkd_io.loaders.cached import make_cached_loader
 
-    loader = make_cached_loader(cfg.root, split, models=("student",), batch_size=cfg.batch,
-                                seed=cfg.seed, num_workers=cfg.workers, rank=rank,
+    loader = make_cached_loader(cfg.root, split, models=("student",), batch_size=cfg.batch_size,
+                                seed=cfg.seed, num_workers=cfg.loader_workers, rank=rank,
                                 world_size=world_size, dataset=cfg.dataset,
                                 on_error=cfg.on_error)
     manifest = loader.manifest
@@ -124,15 +84,16 @@ def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureS
 def _check_cache(cfg: DataConfig, manifest, where) -> None:
     """``ConfigError`` naming every argument that contradicts the cache at ``where`` (its
     manifest ``manifest``)."""
-    entry = manifest.models["student"]
+    found = cache_contradictions(manifest.models["student"], manifest.shard_size, cfg.shard_size,
+                                 backbone=cfg.student or None, frames=cfg.frames, size=cfg.size,
+                                 pooling=cfg.pooling)
     problems = []
-    if cfg.student and cfg.student != entry.backbone:
-        problems.append(f"--student {cfg.student}: the cache at {where} was built with student "
-                        f"{entry.backbone!r}; pass --student {entry.backbone} or featurize again")
-    for arg, want, have in (("--shard-size", cfg.shard_size, manifest.shard_size),
-                            ("--frames", cfg.frames, entry.frames),
-                            ("--size", cfg.size, entry.size), ("--pool", cfg.pool, entry.pooling)):
-        if want is not None and want != have:
+    for key, (have, want) in found.items():
+        if key == "backbone":
+            problems.append(f"--student {want}: the cache at {where} was built with student "
+                            f"{have!r}; pass --student {have} or featurize again")
+        else:
+            arg = CACHE_FLAGS[key]
             problems.append(f"{arg} {want}: the cache at {where} holds {arg[2:]}={have}; "
                             f"drop {arg} or featurize again")
     if problems:
@@ -150,9 +111,9 @@ def _replayed(cfg: DataConfig, split: str) -> tuple[DataConfig, Any]:
         _check_cache(cfg, manifest, cfg.cache)
         entry = manifest.models["student"]
         cfg = replace(cfg, shard_size=manifest.shard_size, frames=entry.frames, size=entry.size,
-                      pool=entry.pooling)
+                      pooling=entry.pooling)
     return replace(cfg, shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE, frames=cfg.frames or 16,
-                   pool=cfg.pool or "time"), manifest
+                   pooling=cfg.pooling or "time"), manifest
 
 
 def _video(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSource:
@@ -160,10 +121,11 @@ def _video(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSo
     # the cache's failed videos include any that probed but did not decode when featurized
     exclude = [f["path"] for f in manifest.failed] if manifest else []
     loader = VideoFeatureLoader(cfg.dataset, cfg.root, split, student=cfg.student,
-                                frames=cfg.frames, size=cfg.size, pool=cfg.pool,
-                                batch_size=cfg.batch, seed=cfg.seed, shard_size=cfg.shard_size,
-                                num_workers=cfg.workers, rank=rank, world_size=world_size,
-                                device=cfg.device, exclude=exclude)
+                                frames=cfg.frames, size=cfg.size, pooling=cfg.pooling,
+                                batch_size=cfg.batch_size, seed=cfg.seed,
+                                shard_size=cfg.shard_size, num_workers=cfg.loader_workers,
+                                rank=rank, world_size=world_size, device=cfg.device,
+                                exclude=exclude)
     problems = _index_mismatches(cfg, split, loader, manifest) if manifest else []
     if problems:
         loader.close()
@@ -200,16 +162,18 @@ class VideoFeatureLoader(VideoClipLoader):
     as the batch dict the cached loader yields, while the next batch decodes."""
 
     def __init__(self, dataset: str, root, split: str, *, student: str, frames: int = 16,
-                 size: int | None = None, pool: str = "time", batch_size: int = 8, seed: int = 0,
-                 shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1, rank: int = 0,
-                 world_size: int = 1, device: str = "cpu", decode_threads: int | None = None,
-                 prefetch: int = 2, exclude: Collection[str] = ()):
+                 size: int | None = None, pooling: str = "time", batch_size: int = 8,
+                 seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1,
+                 rank: int = 0, world_size: int = 1, device: str = "cpu",
+                 decode_threads: int | None = None, prefetch: int = 2,
+                 exclude: Collection[str] = ()):
         from bombkd_train.backbones import create_backbone  # pulls in DALI: video mode only
 
         super().__init__(dataset, root, split, batch_size=batch_size, seed=seed,
                          shard_size=shard_size, num_workers=num_workers, rank=rank,
                          world_size=world_size, device=device, exclude=exclude)
-        self.backbone = create_backbone(student, frames=frames, size=size, pool=pool, device=device)
+        self.backbone = create_backbone(student, frames=frames, size=size, pool=pooling,
+                                        device=device)
         self.decode_threads = decode_threads or decode_threads_for()
         self.open(frames=self.backbone.frames, size=self.backbone.size,
                   decode_threads=self.decode_threads, prefetch=prefetch)

@@ -10,37 +10,17 @@ import json
 import os
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import ConfigError
+from bombkd_io.video.route import parse_device
+from bombkd_train.config import DemoConfig
 
 CHANCE_MARGIN = 2.0  # the demo's test accuracy must beat chance by this factor
-
-
-@dataclass
-class DemoConfig:
-    out: str = "bombkd-demo"
-    classes: int = 6
-    per_class: int = 20
-    codec: str = "vp9"
-    seed: int = 0
-    student: str = "tiny-vjepa2"
-    teachers: list[str] = field(
-        default_factory=lambda: ["tiny-videomae", "tiny-timesformer", "tiny-vivit"])
-    frames: int = 16
-    shard_size: int = 16
-    fp16: bool = True
-    batch: int = 8
-    epochs: int = 8
-    lr: float = 3e-3
-    converter_epochs: int = 3
-    workers: int = 0
-    device: str = "auto"          # cuda where there is a GPU, else cpu
-    progress: bool = True
 
 
 @dataclass
@@ -65,12 +45,11 @@ class DemoReport:
 
 def run_demo(cfg: DemoConfig) -> DemoReport:
     """Run every stage into ``cfg.out`` (which must be new or empty) and write the report."""
+    cfg.validate()
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"demo folder {out} is not empty; pass a new folder (the demo never "
                           "deletes files)")
-    from bombkd_io.video import parse_device
-
     cfg = replace(cfg, device=parse_device(cfg.device))
     t0 = time.perf_counter()
     videos, feats = _prepare(cfg, out)
@@ -92,7 +71,8 @@ def run_demo(cfg: DemoConfig) -> DemoReport:
 def _prepare(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
     """Sample videos and the feature cache of both splits (student + teachers)."""
     from bombkd_io.sample_data import make_sample_data
-    from bombkd_train.featurize import FeaturizeConfig, featurize
+    from bombkd_train.config import FeaturizeConfig
+    from bombkd_train.featurize import featurize
 
     videos = make_sample_data(out / "videos", classes=cfg.classes, per_class=cfg.per_class,
                               codec=cfg.codec, seed=cfg.seed, progress=cfg.progress)
@@ -101,37 +81,40 @@ def _prepare(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
         featurize(FeaturizeConfig(
             dataset="ucf101", root=str(videos), split=split, student=cfg.student, out=str(feats),
             teachers=list(cfg.teachers), shard_size=cfg.shard_size, frames=cfg.frames,
-            dtype="float16" if cfg.fp16 else "float32", batch_size=cfg.batch, workers=2,
-            device=cfg.device))
+            dtype="float16" if cfg.fp16 else "float32", batch_size=cfg.batch_size,
+            decode_threads=2, device=cfg.device))
     return videos, feats
 
 
 def _converters(cfg: DemoConfig, feats: Path, out: Path) -> Path:
-    from bombkd_train.converters import ConverterTrainConfig, train_converters
+    from bombkd_train.config import ConverterTrainConfig
+    from bombkd_train.converters import train_converters
 
     result = train_converters(ConverterTrainConfig(
         root=str(feats), split="train", teachers=list(cfg.teachers),
-        save_dir=str(out / "converters"),
-        epochs=cfg.converter_epochs, batch=cfg.batch, seed=cfg.seed, workers=cfg.workers,
+        save_dir=str(out / "converters"), epochs=cfg.converter_epochs, batch_size=cfg.batch_size,
+        seed=cfg.seed, loader_workers=cfg.loader_workers, device=cfg.device,
         progress=cfg.progress))
     return result.path
 
 
 def _train_and_eval(cfg: DemoConfig, mode: str, videos: Path, feats: Path, conv: Path,
                     out: Path) -> ModeRun:
-    from bombkd_train.evaluate import EvalConfig, evaluate
-    from bombkd_train.data import DataConfig
-    from bombkd_train.trainer import TrainConfig, train
+    from bombkd_train.config import DataConfig, EvalConfig, TrainConfig
+    from bombkd_train.evaluate import evaluate
+    from bombkd_train.trainer import train
 
     run_dir = out / "runs" / mode
     root, cache = (str(feats), None) if mode == "wds" else (str(videos), str(feats))
+    data = DataConfig(loader=mode, root=root, dataset="ucf101", student=cfg.student,
+                      batch_size=cfg.batch_size, loader_workers=cfg.loader_workers, seed=cfg.seed,
+                      cache=cache, device=cfg.device)
     result = train(TrainConfig(
-        loader=mode, root=root, split="train", teachers=list(cfg.teachers), converters=str(conv),
-        classes=cfg.classes, dataset="ucf101", student=cfg.student, batch=cfg.batch,
-        epochs=cfg.epochs, lr=cfg.lr, seed=cfg.seed, workers=cfg.workers, cache=cache,
-        save_dir=str(run_dir), device=cfg.device, progress=cfg.progress))
+        data=data, split="train", teachers=list(cfg.teachers), converters=str(conv),
+        classes=cfg.classes, epochs=cfg.epochs, lr=cfg.lr, save_dir=str(run_dir),
+        progress=cfg.progress))
     # both heads are evaluated on the same cached test features
-    data = DataConfig(loader="wds", root=str(feats), batch=32, device=cfg.device)
+    data = DataConfig(loader="wds", root=str(feats), batch_size=32, device=cfg.device)
     test, _ = evaluate(EvalConfig(data=data, split="test", fusion=str(result.checkpoint),
                                   out=str(run_dir / "eval"), progress=cfg.progress))
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -150,8 +133,8 @@ def _markdown(cfg: DemoConfig, r: DemoReport, total_s: float) -> str:
     return f"""# bombkd demo
 
 {cfg.classes} classes x {cfg.per_class} clips ({cfg.codec}), student `{cfg.student}`, teachers
-{", ".join(f"`{t}`" for t in cfg.teachers)}; {cfg.epochs} epochs, batch {cfg.batch}, lr {cfg.lr},
-seed {cfg.seed}, {"fp16" if cfg.fp16 else "fp32"} cache, device {cfg.device}
+{", ".join(f"`{t}`" for t in cfg.teachers)}; {cfg.epochs} epochs, batch {cfg.batch_size},
+lr {cfg.lr}, seed {cfg.seed}, {"fp16" if cfg.fp16 else "fp32"} cache, device {cfg.device}
 ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}).
 
 | loader | test top-1 | test top-5 | train samples/s | train wall time |

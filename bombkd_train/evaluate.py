@@ -7,22 +7,21 @@ loader and writes ``eval.json`` and, with matplotlib (``bombkd[plot]``), ``confu
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from bombkd_io.atomic import atomic_path, folder_problem
+from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import ConfigError, MissingExtraError, needs_extra
-from bombkd_train.checkpoint import load_checkpoint
+from bombkd_io.video.route import parse_device
+from bombkd_train.checkpoint import FUSION_KIND, load_checkpoint
+from bombkd_train.config import EvalConfig
 from bombkd_train.converters import load_converters
-from bombkd_train.data import DataConfig, open_source
-from bombkd_train.dist import all_reduce_sum
+from bombkd_train.data import open_source
 from bombkd_train.fusion import FusionHead, FusionModel
-from bombkd_train.threads import model_threads
-
-FUSION_KIND = "bombkd-fusion"
+from bombkd_train.runtime import all_reduce_sum, model_threads
 
 
 @dataclass
@@ -123,18 +122,6 @@ def _cells(matrix: list[list[int]]):
     return (((i, j), v) for i, row in enumerate(matrix) for j, v in enumerate(row) if v)
 
 
-@dataclass
-class EvalConfig:
-    """``bombkd eval``: a fusion checkpoint on a split, through either loader."""
-
-    data: DataConfig
-    split: str
-    fusion: str
-    converters: str | None = None   # default: the converters the run was trained with
-    out: str | None = None          # default: the checkpoint's folder / eval-{split}
-    progress: bool = True
-
-
 def load_fusion(ckpt: dict, *, converters: str | None = None, student_dim: int,
                 student_tokens: int) -> FusionModel:
     """A fusion model from a ``bombkd train`` checkpoint dict (head + the frozen converters)."""
@@ -148,15 +135,15 @@ def load_fusion(ckpt: dict, *, converters: str | None = None, student_dim: int,
 
 def evaluate(cfg: EvalConfig) -> tuple[EvalResult, Path]:
     """``bombkd eval``: returns the result and the path of ``eval.json``."""
-    if problem := folder_problem(cfg.out, "--out"):
-        raise ConfigError(problem)
+    cfg.validate()
+    device = parse_device(cfg.data.device)
     ckpt = load_checkpoint(cfg.fusion, kind=FUSION_KIND, argument="--fusion")
     # the student (and its clips) the head was trained on, unless the user overrides them
     stu = ckpt["student"]
     trained = {"student": stu["backbone"], "frames": stu["frames"], "size": stu["size"],
-               "pool": stu["pool"]}
-    data = DataConfig(**{**asdict(cfg.data),
-                         **{k: getattr(cfg.data, k) or v for k, v in trained.items()}})
+               "pooling": stu["pool"]}
+    data = replace(cfg.data, device=device,
+                   **{k: getattr(cfg.data, k) or v for k, v in trained.items()})
     source = open_source(data, cfg.split)
     try:
         if len(source.classes) > ckpt["head"]["num_classes"]:
@@ -164,9 +151,9 @@ def evaluate(cfg: EvalConfig) -> tuple[EvalResult, Path]:
                               f"in {cfg.fusion} has {ckpt['head']['num_classes']}")
         model = load_fusion(ckpt, converters=cfg.converters, student_dim=source.student.dim,
                             student_tokens=source.student.tokens)
-        with model_threads(cfg.data.device, cfg.data.workers):  # see bombkd_train.threads
-            result = evaluate_model(model.to(cfg.data.device), source.loader, source.classes,
-                                    ckpt["head"]["num_classes"], device=cfg.data.device,
+        with model_threads(device, data.loader_workers):  # see bombkd_train.runtime
+            result = evaluate_model(model.to(device), source.loader, source.classes,
+                                    ckpt["head"]["num_classes"], device=device,
                                     progress=cfg.progress)
     finally:
         source.close()  # the video loader's decoder threads and pipeline

@@ -28,76 +28,24 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from bombkd_io.atomic import atomic_path, folder_problem, remove_temps
+from bombkd_io.atomic import atomic_path, remove_temps
 from bombkd_io.errors import ConfigError, TrainingError
 from bombkd_io.lock import lock_folder
-from bombkd_train.checkpoint import load_checkpoint, save_checkpoint
+from bombkd_io.video.route import is_cuda
+from bombkd_train.checkpoint import (FUSION_KIND, checkpoint_header, load_checkpoint,
+                                     save_checkpoint)
+from bombkd_train.config import TrainConfig
 from bombkd_train.converters import load_converters
-from bombkd_train.data import DataConfig, open_source
-from bombkd_train.dist import all_reduce_sum, init_distributed, is_distributed, launch_rank
-from bombkd_train.evaluate import FUSION_KIND, evaluate_model, topk_hits
+from bombkd_train.data import open_source
+from bombkd_train.evaluate import evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
-from bombkd_train.threads import model_threads
+from bombkd_train.runtime import (all_reduce_sum, init_distributed, is_distributed, launch_rank,
+                                  model_threads)
 
 # Settings a resumed run must share with the run that wrote the checkpoint (besides the plan).
 RESUME_KEYS = ("split", "teachers", "classes", "lr", "weight_decay", "gate_l1", "fusion_rank")
 CHECKPOINT_RE = re.compile(r"^fusion_ep(\d+)\.pt$")
 RUN_FILES = ["fusion_ep*.pt", "metrics.jsonl"]  # what a run writes into its save dir
-
-
-@dataclass
-class TrainConfig:
-    """``bombkd train``. Data fields mirror :class:`DataConfig` (``None``: the default)."""
-
-    loader: str
-    root: str
-    split: str
-    teachers: list[str]
-    converters: str
-    classes: int
-    dataset: str | None = None
-    student: str | None = None
-    frames: int | None = None
-    size: int | None = None
-    pool: str | None = None
-    batch: int = 8
-    epochs: int = 1
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    gate_l1: float = 1e-3
-    fusion_rank: int = 64
-    seed: int = 0
-    workers: int = 0
-    shard_size: int | None = None
-    cache: str | None = None
-    on_error: str = "raise"
-    save_dir: str = "runs/fusion"
-    resume: bool = False
-    val_split: str | None = None
-    device: str = "auto"
-    progress: bool = True
-
-    def data(self, device: str) -> DataConfig:
-        return DataConfig(loader=self.loader, root=self.root, dataset=self.dataset,
-                          student=self.student, frames=self.frames, size=self.size, pool=self.pool,
-                          batch=self.batch, workers=self.workers, seed=self.seed,
-                          shard_size=self.shard_size, cache=self.cache, device=device,
-                          on_error=self.on_error)
-
-    def validate(self) -> None:
-        """Every bad argument at once, before any I/O."""
-        problems = self.data("cpu").problems()
-        checks = [(not self.teachers, "--teachers: name at least one teacher (comma-separated)"),
-                  (self.classes < 1, f"--classes {self.classes}: must be >= 1"),
-                  (self.epochs < 1, f"--epochs {self.epochs}: must be >= 1"),
-                  (self.lr <= 0, f"--lr {self.lr}: must be > 0"),
-                  (self.gate_l1 < 0, f"--gate-l1 {self.gate_l1}: must be >= 0"),
-                  (self.fusion_rank < 1, f"--fusion-rank {self.fusion_rank}: must be >= 1")]
-        problems += [msg for bad, msg in checks if bad]
-        if problem := folder_problem(self.save_dir, "--save-dir"):
-            problems.append(problem)
-        if problems:
-            raise ConfigError(problems)
 
 
 @dataclass
@@ -132,7 +80,7 @@ class Trainer:
             remove_temps(self.save_dir, RUN_FILES)
         # Process-wide state from here on; close() gives it back.
         joined = is_distributed()
-        self.device, self.rank, self.world = init_distributed(cfg.device)
+        self.device, self.rank, self.world = init_distributed(cfg.data.device)
         # leave a process group the caller made; close the one torchrun's environment made here
         self.owns_group = not joined and self.world > 1
         self.main = self.rank == 0
@@ -140,9 +88,9 @@ class Trainer:
         self.determinism = (torch.are_deterministic_algorithms_enabled(),
                             torch.is_deterministic_algorithms_warn_only_enabled())
         torch.use_deterministic_algorithms(True, warn_only=True)
-        # torch's CPU threads, capped for a shared machine (see bombkd_train.threads)
+        # torch's CPU threads, capped for a shared machine (see bombkd_train.runtime)
         self.threads = contextlib.ExitStack()
-        self.threads.enter_context(model_threads(self.device, cfg.workers))
+        self.threads.enter_context(model_threads(self.device, cfg.data.loader_workers))
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -154,13 +102,13 @@ class Trainer:
 
     def setup_data(self) -> None:
         """The only place the two modes differ: which loader yields the batch dicts."""
-        data = self.cfg.data(self.device)
+        data = replace(self.cfg.data, device=self.device)
         self.source = open_source(data, self.cfg.split, rank=self.rank, world_size=self.world)
         if self.cfg.val_split:
             # the student exactly as training resolved it; the order of evaluation is free
             stu = self.source.student
             val = replace(data, student=stu.backbone, frames=stu.frames, size=stu.size,
-                          pool=stu.pool, cache=None)
+                          pooling=stu.pool, cache=None)
             self.val = open_source(val, self.cfg.val_split, rank=self.rank, world_size=self.world)
         for src, split in ((self.source, self.cfg.split), (self.val, self.cfg.val_split)):
             if src is not None and len(src.classes) > self.cfg.classes:
@@ -173,7 +121,7 @@ class Trainer:
         converters, stats = load_converters(self.cfg.converters, student_dim=stu.dim,
                                             student_tokens=stu.tokens,
                                             teachers=self.cfg.teachers)
-        torch.manual_seed(self.cfg.seed)  # the seed alone fixes the head's initial weights
+        torch.manual_seed(self.cfg.data.seed)  # the seed alone fixes the head's initial weights
         head = FusionHead(stu.dim, teacher_specs(converters), self.cfg.classes,
                           rank=self.cfg.fusion_rank)
         if self.state is not None:
@@ -182,7 +130,7 @@ class Trainer:
         self.head = head
         self.fusion = self.model = FusionModel(converters, head, stats).to(self.device)
         if self.world > 1:
-            ids = [self.device] if self.device.startswith("cuda") else None
+            ids = [self.device] if is_cuda(self.device) else None
             self.model = DistributedDataParallel(self.fusion, device_ids=ids)
 
     def setup_optim(self) -> None:
@@ -270,7 +218,7 @@ class Trainer:
         """``fusion_ep{N}.pt``: weights, optimizer, progress, RNG and the run's config."""
         if not self.main:
             return None
-        ckpt = {"format": FUSION_KIND, "version": 1, "model": self.head.state_dict(),
+        ckpt = {**checkpoint_header(FUSION_KIND), "model": self.head.state_dict(),
                 "head": self.head.spec(), "optimizer": self.optim.state_dict(),
                 "epoch": epochs_done, "step": self.step, "rng": _get_rng(),
                 "config": asdict(self.cfg), "student": asdict(self.source.student),
@@ -280,10 +228,13 @@ class Trainer:
 
     def plan(self) -> dict[str, int]:
         """What the epoch plan (``bombkd_io.sampling.epoch_batches``) is a function of, besides
-        the epoch: a resumed run must replay the same plan to end with the same weights."""
-        return {"world_size": self.world, "workers": max(1, self.cfg.workers),
-                "shard_size": self.source.shard_size, "batch": self.cfg.batch,
-                "seed": self.cfg.seed, "num_samples": self.source.num_samples}
+        the epoch: a resumed run must replay the same plan to end with the same weights. Its keys
+        are the ones checkpoints have always recorded (``batch``: ``batch_size``, ``workers``:
+        ``loader_workers``), so older checkpoints still resume."""
+        data = self.cfg.data
+        return {"world_size": self.world, "workers": max(1, data.loader_workers),
+                "shard_size": self.source.shard_size, "batch": data.batch_size, "seed": data.seed,
+                "num_samples": self.source.num_samples}
 
     def _resume_state(self) -> dict | None:
         found = sorted((int(m.group(1)), p) for p in self.save_dir.glob("fusion_ep*.pt")
@@ -297,14 +248,9 @@ class Trainer:
 
     def _check_resume(self, ckpt: dict) -> None:
         old, new = ckpt["config"], asdict(self.cfg)
-        problems = [f"{k}: {new[k]!r} here, {old.get(k)!r} in the checkpoint"
-                    for k in RESUME_KEYS if old.get(k) != new[k]]
-        if asdict(self.source.student) != ckpt["student"]:
-            problems.append(f"student: {asdict(self.source.student)} here, {ckpt['student']} in "
-                            "the checkpoint")
-        plan, saved = self.plan(), _saved_plan(ckpt)
-        problems += [f"epoch plan {k}: {plan[k]} here, {v} in the checkpoint"
-                     for k, v in saved.items() if plan[k] != v]
+        problems = (_differences("", new, {k: old.get(k) for k in RESUME_KEYS})
+                    + _differences("student ", asdict(self.source.student), ckpt["student"])
+                    + _differences("epoch plan ", self.plan(), _saved_plan(ckpt)))
         if problems:
             raise ConfigError([f"--resume: the checkpoint in {self.save_dir} is from another "
                                f"configuration ({'; '.join(problems)}); resume with the same "
@@ -384,9 +330,16 @@ def _step_stats(loss: torch.Tensor, out, labels: torch.Tensor, names: list[str])
     return torch.stack([v.double() for v in values]).cpu()
 
 
+def _differences(what: str, here: dict, recorded: dict) -> list[str]:
+    """``{what}{key}: {here} here, {recorded} in the checkpoint`` for each recorded value that
+    this run does not share: the one "does the run contradict its checkpoint" decision."""
+    return [f"{what}{k}: {here.get(k)!r} here, {v!r} in the checkpoint"
+            for k, v in recorded.items() if here.get(k) != v]
+
+
 def _saved_plan(ckpt: dict) -> dict:
     """The checkpoint's epoch plan; for one written before plans were saved, what its config
-    tells of it."""
+    tells of it (a flat config of that time: ``batch``, ``seed``, ``workers`` at the top)."""
     if "plan" in ckpt:
         return dict(ckpt["plan"])
     cfg = ckpt["config"]
@@ -410,8 +363,8 @@ def _set_rng(rng: dict) -> None:
 def _non_finite(loss: float, epoch: int, step: int, keys, cfg: TrainConfig) -> TrainingError:
     """Stop a run whose loss is nan/inf before it writes a checkpoint of broken weights."""
     shown = ", ".join(map(str, (keys or [])[:4])) + (", ..." if len(keys or []) > 4 else "")
-    check = (f"`bombkd inspect {cfg.root} --split {cfg.split} --verify` checks the cache"
-             if cfg.loader == "wds" else "`bombkd probe` checks the videos")
+    check = (f"`bombkd inspect {cfg.data.root} --split {cfg.split} --verify` checks the cache"
+             if cfg.data.loader == "wds" else "`bombkd probe` checks the videos")
     return TrainingError(f"epoch {epoch + 1}, step {step}: the loss is {loss} (batch: {shown}); "
                          f"corrupt features or a diverging run: {check}, or lower --lr "
                          f"{cfg.lr:g}; no checkpoint was written for this epoch")

@@ -195,15 +195,16 @@ def check_parity(tmp: Path) -> list[tuple[str, str]]:
     """Student features of video mode on the GPU vs a float32 cache featurized on the CPU."""
     if not HAS_DALI:
         raise Skip(f"{NO_DALI}: featurize and video mode decode with DALI")
-    from bombkd_train.data import DataConfig, open_source
-    from bombkd_train.featurize import FeaturizeConfig, featurize
+    from bombkd_train.config import DataConfig, FeaturizeConfig
+    from bombkd_train.data import open_source
+    from bombkd_train.featurize import featurize
 
     videos = make_sample_data(tmp / "videos", classes=2, per_class=4, codec="mixed", seed=0)
     cache = tmp / "cache"
     featurize(FeaturizeConfig(dataset="ucf101", root=str(videos), split="train", student=STUDENT,
                               out=str(cache), shard_size=4, dtype="float32", batch_size=3,
-                              workers=2, device="cpu"))
-    common = dict(batch=3, seed=3, student=STUDENT)
+                              decode_threads=2, device="cpu"))
+    common = dict(batch_size=3, seed=3, student=STUDENT)
     cached = open_source(DataConfig(loader="wds", root=str(cache), **common), "train").loader
     with _full_fp32():
         video = open_source(DataConfig(loader="dali", root=str(videos), dataset="ucf101",

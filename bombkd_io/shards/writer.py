@@ -2,11 +2,11 @@
 encodes each sample's members with ``codec.py`` and streams them through ``webdataset.TarWriter``
 into shards of ``shard_size`` samples.
 
-A shard is written to its name plus ``.tmp`` (``...-000003.tar.tmp``, beside it: featurize's
-cleanup and the manifest's "unfinished run" message look for that name) and committed with
-``atomic.commit`` (fsync, rename) when complete, so a finished name is always a whole shard; its
-size and sha256 are taken while writing. Tar bytes are deterministic (fixed mtime, owner and
-mode): the same features give the same sha256.
+A shard is written to its name plus ``.tmp`` (``...-000003.tar.tmp``, beside it: ``temp_shard``;
+``remove_temp_shards`` clears the ones a killed run left, and the manifest's "unfinished run"
+message looks for them) and committed with ``atomic.commit`` (fsync, rename) when complete, so a
+finished name is always a whole shard; its size and sha256 are taken while writing. Tar bytes are
+deterministic (fixed mtime, owner and mode): the same features give the same sha256.
 """
 from __future__ import annotations
 
@@ -24,6 +24,19 @@ from bombkd_io.shards.codec import DTYPES, encode_label, encode_meta, encode_ten
 from bombkd_io.shards.manifest import ShardEntry
 
 TAR_NAME_MAX = 100  # ustar name field; longer member names would need a prefix split at "/"
+TEMP_SUFFIX = ".tmp"  # a shard being written: its final name plus this
+
+
+def temp_shard(path: Path) -> Path:
+    """Where the shard ``path`` is written until it is complete: beside it, ``TEMP_SUFFIX`` added."""
+    return path.with_name(path.name + TEMP_SUFFIX)
+
+
+def remove_temp_shards(root, dataset: str, split: str, model: str) -> None:
+    """Remove the half-written shards of one model's set that a killed writer left in ``root``.
+    Only for a caller holding the folder's lock (``bombkd_io.lock``): no other run writes them."""
+    for tmp in Path(root).glob(f"{dataset}-{split}-{model}-*.tar{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
 
 
 def check_key(key: str, model: str) -> None:
@@ -137,7 +150,7 @@ class ShardSetWriter:
 
     def _open(self) -> None:
         path = self._path(self._next)
-        self._tmp = path.with_name(path.name + ".tmp")
+        self._tmp = temp_shard(path)
         self._file = _HashingFile(self._tmp)
         # mtime/owner/mode fixed so identical features give identical bytes (and sha256).
         self._tar = wds.TarWriter(self._file, encoder=False, mtime=0, user="bombkd",

@@ -57,15 +57,15 @@ def featurize_command(
 ) -> None:
     """Decode every clip once, run the student and every teacher on it, write one shard set
     per model and the manifest. Re-run with a new teacher to add only its shard set."""
-    from bombkd_train.featurize import (FeaturizeConfig, FeaturizeStats, estimate_featurize,
-                                        featurize)
+    from bombkd_train.config import FeaturizeConfig
+    from bombkd_train.featurize import FeaturizeStats, estimate_featurize, featurize
 
     if fp16 and dtype not in (None, "float16"):
         raise fail(f"--fp16 and --dtype {dtype} contradict each other; pass one of them")
     config = FeaturizeConfig(dataset=dataset, root=str(root), split=split, student=student,
                              out=str(out), teachers=names(teachers), format=format,
                              shard_size=shard_size, dtype=dtype or "float16", frames=frames,
-                             size=size, batch_size=batch, workers=workers, pool=pool,
+                             size=size, batch_size=batch, decode_threads=workers, pooling=pool,
                              device=device, resume=resume, strict=strict)
     with user_errors():
         if dry_run:

@@ -56,14 +56,14 @@ def train_converters_cmd(
     quiet: Quiet = False,
 ) -> None:
     """Fit one converter per teacher (student -> teacher features) from a feature cache."""
-    from bombkd_io.video import parse_device
-    from bombkd_train.converters import ConverterTrainConfig, train_converters
+    from bombkd_train.config import ConverterTrainConfig
+    from bombkd_train.converters import train_converters
 
     with user_errors():
         result = train_converters(ConverterTrainConfig(
             root=root, split=split, teachers=names(teachers), save_dir=save_dir, epochs=epochs,
-            kind=kind, val_frac=val_frac, lr=lr, batch=batch, seed=seed, dataset=dataset,
-            workers=workers, device=parse_device(device), progress=not quiet))
+            kind=kind, val_frac=val_frac, lr=lr, batch_size=batch, seed=seed, dataset=dataset,
+            loader_workers=workers, device=device, progress=not quiet))
     where = f"{result.held_out} held-out samples" if result.held_out else "the training samples"
     typer.echo(f"cosine similarity on {where}:")
     for name, cos in result.cosine.items():
@@ -89,16 +89,17 @@ def train_cmd(
     on_error: OnError = "raise", device: Device = "auto", quiet: Quiet = False,
 ) -> None:
     """Train the fusion head on cached features (--loader wds) or on videos (--loader dali)."""
-    from bombkd_train.trainer import TrainConfig, train
+    from bombkd_train.config import DataConfig, TrainConfig
+    from bombkd_train.trainer import train
 
+    data = DataConfig(loader=loader, root=root, dataset=dataset, student=student, frames=frames,
+                      size=size, batch_size=batch, loader_workers=workers, seed=seed,
+                      shard_size=shard_size, cache=cache, device=device, on_error=on_error)
     with user_errors():
         result = train(TrainConfig(
-            loader=loader, root=root, split=split, teachers=names(teachers),
-            converters=converters, classes=classes, dataset=dataset, student=student,
-            frames=frames, size=size, batch=batch, epochs=epochs, lr=lr, gate_l1=gate_l1,
-            seed=seed, workers=workers, shard_size=shard_size, cache=cache, on_error=on_error,
-            save_dir=save_dir,
-            resume=resume, val_split=val_split, device=device, progress=not quiet))
+            data=data, split=split, teachers=names(teachers), converters=converters,
+            classes=classes, epochs=epochs, lr=lr, gate_l1=gate_l1, save_dir=save_dir,
+            resume=resume, val_split=val_split, progress=not quiet))
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun rank 0 reports for all ranks (the other ranks write nothing)
     last = result.last
@@ -125,15 +126,13 @@ def eval_cmd(
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix (eval.json, confusion.png)."""
     from bombkd_io.errors import extra_hint
-    from bombkd_io.video import parse_device
-    from bombkd_train.evaluate import EvalConfig, evaluate
-    from bombkd_train.data import DataConfig
+    from bombkd_train.config import DataConfig, EvalConfig
+    from bombkd_train.evaluate import evaluate
 
+    data = DataConfig(loader=loader, root=root, dataset=dataset, student=student, frames=frames,
+                      size=size, batch_size=batch, loader_workers=workers, cache=cache,
+                      device=device, on_error=on_error)
     with user_errors():
-        dev = parse_device(device)
-        data = DataConfig(loader=loader, root=root, dataset=dataset, student=student, frames=frames,
-                          size=size, batch=batch, workers=workers, cache=cache, device=dev,
-                          on_error=on_error)
         result, path = evaluate(EvalConfig(data=data, split=split, fusion=fusion,
                                            converters=converters, out=out))
     typer.echo(f"{result.count} clips: top-1 {result.top1:.1f}%, top-5 {result.top5:.1f}%")
@@ -149,10 +148,11 @@ def demo_cmd(
     quiet: Quiet = False,
 ) -> None:
     """The whole path on the built-in sample data with tiny backbones, in both modes."""
-    from bombkd_train.demo import DemoConfig, run_demo
+    from bombkd_train.config import DemoConfig
+    from bombkd_train.demo import run_demo
 
     cfg = DemoConfig(out=str(out), device=device, progress=not quiet)
-    cfg.batch, cfg.epochs = batch or cfg.batch, epochs or cfg.epochs
+    cfg.batch_size, cfg.epochs = batch or cfg.batch_size, epochs or cfg.epochs
     with user_errors():
         report = run_demo(cfg)
     typer.echo(report.markdown)

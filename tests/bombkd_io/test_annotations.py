@@ -261,14 +261,14 @@ def test_hostile_diving48_annotations(diving48, rel, content, error):
 @pytest.mark.slow
 def test_featurize_records_missing_kinetics_videos_and_takes_ssv2_test(kinetics, ssv2, tmp_path):
     from bombkd_train.featurize import featurize
-    from bombkd_train.featurize_state import FeaturizeConfig
+    from bombkd_train.config import FeaturizeConfig
 
     def run(dataset, root, split):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DataWarning)
             return featurize(FeaturizeConfig(dataset=dataset, root=str(root), split=split,
                                              student="tiny-vjepa2", out=str(tmp_path / dataset),
-                                             batch_size=2, workers=1))
+                                             batch_size=2, decode_threads=1))
 
     manifest = run("kinetics400", kinetics, "train")
     assert manifest.count == 2 and [f["path"] for f in manifest.failed] == [

@@ -35,7 +35,7 @@ from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_train.checkpoint import save_checkpoint
 from bombkd_train.cli._common import user_errors
 from bombkd_train.cli.main import app
-from bombkd_train.featurize_estimate import check_free_space
+from bombkd_train.featurize.estimate import check_free_space
 from places import GOLDEN
 from synthetic_cache import make_feature_cache
 
@@ -120,7 +120,8 @@ def test_teacher_roles_and_key_stems_are_sanitised_into_the_grammar():
 
 def test_progress_file_names_are_checked(tmp_path):
     from bombkd_io.datasets import VideoIndex
-    from bombkd_train.featurize_state import FeaturizeConfig, load_state
+    from bombkd_train.config import FeaturizeConfig
+    from bombkd_train.featurize.state import load_state
 
     out = tmp_path / "out"
     out.mkdir()

@@ -290,7 +290,7 @@ def test_parse_device_gives_torchs_name_or_names_the_argument():
 
 
 def test_importing_the_device_parser_loads_no_decoder():
-    code = ("import sys, bombkd_io.video, bombkd_train.threads, bombkd_train.dist; "
+    code = ("import sys, bombkd_io.video, bombkd_train.runtime; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'av', 'nvidia'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=REPO)

@@ -82,13 +82,14 @@ def test_load_converters_rejects_other_student_and_missing_teacher(tmp_path):
 
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
 def test_train_converters_on_a_cache_with_other_token_counts_and_widths(tmp_path, kind):
-    from bombkd_train.converters import ConverterTrainConfig, train_converters
+    from bombkd_train.config import ConverterTrainConfig
+    from bombkd_train.converters import train_converters
     from synthetic_cache import STUDENT, TEACHERS, make_feature_cache
 
     root = make_feature_cache(tmp_path / "cache")
     result = train_converters(ConverterTrainConfig(
         root=str(root), split="train", teachers=list(TEACHERS), save_dir=str(tmp_path / "out"),
-        epochs=1, kind=kind, val_frac=0.25, batch=16))
+        epochs=1, kind=kind, val_frac=0.25, batch_size=16))
     assert result.held_out == 12
     # the teachers are linear in the student: held-out cosine is ~1 after the least-squares start
     assert set(result.cosine) == set(TEACHERS) and min(result.cosine.values()) > 0.99
@@ -101,7 +102,8 @@ def test_train_converters_on_a_cache_with_other_token_counts_and_widths(tmp_path
 
 
 def test_train_converters_refuses_a_teacher_the_cache_lacks(tmp_path):
-    from bombkd_train.converters import ConverterTrainConfig, train_converters
+    from bombkd_train.config import ConverterTrainConfig
+    from bombkd_train.converters import train_converters
     from synthetic_cache import make_feature_cache
 
     root = make_feature_cache(tmp_path / "cache", count=16)
@@ -114,22 +116,23 @@ def test_train_converters_refuses_a_teacher_the_cache_lacks(tmp_path):
 
 
 def test_checkpoints_are_atomic_and_refuse_pickled_code(tmp_path):
-    from bombkd_train.checkpoint import load_checkpoint
+    from bombkd_train.checkpoint import FUSION_KIND as k
+    from bombkd_train.checkpoint import checkpoint_header, load_checkpoint
 
-    path = save_checkpoint({"format": "k", "version": 1, "w": torch.ones(2)}, tmp_path / "a" / "c.pt")
+    path = save_checkpoint({**checkpoint_header(k), "w": torch.ones(2)}, tmp_path / "a" / "c.pt")
     assert [p.name for p in path.parent.iterdir()] == ["c.pt"]  # no temporary file left
-    assert torch.equal(load_checkpoint(path, kind="k", argument="--x")["w"], torch.ones(2))
-    save_checkpoint({"format": "k", "version": 2}, path)
+    assert torch.equal(load_checkpoint(path, kind=k, argument="--x")["w"], torch.ones(2))
+    save_checkpoint({"format": k, "version": 2}, path)
     with pytest.raises(FormatError, match="version 2 is not supported"):
-        load_checkpoint(path, kind="k", argument="--x")
-    torch.save({"format": "k", "version": 1, "obj": object()}, path)  # needs pickle to load
+        load_checkpoint(path, kind=k, argument="--x")
+    torch.save({**checkpoint_header(k), "obj": object()}, path)  # needs pickle to load
     with pytest.raises(FormatError, match="cannot be read as a checkpoint") as refused:
-        load_checkpoint(path, kind="k", argument="--x")
+        load_checkpoint(path, kind=k, argument="--x")
     # names the option, and does not pass on torch's advice to load with weights_only=False
     assert str(refused.value).startswith(f"--x {path}: ") and "weights_only" not in str(refused.value)
     path.write_text('{"not": "a checkpoint"}')  # e.g. a manifest passed to --converters
     with pytest.raises(FormatError, match="cannot be read as a checkpoint") as refused:
-        load_checkpoint(path, kind="k", argument="--x")
+        load_checkpoint(path, kind=k, argument="--x")
     assert str(refused.value).startswith(f"--x {path}: ") and "weights_only" not in str(refused.value)
     assert "\n" not in str(refused.value)
 

@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from bombkd_train.cli.main import app
-from bombkd_train.demo import CHANCE_MARGIN, DemoConfig, run_demo
+from bombkd_train.config import DemoConfig
+from bombkd_train.demo import CHANCE_MARGIN, run_demo
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bombkd_io.sampling import epoch_batches
-from bombkd_train.converters import ConverterTrainConfig, train_converters
-from bombkd_train.trainer import TrainConfig
+from bombkd_train.config import ConverterTrainConfig, DataConfig, TrainConfig
+from bombkd_train.converters import train_converters
 from places import child_env
 from synthetic_cache import TEACHERS, make_feature_cache
 
@@ -19,7 +19,8 @@ from synthetic_cache import TEACHERS, make_feature_cache
 # Runs on every rank: train, recording which samples this rank's loader yielded.
 RANK_SCRIPT = '''
 import json, sys, torch
-from bombkd_train.trainer import TrainConfig, Trainer
+from bombkd_train.config import DataConfig, TrainConfig
+from bombkd_train.trainer import Trainer
 
 class Recording:
     """The rank's loader, unchanged, noting the sample indices it yields."""
@@ -38,7 +39,8 @@ class Recording:
             self.seen.setdefault(self.epoch, []).extend(batch["index"].tolist())
             yield batch
 
-cfg, out = TrainConfig(**json.loads(sys.argv[1])), sys.argv[2]
+fields, out = json.loads(sys.argv[1]), sys.argv[2]
+cfg = TrainConfig(**{**fields, "data": DataConfig(**fields["data"])})
 trainer = Trainer(cfg).setup()
 trainer.source.loader = recording = Recording(trainer.source.loader)
 trainer.train()
@@ -54,10 +56,11 @@ def test_two_cpu_ranks_split_the_data_and_agree_on_the_weights(tmp_path):
     root = make_feature_cache(tmp_path / "cache", count=48, shard_size=8)
     make_feature_cache(root, split="val", count=16, shard_size=8, seed=1)
     conv = train_converters(ConverterTrainConfig(root=str(root), split="train", teachers=list(TEACHERS),
-                                                 save_dir=str(tmp_path / "conv"), epochs=0, batch=16))
-    cfg = TrainConfig(loader="wds", root=str(root), split="train", teachers=list(TEACHERS),
-                      converters=str(conv.path), classes=4, batch=4, epochs=2, lr=3e-3, workers=1,
-                      save_dir=str(tmp_path / "run"), val_split="val", device="cpu", progress=False)
+                                                 save_dir=str(tmp_path / "conv"), epochs=0, batch_size=16))
+    data = DataConfig(loader="wds", root=str(root), batch_size=4, loader_workers=1, device="cpu")
+    cfg = TrainConfig(data=data, split="train", teachers=list(TEACHERS), converters=str(conv.path),
+                      classes=4, epochs=2, lr=3e-3, save_dir=str(tmp_path / "run"), val_split="val",
+                      progress=False)
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     env = child_env()

@@ -19,10 +19,11 @@ from bombkd_io.sample_data import make_sample_data
 from bombkd_io.shards.manifest import load_manifest, manifest_path
 from bombkd_io.shards.reader import read_shard
 from bombkd_io.video import ClipLoader, probe_videos
-from bombkd_train import featurize as featurize_module
 from bombkd_train.backbones import create_backbone
 from bombkd_train.cli.main import app
-from bombkd_train.featurize import FeaturizeConfig, estimate_featurize, featurize
+from bombkd_train.config import FeaturizeConfig
+from bombkd_train.featurize import estimate_featurize, featurize
+from bombkd_train.featurize import run as featurize_run
 
 STUDENT, TEACHERS = "tiny-vjepa2", ["tiny-videomae", "tiny-timesformer", "tiny-vivit"]
 BROKEN = 4  # index position of the video overwritten with garbage
@@ -39,7 +40,7 @@ def small_root(tmp_path_factory) -> Path:
 
 def config(root: Path, out: Path, teachers=TEACHERS, **kw) -> FeaturizeConfig:
     base = dict(dataset="ucf101", root=str(root), split="train", student=STUDENT, out=str(out),
-                teachers=list(teachers), shard_size=3, batch_size=2, workers=1)
+                teachers=list(teachers), shard_size=3, batch_size=2, decode_threads=1)
     return FeaturizeConfig(**(base | kw))
 
 
@@ -72,12 +73,12 @@ def full_cache(small_root, tmp_path_factory) -> Path:
 def test_config_reports_every_problem_before_any_io(tmp_path):
     bad = FeaturizeConfig(dataset="kinetics", root=str(tmp_path / "missing"), split="train",
                           student="no-such-model", out=str(tmp_path / "out"),
-                          teachers=["tiny-vivit", "tiny-vivit"], dtype="int8", pool="max",
+                          teachers=["tiny-vivit", "tiny-vivit"], dtype="int8", pooling="max",
                           shard_size=0, format="pkl", device="tpu")
     with pytest.raises(ConfigError) as err:
         featurize(bad)
     text = str(err.value)
-    for piece in ("--dataset 'kinetics'", "--format 'pkl'", "--dtype 'int8'", "--pool 'max'", "--shard-size must be",
+    for piece in ("--dataset 'kinetics'", "--format 'pkl'", "--dtype 'int8'", "--pool 'max'", "--shard-size 0: must be >= 1",
                   "--device 'tpu'", "unknown backbone 'no-such-model'", "'tiny-vivit' is given twice",
                   "--root"):
         assert piece in text
@@ -168,7 +169,7 @@ def test_resume_redoes_broken_shards_byte_identically(full_cache, small_root, tm
 
 def test_interrupted_run_resumes_to_the_same_bytes(full_cache, small_root, tmp_path, monkeypatch):
     out = tmp_path / "cache"
-    real, calls = featurize_module.save_progress, []
+    real, calls = featurize_run.save_progress, []
 
     def crash_after_two_shards(state, where):
         real(state, where)
@@ -176,7 +177,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(full_cache, small_root, tmp_p
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(featurize_module, "save_progress", crash_after_two_shards)
+    monkeypatch.setattr(featurize_run, "save_progress", crash_after_two_shards)
     with pytest.raises(KeyboardInterrupt):
         featurize(config(small_root, out))
     monkeypatch.undo()

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bombkd_train.converters import ConverterTrainConfig, train_converters
-from bombkd_train.data import DataConfig, open_source
-from bombkd_train.featurize import FeaturizeConfig, featurize
-from bombkd_train.trainer import TrainConfig, train
+from bombkd_train.config import ConverterTrainConfig, DataConfig, FeaturizeConfig, TrainConfig
+from bombkd_train.converters import train_converters
+from bombkd_train.data import open_source
+from bombkd_train.featurize import featurize
+from bombkd_train.trainer import train
 
 STUDENT, TEACHER = "tiny-vjepa2", "tiny-vivit"
 
@@ -28,7 +29,7 @@ def data(tmp_path_factory, sample_root):
         caches[dtype] = base / dtype
         featurize(FeaturizeConfig(dataset="ucf101", root=str(videos), split="train", student=STUDENT,
                                   out=str(caches[dtype]), teachers=[TEACHER], shard_size=4,
-                                  dtype=dtype, batch_size=3, workers=2))
+                                  dtype=dtype, batch_size=3, decode_threads=2))
     conv = train_converters(ConverterTrainConfig(root=str(caches["float32"]), split="train",
                                                  teachers=[TEACHER], save_dir=str(base / "conv"),
                                                  epochs=0, val_frac=0.0))
@@ -37,7 +38,7 @@ def data(tmp_path_factory, sample_root):
 
 def _sources(data, dtype, workers=0, seed=3):
     videos, caches, _ = data
-    common = dict(batch=3, workers=workers, seed=seed, student=STUDENT)
+    common = dict(batch_size=3, loader_workers=workers, seed=seed, student=STUDENT, device="cpu")
     wds = open_source(DataConfig(loader="wds", root=str(caches[dtype]), **common), "train")
     dali = open_source(DataConfig(loader="dali", root=str(videos), dataset="ucf101",
                                   cache=str(caches[dtype]), **common), "train")
@@ -93,10 +94,11 @@ def test_step_losses_agree(data, tmp_path, dtype, tolerance):
     videos, caches, conv = data
     losses = {}
     for mode, root in (("wds", caches[dtype]), ("dali", videos)):
-        cfg = TrainConfig(loader=mode, root=str(root), split="train", teachers=[TEACHER],
-                          converters=str(conv), classes=6, dataset="ucf101", student=STUDENT,
-                          batch=3, epochs=2, lr=3e-3, seed=3, cache=str(caches[dtype]),
-                          save_dir=str(tmp_path / mode), device="cpu", progress=False)
+        data_cfg = DataConfig(loader=mode, root=str(root), dataset="ucf101", student=STUDENT,
+                              batch_size=3, seed=3, cache=str(caches[dtype]), device="cpu")
+        cfg = TrainConfig(data=data_cfg, split="train", teachers=[TEACHER], converters=str(conv),
+                          classes=6, epochs=2, lr=3e-3, save_dir=str(tmp_path / mode),
+                          progress=False)
         train(cfg)
         records = [json.loads(x) for x in (tmp_path / mode / "metrics.jsonl").read_text().splitlines()]
         losses[mode] = [r["loss"] for r in records if r["kind"] == "step"]
@@ -107,15 +109,18 @@ def test_step_losses_agree(data, tmp_path, dtype, tolerance):
 
 @pytest.mark.slow
 def test_eval_gives_the_same_confusion_matrix_in_both_modes(data, tmp_path):
-    from bombkd_train.evaluate import EvalConfig, evaluate
+    from bombkd_train.config import EvalConfig
+    from bombkd_train.evaluate import evaluate
 
     videos, caches, conv = data
-    run = train(TrainConfig(loader="wds", root=str(caches["float32"]), split="train", teachers=[TEACHER],
-                            converters=str(conv), classes=6, batch=3, epochs=1, seed=3,
-                            save_dir=str(tmp_path / "run"), device="cpu", progress=False))
+    data_cfg = DataConfig(loader="wds", root=str(caches["float32"]), batch_size=3, seed=3,
+                          device="cpu")
+    run = train(TrainConfig(data=data_cfg, split="train", teachers=[TEACHER], converters=str(conv),
+                            classes=6, epochs=1, save_dir=str(tmp_path / "run"), progress=False))
     results = {}
     for mode, root in (("wds", caches["float32"]), ("dali", videos)):
-        data_cfg = DataConfig(loader=mode, root=str(root), dataset="ucf101", batch=4)
+        data_cfg = DataConfig(loader=mode, root=str(root), dataset="ucf101", batch_size=4,
+                              device="cpu")
         before = _decode_threads()
         results[mode], path = evaluate(EvalConfig(data=data_cfg, split="train", fusion=str(run.checkpoint),
                                                   out=str(tmp_path / mode), progress=False))
@@ -140,9 +145,9 @@ def test_an_unreadable_video_is_left_out_the_same_way_in_both_modes(tmp_path, sa
     before = _decode_threads()
     manifest = featurize(FeaturizeConfig(dataset="ucf101", root=str(videos), split="train",
                                          student=STUDENT, out=str(cache), shard_size=4,
-                                         dtype="float32", batch_size=3, workers=2))
+                                         dtype="float32", batch_size=3, decode_threads=2))
     assert _decode_threads() <= before  # featurize closed its clip loaders
-    common = dict(batch=3, seed=1, student=STUDENT)
+    common = dict(batch_size=3, seed=1, student=STUDENT, device="cpu")
     cached = open_source(DataConfig(loader="wds", root=str(cache), **common), "train")
     video = open_source(DataConfig(loader="dali", root=str(videos), dataset="ucf101",
                                    cache=str(cache), **common), "train")
@@ -161,7 +166,7 @@ def test_too_many_streams_are_refused_at_once_the_same_way_in_both_modes(data):
     from bombkd_io.errors import ConfigError
 
     videos, caches, _ = data
-    common = dict(batch=3, workers=4, student=STUDENT)  # 12 samples in shards of 4: 3 shards
+    common = dict(batch_size=3, loader_workers=4, student=STUDENT, device="cpu")  # 3 shards of 4
     for cfg in (DataConfig(loader="wds", root=str(caches["float32"]), **common),
                 DataConfig(loader="dali", root=str(videos), dataset="ucf101", shard_size=4, **common),
                 DataConfig(loader="dali", root=str(videos), dataset="ucf101",
@@ -182,7 +187,7 @@ def test_video_mode_refuses_videos_that_are_not_the_caches_samples(data, tmp_pat
     split = other / "ucfTrainTestlist" / "trainlist01.txt"
     split.write_text("".join(split.read_text().splitlines(keepends=True)[1:]))  # one video less
     cfg = DataConfig(loader="dali", root=str(other), dataset="ucf101", cache=str(caches["float32"]),
-                     batch=3, student=STUDENT)
+                     batch_size=3, student=STUDENT, device="cpu")
     manifest = caches["float32"] / "ucf101-train.index.json"
     with pytest.raises(ConfigError, match=rf"11 train videos in {other} decode, the cache "
                                           rf"{manifest} holds 12 samples"):
@@ -215,10 +220,11 @@ def test_closing_the_trainer_releases_the_video_decoder(data, tmp_path):
     from bombkd_train.trainer import Trainer
 
     videos, caches, conv = data
-    trainer = Trainer(TrainConfig(loader="dali", root=str(videos), split="train", teachers=[TEACHER],
-                                  converters=str(conv), classes=6, dataset="ucf101", student=STUDENT,
-                                  batch=3, epochs=1, seed=3, cache=str(caches["float32"]),
-                                  save_dir=str(tmp_path / "run"), device="cpu", progress=False))
+    data_cfg = DataConfig(loader="dali", root=str(videos), dataset="ucf101", student=STUDENT,
+                          batch_size=3, seed=3, cache=str(caches["float32"]), device="cpu")
+    trainer = Trainer(TrainConfig(data=data_cfg, split="train", teachers=[TEACHER],
+                                  converters=str(conv), classes=6, epochs=1,
+                                  save_dir=str(tmp_path / "run"), progress=False))
     clips = trainer.setup().source.loader.clips
     assert trainer.train().last["skipped"] == 0
     assert clips.decode_batch([0]).positions == [0]

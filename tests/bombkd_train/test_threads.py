@@ -1,11 +1,12 @@
-"""torch's CPU threads beside our own threads and other programs (bombkd_train/threads.py)."""
+"""torch's CPU threads beside our own threads and other programs (bombkd_train/runtime.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bombkd_train.threads import cpu_cores, model_threads, torch_threads_for
-from bombkd_train.trainer import TrainConfig, Trainer
+from bombkd_train.runtime import cpu_cores, model_threads, torch_threads_for
+from bombkd_train.config import DataConfig, TrainConfig
+from bombkd_train.trainer import Trainer
 from synthetic_cache import make_feature_cache
 
 
@@ -40,9 +41,9 @@ def test_trainer_holds_the_cap_until_closed(tmp_path):
     before = torch.get_num_threads()
     torch.set_num_threads(4)
     try:
-        cfg = TrainConfig(loader="wds", root=str(root), split="train", teachers=["ta"],
-                          converters=str(tmp_path / "none.pt"), classes=4, device="cpu",
-                          save_dir=str(tmp_path / "run"), progress=False)
+        cfg = TrainConfig(data=DataConfig(loader="wds", root=str(root), device="cpu"),
+                          split="train", teachers=["ta"], converters=str(tmp_path / "none.pt"),
+                          classes=4, save_dir=str(tmp_path / "run"), progress=False)
         trainer = Trainer(cfg)
         assert torch.get_num_threads() == min(4, torch_threads_for(0))
         trainer.close()

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
 
 from bombkd_io.errors import ConfigError
-from bombkd_train.converters import ConverterTrainConfig, train_converters
-from bombkd_train.trainer import TrainConfig, train
+from bombkd_train.config import ConverterTrainConfig, DataConfig, TrainConfig
+from bombkd_train.converters import train_converters
+from bombkd_train.trainer import train
 from synthetic_cache import TEACHERS, make_feature_cache
 
 
@@ -18,16 +19,19 @@ def cache(tmp_path_factory):
     root = make_feature_cache(tmp_path_factory.mktemp("cache"))
     make_feature_cache(root, split="val", count=20, seed=1)
     conv = train_converters(ConverterTrainConfig(root=str(root), split="train", teachers=list(TEACHERS),
-                                                 save_dir=str(root / "conv"), epochs=1, batch=16))
+                                                 save_dir=str(root / "conv"), epochs=1, batch_size=16))
     return root, conv.path
 
 
 def _config(cache, tmp_path, **changes) -> TrainConfig:
+    """The test run's config with ``changes``, to its data settings or its own."""
     root, conv = cache
-    cfg = TrainConfig(loader="wds", root=str(root), split="train", teachers=list(TEACHERS),
-                      converters=str(conv), classes=4, batch=8, epochs=2, lr=3e-3,
-                      save_dir=str(tmp_path / "run"), progress=False)
-    return replace(cfg, **changes)
+    data = DataConfig(loader="wds", root=str(root), batch_size=8)
+    cfg = TrainConfig(data=data, split="train", teachers=list(TEACHERS), converters=str(conv),
+                      classes=4, epochs=2, lr=3e-3, save_dir=str(tmp_path / "run"), progress=False)
+    ours = {f.name for f in fields(DataConfig)}
+    data = replace(data, **{k: v for k, v in changes.items() if k in ours})
+    return replace(cfg, data=data, **{k: v for k, v in changes.items() if k not in ours})
 
 
 def _weights(path) -> dict[str, torch.Tensor]:
@@ -53,7 +57,7 @@ def test_training_learns_and_writes_metrics_and_checkpoints(cache, tmp_path):
     assert epochs[-1]["loss"] < epochs[0]["loss"]
     assert epochs[-1]["val_top1"] >= 75.0  # 4 classes: chance is 25%
     ckpt = torch.load(run / "fusion_ep3.pt", weights_only=True)
-    assert ckpt["epoch"] == 3 and ckpt["step"] == 18 and ckpt["config"]["seed"] == 0
+    assert ckpt["epoch"] == 3 and ckpt["step"] == 18 and ckpt["config"]["data"]["seed"] == 0
     assert {"model", "optimizer", "rng", "head"} <= set(ckpt)
 
 
@@ -104,17 +108,21 @@ def test_resume_with_another_epoch_plan_is_refused(cache, tmp_path):
     assert plan == {"world_size": 1, "workers": 1, "shard_size": 16, "batch": 8, "seed": 0,
                     "num_samples": 48}
     with pytest.raises(ConfigError, match=r"epoch plan workers: 2 here, 1 in the checkpoint"):
-        train(_config(cache, tmp_path, epochs=2, resume=True, workers=2))
+        train(_config(cache, tmp_path, epochs=2, resume=True, loader_workers=2))
     with pytest.raises(ConfigError, match=r"epoch plan batch: 4 here, 8 .*epoch plan seed: 1 "):
-        train(_config(cache, tmp_path, epochs=2, resume=True, batch=4, seed=1))
+        train(_config(cache, tmp_path, epochs=2, resume=True, batch_size=4, seed=1))
     # a checkpoint written before plans were saved: checked against what its config tells
+    # (a flat config then: the data settings at the top, under their names of that time)
     old = torch.load(first.checkpoint, weights_only=True)
     del old["plan"]
+    data = old["config"].pop("data")
+    old["config"].update(batch=data["batch_size"], seed=data["seed"],
+                         workers=data["loader_workers"])
     torch.save(old, first.checkpoint)
     with pytest.raises(ConfigError, match=r"epoch plan batch: 4 here, 8 in the checkpoint"):
-        train(_config(cache, tmp_path, epochs=2, resume=True, batch=4))
+        train(_config(cache, tmp_path, epochs=2, resume=True, batch_size=4))
     # DataLoader's 0 workers and 1 worker read in the same order: the same plan
-    assert train(_config(cache, tmp_path, epochs=2, resume=True, workers=1)).epochs == 2
+    assert train(_config(cache, tmp_path, epochs=2, resume=True, loader_workers=1)).epochs == 2
 
 
 def test_resume_after_a_half_written_metrics_line(cache, tmp_path):

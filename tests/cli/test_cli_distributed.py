@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from bombkd_train.converters import ConverterTrainConfig, train_converters
+from bombkd_train.config import ConverterTrainConfig
+from bombkd_train.converters import train_converters
 from places import child_env
 from synthetic_cache import TEACHERS, make_feature_cache
 
@@ -18,7 +19,7 @@ def test_torchrun_train_prints_one_report(tmp_path):
     conv = train_converters(ConverterTrainConfig(root=str(root), split="train",
                                                  teachers=list(TEACHERS),
                                                  save_dir=str(tmp_path / "conv"), epochs=0,
-                                                 batch=16))
+                                                 batch_size=16))
     script = tmp_path / "bombkd_cli.py"
     script.write_text("from bombkd_train.cli.main import app\napp()\n")
     env = child_env()

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from bombkd_io.errors import FolderBusyError
 from bombkd_io.lock import lock_folder
 from bombkd_train.cli.main import app
-from bombkd_train.converters import ConverterTrainConfig, train_converters
-from bombkd_train.featurize import FeaturizeConfig, featurize
+from bombkd_train.config import ConverterTrainConfig, FeaturizeConfig
+from bombkd_train.converters import train_converters
+from bombkd_train.featurize import featurize
 from places import child_env
 from synthetic_cache import TEACHERS, make_feature_cache
 
@@ -42,7 +43,7 @@ def cache(tmp_path_factory) -> Path:
     """A small synthetic cache with converters fitted on it (``conv/converters.pt``)."""
     root = make_feature_cache(tmp_path_factory.mktemp("cache"))
     train_converters(ConverterTrainConfig(root=str(root), split="train", teachers=list(TEACHERS),
-                                          save_dir=str(root / "conv"), epochs=0, batch=16,
+                                          save_dir=str(root / "conv"), epochs=0, batch_size=16,
                                           progress=False))
     return root
 
@@ -201,7 +202,7 @@ def test_second_featurize_into_a_busy_out_is_refused(sample_root, tmp_path):
 def _featurize_config(root: Path, out: Path, **kw) -> FeaturizeConfig:
     return FeaturizeConfig(**{**dict(dataset="ucf101", root=str(root), split="train",
                                      student="tiny-vjepa2", out=str(out), shard_size=1,
-                                     batch_size=1, workers=1), **kw})
+                                     batch_size=1, decode_threads=1), **kw})
 
 
 def _files(folder: Path) -> dict[str, bytes]:

@@ -29,8 +29,9 @@ from bombkd_io.video.health import repeated_frames
 from bombkd_train.checkpoint import save_checkpoint
 from bombkd_train.cli.main import app
 from bombkd_train.converters import Converter, converters_checkpoint
-from bombkd_train.featurize import FeaturizeConfig, FeaturizeStats, featurize
-from bombkd_train.trainer import TrainConfig, train
+from bombkd_train.config import DataConfig, FeaturizeConfig, TrainConfig
+from bombkd_train.featurize import FeaturizeStats, featurize
+from bombkd_train.trainer import train
 
 STUDENT = "tiny-vjepa2"
 runner = CliRunner()
@@ -71,7 +72,7 @@ def videos(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def config(root: Path, out: Path, **kw) -> FeaturizeConfig:
     return FeaturizeConfig(**(dict(dataset="ucf101", root=str(root), split="train",
                                    student=STUDENT, out=str(out), shard_size=4, batch_size=2,
-                                   workers=1) | kw))
+                                   decode_threads=1) | kw))
 
 
 @pytest.fixture(scope="module")
@@ -231,10 +232,11 @@ def test_video_mode_counts_unreadable_videos_in_the_epoch_record(videos, tmp_pat
         config={}), tmp_path / "conv.pt")
     train_count = len(index_dataset("ucf101", root, "train").items)
     with pytest.warns(DataWarning, match=r"1 of the \d+ train videos .* cannot be read"):
-        result = train(TrainConfig(loader="dali", root=str(root), split="train", teachers=["t"],
-                                   converters=str(conv), classes=2, dataset="ucf101",
-                                   student=STUDENT, batch=4, epochs=1,
-                                   save_dir=str(tmp_path / "run"), device="cpu", progress=False))
+        data = DataConfig(loader="dali", root=str(root), dataset="ucf101", student=STUDENT,
+                          batch_size=4, device="cpu")
+        result = train(TrainConfig(data=data, split="train", teachers=["t"], converters=str(conv),
+                                   classes=2, epochs=1, save_dir=str(tmp_path / "run"),
+                                   progress=False))
     assert result.last["skipped"] == 1 and result.last["samples"] == train_count - 1
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["skipped"] for r in records if r["kind"] == "epoch"] == [1]

@@ -1,4 +1,4 @@
-"""featurize: videos -> clips -> every backbone -> one shard set per model (cache format 1).
+"""The featurize run: videos -> clips -> every backbone -> one shard set per model (cache format 1).
 
 The stages, in order (each clip is decoded once per distinct (frames, size) the models need,
 and the student and every teacher run on that one decode):
@@ -41,12 +41,10 @@ from bombkd_io.shards.verify import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_io.video import ClipLoader, parse_device, probe_index
 from bombkd_train.backbones import Backbone, create_backbone
-from bombkd_train.featurize_estimate import DiskEstimate, check_free_space, estimate_bytes
-from bombkd_train.threads import model_threads
-from bombkd_train.featurize_state import (CacheState, FeaturizeConfig, load_state,
-                                          remove_stale_temps, save_progress)
-
-__all__ = ["DiskEstimate", "FeaturizeConfig", "FeaturizeStats", "estimate_featurize", "featurize"]
+from bombkd_train.featurize.estimate import DiskEstimate, check_free_space, estimate_bytes
+from bombkd_train.config import FeaturizeConfig
+from bombkd_train.featurize.state import CacheState, load_state, remove_stale_temps, save_progress
+from bombkd_train.runtime import model_threads
 
 Need = tuple[int, int]  # (frames, size) a backbone consumes
 
@@ -111,7 +109,7 @@ def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -
     with lock_folder(config.out, argument="--out", name=f"{config.dataset}-{config.split}"):
         state = load_state(config, index)
         remove_stale_temps(Path(config.out), config.dataset, config.split, state.all_roles())
-        with model_threads(config.device, config.workers) as threads:
+        with model_threads(config.device, config.decode_threads) as threads:
             stats.threads = threads
             manifest = _Run(config, index, state, stats).execute()
     stats.total_s = time.perf_counter() - start
@@ -347,7 +345,7 @@ class _Run:
             self.loaders[need] = ClipLoader(self.infos, frames=frames, size=size,
                                             batch_size=self.config.batch_size,
                                             device=self.config.device,
-                                            num_threads=self.config.workers)
+                                            num_threads=self.config.decode_threads)
         return self.loaders[need]
 
 

@@ -18,7 +18,8 @@ from bombkd_io.errors import ConfigError
 from bombkd_io.shards.codec import encode_label, encode_meta, encode_tensor
 from bombkd_io.shards.manifest import ModelEntry
 from bombkd_io.shards.tar import archive_bytes, member_bytes
-from bombkd_train.featurize_state import CacheState, FeaturizeConfig
+from bombkd_train.config import FeaturizeConfig
+from bombkd_train.featurize.state import CacheState
 
 
 @dataclass

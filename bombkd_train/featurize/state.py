@@ -1,5 +1,5 @@
-"""featurize's inputs and bookkeeping: the typed config, what ``--out`` already holds, the
-progress file of an unfinished run.
+"""featurize's bookkeeping: what ``--out`` already holds for a run, checked against its config,
+shard by shard, and the progress file that an unfinished run leaves.
 
 What an output directory can hold for one (dataset, split):
 - nothing: a fresh run;
@@ -12,100 +12,22 @@ A cache made with another student, pooling, dtype or shard size is refused, neve
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from bombkd_io.atomic import atomic_path, folder_problem, remove_temps
-from bombkd_io.datasets import DATASETS, VideoIndex
+from bombkd_io.atomic import atomic_path, remove_temps
+from bombkd_io.datasets import VideoIndex
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
-from bombkd_io.sampling import DEFAULT_SHARD_SIZE
-from bombkd_io.names import check_name, name_problem, role_name
+from bombkd_io.names import check_name
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, manifest_path,
                                        misnamed_shard, progress_path, read_manifest)
-from bombkd_io.video import is_cuda
-from bombkd_train.backbones import POOLS, Backbone, check_backbone_name
+from bombkd_io.shards.writer import remove_temp_shards
+from bombkd_train.backbones import Backbone
+from bombkd_train.config import FeaturizeConfig, cache_contradictions
 
-FORMATS, DTYPES = ("wds",), ("float16", "float32")
 PROGRESS_FORMAT = "bombkd-featurize-progress"
-
-
-@dataclass
-class FeaturizeConfig:
-    """Arguments of ``bombkd featurize``; ``validate()`` reports every problem at once."""
-    dataset: str
-    root: str
-    split: str
-    student: str
-    out: str
-    teachers: list[str] = field(default_factory=list)  # backbone names; the role is the name
-    format: str = "wds"
-    shard_size: int = DEFAULT_SHARD_SIZE
-    dtype: str = "float16"
-    frames: int | None = 16      # student clip length (None: the model's own); teachers: their own
-    size: int | None = None      # student clip side (None: the model's own)
-    batch_size: int = 8
-    workers: int = 4             # decode threads
-    pool: str = "time"
-    device: str = "cpu"
-    resume: bool = False
-    strict: bool = False         # videos decoded with warnings are left out (failed), not cached
-
-    def problems(self) -> list[str]:
-        p = []
-        for name in ("dataset", "root", "split", "student", "out"):
-            if not getattr(self, name):
-                p.append(f"--{name} is required")
-        if self.split and (problem := name_problem(self.split, "split")):
-            p.append(f"--split: {problem}")
-        if self.dataset and self.dataset not in DATASETS:
-            p.append(f"--dataset {self.dataset!r}: expected one of {list(DATASETS)}")
-        if self.format not in FORMATS:
-            p.append(f"--format {self.format!r}: expected one of {list(FORMATS)}")
-        if self.dtype not in DTYPES:
-            p.append(f"--dtype {self.dtype!r}: expected one of {list(DTYPES)}")
-        if self.pool not in POOLS:
-            p.append(f"--pool {self.pool!r}: expected one of {list(POOLS)}")
-        for name in ("shard_size", "batch_size", "workers"):
-            if getattr(self, name) < 1:
-                p.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("frames", "size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                p.append(f"--{name} must be >= 1, got {getattr(self, name)}")
-        p += _device_problems(self.device)
-        for name in [self.student, *self.teachers]:
-            if name and (problem := check_backbone_name(name)):
-                p.append(problem)
-        roles = [role_name(t) for t in self.teachers]
-        for role in sorted({r for r in roles if roles.count(r) > 1 or r == "student"}):
-            p.append(f"--teachers: {role!r} is given twice or clashes with 'student'; "
-                     "each teacher needs a distinct name")
-        if self.root and not Path(self.root).exists():
-            p.append(f"--root {self.root}: no such directory")
-        if self.out and (problem := folder_problem(self.out, "--out")):
-            p.append(problem)
-        return p
-
-    def validate(self) -> None:
-        if problems := self.problems():
-            raise ConfigError(problems)
-
-    def roles(self) -> dict[str, str]:
-        """role -> backbone name: "student" and one role per teacher."""
-        return {"student": self.student, **{role_name(t): t for t in self.teachers}}
-
-
-def _device_problems(device: str) -> list[str]:
-    try:
-        cuda = is_cuda(device)
-    except ConfigError as err:
-        return err.problems
-    if cuda and not torch.cuda.is_available():
-        return [f"--device {device}: CUDA is not available on this machine; use --device cpu"]
-    return []
 
 
 @dataclass
@@ -256,7 +178,7 @@ def load_state(config: FeaturizeConfig, index: VideoIndex, *, dry_run: bool = Fa
         if role not in state.models:
             own = role == "student"
             state.models[role] = ModelEntry(role, name, 0, 0, (config.frames or 0) if own else 0,
-                                            (config.size or 0) if own else 0, config.pool,
+                                            (config.size or 0) if own else 0, config.pooling,
                                             config.dtype)
     return state
 
@@ -265,20 +187,18 @@ def _check_compatible(state: CacheState, config: FeaturizeConfig, index: VideoIn
     if not state.models:
         return
     where, problems = f"{config.out} holds a {config.dataset}-{config.split} cache", []
-    student = state.models["student"]
-    for key, (have, want) in student.contradictions(
-            backbone=config.student, pooling=config.pool, dtype=config.dtype,
+    for key, (have, want) in cache_contradictions(
+            state.models["student"], state.config.shard_size, config.shard_size,
+            backbone=config.student, pooling=config.pooling, dtype=config.dtype,
             frames=config.frames, size=config.size).items():
-        problems.append(f"student {key} is {have!r} there, this run asks for {want!r}")
-    if state.config.shard_size != config.shard_size:
-        problems.append(f"shard size is {state.config.shard_size} there, this run asks for "
-                        f"{config.shard_size}")
+        what = "shard size" if key == "shard_size" else f"student {key}"
+        problems.append(f"{what} is {have!r} there, this run asks for {want!r}")
     if list(state.index.classes) != list(index.classes):
         problems.append("its class list differs from the dataset's")
     for role, name in config.roles().items():
         entry = state.models.get(role)
         if role != "student" and entry and entry.contradictions(
-                backbone=name, pooling=config.pool, dtype=config.dtype):
+                backbone=name, pooling=config.pooling, dtype=config.dtype):
             problems.append(f"teacher {role!r} there is {entry.backbone} "
                             f"({entry.pooling}, {entry.dtype})")
     if problems:
@@ -354,7 +274,6 @@ def remove_stale_temps(out: Path, dataset: str, split: str, roles: list[str]) ->
     manifest and the progress file of (dataset, split); never anything else. Only while holding
     the lock on ``out`` for (dataset, split)."""
     for role in roles:
-        for tmp in out.glob(f"{dataset}-{split}-{role}-*.tar.tmp"):
-            tmp.unlink(missing_ok=True)
+        remove_temp_shards(out, dataset, split, role)
     remove_temps(out, [manifest_path(out, dataset, split).name,
                        progress_path(out, dataset, split).name])

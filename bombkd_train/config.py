@@ -1,0 +1,281 @@
+"""Every typed config of bombkd_train, one per command, checked before any I/O.
+
+``DataConfig`` says where batches come from (either loader); ``TrainConfig`` and ``EvalConfig``
+nest one. ``problems()`` lists every bad argument by its CLI flag, ``validate()`` raises them all
+at once. One name per idea: ``batch_size``, ``pooling``, ``decode_threads`` (featurize's decoder
+threads) vs ``loader_workers`` (DataLoader processes, which also shape the epoch plan); every
+``device`` is read by ``bombkd_io.video.route.parse_device``. ``cache_contradictions`` is what
+a run's settings contradict in a feature cache it reads or adds to.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from bombkd_io.atomic import folder_problem
+from bombkd_io.datasets import DATASETS
+from bombkd_io.errors import ConfigError, ErrorPolicy
+from bombkd_io.names import name_problem, role_name
+from bombkd_io.sampling import DEFAULT_SHARD_SIZE
+from bombkd_io.shards.codec import DTYPES
+from bombkd_io.shards.manifest import ModelEntry
+from bombkd_io.video.route import is_cuda, parse_device
+from bombkd_train.backbones import POOLS, check_backbone_name
+
+LOADERS = ("dali", "wds")
+FORMATS = ("wds",)
+CONVERTER_KINDS = ("linear", "mlp")
+
+
+class _Checked:
+    """``validate()`` for a config that lists its ``problems()``."""
+
+    def problems(self) -> list[str]:
+        raise NotImplementedError
+
+    def validate(self) -> None:
+        """Every bad argument at once, before any I/O."""
+        if problems := self.problems():
+            raise ConfigError(problems)
+
+
+def _device_problems(device: str) -> list[str]:
+    """Why ``--device`` names no device of this machine (``parse_device``'s rule), or []."""
+    if problems := _raised(parse_device, device):
+        return problems
+    if is_cuda(device) and not torch.cuda.is_available():
+        return [f"--device {device}: CUDA is not available on this machine; use --device cpu"]
+    return []
+
+
+def cache_contradictions(student: ModelEntry, shard_size: int, wanted_shard_size: int | None,
+                         **wanted) -> dict[str, tuple]:
+    """What a run's settings contradict in a feature cache: the fields of its ``student`` entry
+    (``ModelEntry.contradictions``) and its ``shard_size``, as ``field -> (recorded, wanted)``;
+    ``None`` takes what the cache holds. Reading a cache (``data.py``) and adding to one
+    (``featurize/state.py``) both refuse a run on it."""
+    found = student.contradictions(**wanted)
+    if wanted_shard_size not in (None, shard_size):
+        found["shard_size"] = (shard_size, wanted_shard_size)
+    return found
+
+
+def _raised(check, *args) -> list[str]:
+    """The problems of the ``ConfigError`` that ``check(*args)`` raises ([] if it raises none)."""
+    try:
+        check(*args)
+    except ConfigError as err:
+        return err.problems
+    return []
+
+
+def _at_least(minimum: int, *named: tuple[str, float | None]) -> list[str]:
+    """``FLAG VALUE: must be >= minimum`` for each ``(flag, value)`` below it (None: not set)."""
+    return [f"{flag} {value}: must be >= {minimum}" for flag, value in named
+            if value is not None and value < minimum]
+
+
+def _one_of(flag: str, value, choices) -> list[str]:
+    return [] if value in choices else [f"{flag} {value!r}: expected one of {list(choices)}"]
+
+
+def _folder(folder: str | None, argument: str) -> list[str]:
+    return [problem] if (problem := folder_problem(folder, argument)) else []
+
+
+def _run_problems(teachers: list[str], lr: float, save_dir: str) -> list[str]:
+    """What a command that trains into ``--save-dir`` checks of its common arguments."""
+    problems = [] if teachers else ["--teachers: name at least one teacher (comma-separated)"]
+    problems += [] if lr > 0 else [f"--lr {lr}: must be > 0"]
+    return problems + _folder(save_dir, "--save-dir")
+
+
+@dataclass
+class DataConfig(_Checked):
+    """Where the features come from. ``None`` means: what the cache records, else the default."""
+
+    loader: str                   # "wds" (cached features) | "dali" (videos)
+    root: str                     # wds: the feature cache; dali: the dataset root
+    dataset: str | None = None    # dali: required; wds: picks one of several caches in root
+    student: str | None = None    # dali: required; wds: checked against the cache's student
+    frames: int | None = None     # dali: default 16 (or the cache's)
+    size: int | None = None       # dali: default the backbone's (or the cache's)
+    pooling: str | None = None    # dali: default "time" (or the cache's)
+    batch_size: int = 8
+    loader_workers: int = 0       # DataLoader processes (they shape the epoch plan)
+    seed: int = 0                 # the epoch plan's (and the trainer's initial weights)
+    shard_size: int | None = None  # dali: the cache's, else DEFAULT_SHARD_SIZE; wds: checked
+    cache: str | None = None       # dali: a feature cache whose plan and student settings to replay
+    device: str = "auto"
+    on_error: str = "raise"        # wds: a corrupt shard stops the run ("raise") or is skipped
+
+    def problems(self) -> list[str]:
+        out = _one_of("--loader", self.loader, LOADERS)
+        if self.loader == "dali" and not self.dataset:
+            out.append(f"--dataset: required with --loader dali ({', '.join(DATASETS)})")
+        if self.loader == "dali" and not self.student:
+            out.append("--student: required with --loader dali")
+        if self.pooling is not None:
+            out += _one_of("--pool", self.pooling, POOLS)
+        out += _raised(ErrorPolicy, self.on_error, "--on-error")
+        out += _at_least(1, ("--batch", self.batch_size), ("--shard-size", self.shard_size),
+                         ("--frames", self.frames), ("--size", self.size))
+        out += _at_least(0, ("--workers", self.loader_workers))
+        return out + _device_problems(self.device)
+
+
+@dataclass
+class TrainConfig(_Checked):
+    """``bombkd train``: the fusion head on ``data``'s batches of ``split``."""
+
+    data: DataConfig
+    split: str
+    teachers: list[str]
+    converters: str
+    classes: int
+    epochs: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    gate_l1: float = 1e-3
+    fusion_rank: int = 64
+    save_dir: str = "runs/fusion"
+    resume: bool = False
+    val_split: str | None = None
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        out = self.data.problems() + _run_problems(self.teachers, self.lr, self.save_dir)
+        out += _at_least(1, ("--classes", self.classes), ("--epochs", self.epochs),
+                         ("--fusion-rank", self.fusion_rank))
+        return out + _at_least(0, ("--gate-l1", self.gate_l1))
+
+
+@dataclass
+class EvalConfig(_Checked):
+    """``bombkd eval``: a fusion checkpoint on a split, through either loader."""
+
+    data: DataConfig
+    split: str
+    fusion: str
+    converters: str | None = None   # default: the converters the run was trained with
+    out: str | None = None          # default: the checkpoint's folder / eval-{split}
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        # --student may be left out: it defaults to the one the head was trained on (--fusion)
+        data = replace(self.data, student=self.data.student or "<the --fusion checkpoint's>")
+        return data.problems() + _folder(self.out, "--out")
+
+
+@dataclass
+class FeaturizeConfig(_Checked):
+    """``bombkd featurize``: videos -> the student's and every teacher's shard set in ``out``."""
+
+    dataset: str
+    root: str
+    split: str
+    student: str
+    out: str
+    teachers: list[str] = field(default_factory=list)  # backbone names; the role is the name
+    format: str = "wds"
+    shard_size: int = DEFAULT_SHARD_SIZE
+    dtype: str = "float16"
+    frames: int | None = 16      # student clip length (None: the model's own); teachers: their own
+    size: int | None = None      # student clip side (None: the model's own)
+    batch_size: int = 8
+    decode_threads: int = 4
+    pooling: str = "time"
+    device: str = "cpu"
+    resume: bool = False
+    strict: bool = False         # videos decoded with warnings are left out (failed), not cached
+
+    def problems(self) -> list[str]:
+        p = [f"--{name} is required" for name in ("dataset", "root", "split", "student", "out")
+             if not getattr(self, name)]
+        if self.split and (problem := name_problem(self.split, "split")):
+            p.append(f"--split: {problem}")
+        if self.dataset:
+            p += _one_of("--dataset", self.dataset, DATASETS)
+        p += (_one_of("--format", self.format, FORMATS) + _one_of("--dtype", self.dtype, DTYPES)
+              + _one_of("--pool", self.pooling, POOLS))
+        p += _at_least(1, ("--shard-size", self.shard_size), ("--batch", self.batch_size),
+                       ("--workers", self.decode_threads), ("--frames", self.frames),
+                       ("--size", self.size))
+        p += _device_problems(self.device)
+        p += [problem for name in [self.student, *self.teachers]
+              if name and (problem := check_backbone_name(name))]
+        roles = [role_name(t) for t in self.teachers]
+        for role in sorted({r for r in roles if roles.count(r) > 1 or r == "student"}):
+            p.append(f"--teachers: {role!r} is given twice or clashes with 'student'; "
+                     "each teacher needs a distinct name")
+        if self.root and not Path(self.root).exists():
+            p.append(f"--root {self.root}: no such directory")
+        return p + _folder(self.out or None, "--out")
+
+    def roles(self) -> dict[str, str]:
+        """role -> backbone name: "student" and one role per teacher."""
+        return {"student": self.student, **{role_name(t): t for t in self.teachers}}
+
+
+@dataclass
+class ConverterTrainConfig(_Checked):
+    """``bombkd train-converters``: one converter per teacher from cached student->teacher pairs.
+
+    Its data is always a feature cache read with the student and every teacher, so it keeps the
+    few settings that reader takes instead of nesting a ``DataConfig``."""
+
+    root: str
+    split: str
+    teachers: list[str]
+    save_dir: str
+    epochs: int = 5
+    kind: str = "linear"
+    val_frac: float = 0.1
+    lr: float = 1e-3
+    batch_size: int = 32
+    seed: int = 0
+    dataset: str | None = None
+    loader_workers: int = 0
+    hidden: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        out = _run_problems(self.teachers, self.lr, self.save_dir)
+        out += _one_of("--kind", self.kind, CONVERTER_KINDS)
+        if not 0.0 <= self.val_frac < 1.0:
+            out.append(f"--val-frac {self.val_frac}: must be in [0, 1)")
+        out += _at_least(1, ("--batch", self.batch_size))
+        out += _at_least(0, ("--epochs", self.epochs), ("--workers", self.loader_workers))
+        return out + _device_problems(self.device)
+
+
+@dataclass
+class DemoConfig(_Checked):
+    """``bombkd demo``: sample data, featurize, converters, both loaders, eval, a report."""
+
+    out: str = "bombkd-demo"
+    classes: int = 6
+    per_class: int = 20
+    codec: str = "vp9"
+    seed: int = 0
+    student: str = "tiny-vjepa2"
+    teachers: list[str] = field(
+        default_factory=lambda: ["tiny-videomae", "tiny-timesformer", "tiny-vivit"])
+    frames: int = 16
+    shard_size: int = 16
+    fp16: bool = True
+    batch_size: int = 8
+    epochs: int = 8
+    lr: float = 3e-3
+    converter_epochs: int = 3
+    loader_workers: int = 0
+    device: str = "auto"          # cuda where there is a GPU, else cpu
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        out = _at_least(1, ("--classes", self.classes), ("--per-class", self.per_class),
+                        ("--batch", self.batch_size), ("--epochs", self.epochs))
+        return out + _device_problems(self.device)

@@ -1,0 +1,12 @@
+"""``bombkd featurize``: videos -> every backbone -> one shard set per model (cache format 1).
+
+Its config is ``bombkd_train.config.FeaturizeConfig``. The modules, in data-flow order:
+
+    state.py     what ``--out`` already holds (manifest, progress file), checked against the run
+    estimate.py  the exact bytes the run will write, against the free space (``--dry-run``)
+    run.py       probe, decode per need, run the models, write the shards, progress and manifest
+"""
+from bombkd_train.featurize.estimate import DiskEstimate
+from bombkd_train.featurize.run import FeaturizeStats, estimate_featurize, featurize
+
+__all__ = ["DiskEstimate", "FeaturizeStats", "estimate_featurize", "featurize"]
