@@ -201,6 +201,23 @@ class Ledger:
         print(line)
         return check
 
+    def require(self, name: str, what: str, figure: float | list[float], op: str, limit: float,
+                **kwargs) -> Check:
+        """``check``, and fail the calling test when the figure is past its limit."""
+        check = self.check(name, what, figure, op, limit, **kwargs)
+        assert check.passed, check.line
+        return check
+
+    def compare(self, name: str, what: str, key: str, other: str, limit: float, *,
+                per: float = 1.0, rate: str = "samples/s", details: dict | None = None) -> Check:
+        """``require`` that workload ``key`` runs at least ``limit`` times as fast as ``other``,
+        round by round; the line gives both rates (divided by ``per``, in ``rate``)."""
+        a, b = self.get(key), self.get(other)
+        return self.require(name, f"{what} {_num(a.rate / per)} vs {_num(b.rate / per)} {rate}",
+                            self.ratios(key, other), ">=", limit, unit="x",
+                            details={f"{key}_per_s": a.rate, f"{other}_per_s": b.rate,
+                                     **(details or {})})
+
 
 def _num(x: float) -> str:
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"

@@ -32,11 +32,10 @@ def test_featurize(benchmark, ledger, corpus, bench_size, bench_dir):
                unit="clips")
     shares = [s.write_s / s.total_s for s in stats]  # per round: the run's own two timings
     mid = sorted(stats, key=lambda s: s.clips_per_s)[len(stats) // 2]
-    check = ledger.check(
+    ledger.require(
         "featurize", f"{mid.clips_per_s:.1f} clips/s with {1 + len(bench_size.teachers)} models; "
         f"share of time writing shards", shares, "<=",
         bench_size.limit("featurize", WRITE_SHARE_MAX),
         details={"clips_per_s": mid.clips_per_s, "total_s": mid.total_s,
                  "write_s": mid.write_s, "models_s": sum(mid.infer_s.values()),
                  "decode_wait_s": mid.decode_wait_s, "probe_s": mid.probe_s})
-    assert check.passed, check.line

@@ -63,10 +63,9 @@ def test_feature_parity(ledger, corpus, video_features, dtype):
         bound = FP16_HALF_ULP * np.maximum(np.abs(video), FP16_MIN_NORMAL) + FEATURE_ABS_MAX
         what, figure, limit = ("max |video - cached fp16| in units of fp16 rounding "
                                "(half an ulp + 1e-5)"), (err / bound).max(), 1.0
-    check = ledger.check(f"feature-parity-{dtype}", f"{what} ({len(cached)} samples)",
-                         float(figure), "<=", limit,
-                         details={"samples": len(cached), "max_abs": float(err.max())})
-    assert check.passed, check.line
+    ledger.require(f"feature-parity-{dtype}", f"{what} ({len(cached)} samples)",
+                   float(figure), "<=", limit,
+                   details={"samples": len(cached), "max_abs": float(err.max())})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -77,10 +76,9 @@ def test_loss_parity(ledger, runs, dtype):
     v = np.array([r["loss"] for r in video_steps])
     c = np.array([r["loss"] for r in cached_steps])
     rel = np.abs(v - c) / np.maximum(np.abs(v), 1e-12)
-    check = ledger.check(f"loss-parity-{dtype}", f"max relative per-step loss difference, "
-                         f"video vs cached {dtype} ({len(v)} steps)", float(rel.max()), "<=",
-                         LOSS_REL_MAX[dtype], details={"steps": len(v)})
-    assert check.passed, check.line
+    ledger.require(f"loss-parity-{dtype}", f"max relative per-step loss difference, "
+                   f"video vs cached {dtype} ({len(v)} steps)", float(rel.max()), "<=",
+                   LOSS_REL_MAX[dtype], details={"steps": len(v)})
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -88,7 +86,6 @@ def test_top1_parity(ledger, runs, dtype):
     _, video_epochs = runs("video")
     _, cached_epochs = runs("cached", dtype)
     v, c = video_epochs[-1]["top1"], cached_epochs[-1]["top1"]
-    check = ledger.check(f"top1-parity-{dtype}", f"final-epoch top-1, video {v:.2f} vs cached "
-                         f"{dtype} {c:.2f} (points apart)", abs(v - c), "<=", TOP1_POINTS_MAX,
-                         unit=" pt", details={"video_top1": v, "cached_top1": c})
-    assert check.passed, check.line
+    ledger.require(f"top1-parity-{dtype}", f"final-epoch top-1, video {v:.2f} vs cached "
+                   f"{dtype} {c:.2f} (points apart)", abs(v - c), "<=", TOP1_POINTS_MAX,
+                   unit=" pt", details={"video_top1": v, "cached_top1": c})

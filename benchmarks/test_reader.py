@@ -74,14 +74,9 @@ def test_reader_vs_raw(benchmark, ledger, scale_caches, bench_size):
                                          Workload("read/raw", raw, size, "bytes")],
                              rounds=bench_size.rounds + 2, group="read")
     assert done == {"read/reader": bench_size.scale_samples, "read/raw": size}
-    reader, raw_read = ledger.get("read/reader"), ledger.get("read/raw")
-    check = ledger.check(
-        "reader-vs-raw", f"shard reader {reader.rate / 1e6:.0f} MB/s vs raw sequential read "
-        f"{raw_read.rate / 1e6:.0f} MB/s of the same bytes",
-        ledger.ratios("read/reader", "read/raw"), ">=",
-        bench_size.limit("reader-vs-raw", READER_VS_RAW_MIN),
-        unit="x", details={"reader_bps": reader.rate, "raw_bps": raw_read.rate})
-    assert check.passed, check.line
+    ledger.compare("reader-vs-raw", "shard reader vs raw sequential read of the same bytes:",
+                   "read/reader", "read/raw", bench_size.limit("reader-vs-raw", READER_VS_RAW_MIN),
+                   per=1e6, rate="MB/s")
 
 
 def _read_in_subprocess(roots: list[Path], epochs: int) -> dict:
@@ -113,26 +108,24 @@ def test_scale_cost_per_sample(ledger, bench_size):
     one, four = _scale(ledger, 1), _scale(ledger, 4)
     # per round: time per sample at 4x over time per sample at 1x = rate at 1x over rate at 4x
     rounds = ledger.ratios("scale/1x", "scale/4x")
-    check = ledger.check(
+    ledger.require(
         "scale-time", f"time per sample at 4x ({four['samples']}) vs 1x ({one['samples']}) "
         "samples, cached loader", rounds, "<=",
         bench_size.limit("scale-time", PER_SAMPLE_RATIO_MAX), unit="x",
         details={"per_sample_us_1x": 1e6 * one["per_sample_s"],
                  "per_sample_us_4x": 1e6 * four["per_sample_s"]})
-    assert check.passed, check.line
 
 
 def test_scale_peak_rss(ledger, bench_size):
     one, four = _scale(ledger, 1), _scale(ledger, 4)
     ratio = four["peak_rss_kib"] / one["peak_rss_kib"]
-    check = ledger.check(
+    ledger.require(
         "scale-rss", f"peak RSS at 4x {four['peak_rss_kib'] / 1024:.0f} MiB vs 1x "
         f"{one['peak_rss_kib'] / 1024:.0f} MiB (data {four['bytes'] / 2**20:.0f} vs "
         f"{one['bytes'] / 2**20:.0f} MiB)", ratio, "<=",
         bench_size.limit("scale-rss", RSS_RATIO_MAX), unit="x",
         details={k: {f: v for f, v in _scale(ledger, k).items() if f != "seconds"}
                  for k in (1, 4)})
-    assert check.passed, check.line
 
 
 def _scale(ledger, factor: int) -> dict:

@@ -124,35 +124,20 @@ def test_busy_machine(benchmark, ledger, runners, bench_size):
         Workload("busy/with", busy, n),
     ], rounds=bench_size.rounds, group="busy")
     assert done == {"busy/without": n, "busy/with": n}
-    without, with_ = ledger.get("busy/without"), ledger.get("busy/with")
-    check = ledger.check(
-        "busy-machine", f"cached-mode training with one competing busy process "
-        f"{with_.rate:.0f} vs without {without.rate:.0f} samples/s",
-        ledger.ratios("busy/with", "busy/without"), ">=",
-        bench_size.limit("busy-machine", BUSY_MIN),
-        details={"with_per_s": with_.rate, "without_per_s": without.rate,
-                 "torch_threads": torch.get_num_threads()})
-    assert check.passed, check.line
+    ledger.compare("busy-machine", "cached-mode training with one competing busy process vs "
+                   "without:", "busy/with", "busy/without",
+                   bench_size.limit("busy-machine", BUSY_MIN),
+                   details={"torch_threads": torch.get_num_threads()})
 
 
 def test_speedup(ledger, bench_size):
-    video, cached = ledger.get("train/video"), ledger.get("train/cached")
-    check = ledger.check(
-        "speedup", f"fusion training, cached mode {cached.rate:.1f} vs video mode "
-        f"{video.rate:.1f} samples/s", ledger.ratios("train/cached", "train/video"),
-        ">=", bench_size.limit("speedup", SPEEDUP_MIN), unit="x", details={"cached_per_s": cached.rate,
-                                             "video_per_s": video.rate})
-    assert check.passed, check.line
+    ledger.compare("speedup", "fusion training, cached mode vs video mode:", "train/cached",
+                   "train/video", bench_size.limit("speedup", SPEEDUP_MIN))
 
 
 def test_cached_loader_efficiency(ledger, bench_size):
-    cached, memory = ledger.get("train/shards"), ledger.get("train/memory")
-    check = ledger.check(
-        "cached-loader", f"training from shards {cached.rate:.0f} vs from memory "
-        f"{memory.rate:.0f} samples/s", ledger.ratios("train/shards", "train/memory"),
-        ">=", bench_size.limit("cached-loader", CACHED_EFFICIENCY_MIN),
-        details={"cached_per_s": cached.rate, "memory_per_s": memory.rate})
-    assert check.passed, check.line
+    ledger.compare("cached-loader", "training from shards vs from memory:", "train/shards",
+                   "train/memory", bench_size.limit("cached-loader", CACHED_EFFICIENCY_MIN))
 
 
 def test_video_mode_overlap(ledger, bench_size):
@@ -180,11 +165,10 @@ def test_video_mode_overlap(ledger, bench_size):
         pytest.skip("video-overlap is checked on a CPU-only machine at --benchmark-size full "
                     "only: at small size its figure on a busy machine (0.93) is as low as that "
                     "of a video mode with no overlap at all (0.95); see README, Performance")
-    check = ledger.check("video-overlap", what, rounds, ">=", limit,
-                         details={"video_per_s": video.rate, "decode_per_s": decode.rate,
-                                  "student_per_s": student.rate, "of_slower": video.rate / slower,
-                                  "back_to_back_per_s": serial})
-    assert check.passed, check.line
+    ledger.require("video-overlap", what, rounds, ">=", limit,
+                   details={"video_per_s": video.rate, "decode_per_s": decode.rate,
+                            "student_per_s": student.rate, "of_slower": video.rate / slower,
+                            "back_to_back_per_s": serial})
 
 
 def _back_to_back(decode: float, student: float) -> float:

@@ -74,10 +74,9 @@ def test_decode(benchmark, ledger, codec_videos, bench_size, codec):
     on_gpu = parse_device("auto") == "cuda"
     limit = bench_size.limit(f"decode-{codec}", PYAV_ROUTE_MIN if "pyav" in routes else
                              GPU_DALI_MIN if on_gpu else CPU_DALI_MIN)
-    check = ledger.check(
+    ledger.require(
         f"decode-{codec}", f"{codec} clips/s, clip loader ({route} route, "
         f"{'GPU' if on_gpu else 'CPU'}) {fast.rate:.1f} vs PyAV {pyav.rate:.1f}",
         ledger.ratios(f"decode/{codec}/loader", f"decode/{codec}/pyav"),
         ">=", limit, unit="x",
         details={"route": route, "loader_per_s": fast.rate, "pyav_per_s": pyav.rate})
-    assert check.passed, check.line
