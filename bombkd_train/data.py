@@ -7,21 +7,28 @@ about its data: ``--loader wds`` streams the student shard set of a feature cach
 yield the same batch dict in the same order:
 
     {"student": float32 [B, T', D], "label": int64 [B], "key": list[str], "index": int64 [B]}
+
+Video mode with ``--cache`` replays that cache's epoch plan, and warns when the cache's clips
+were decoded another way than this run decodes them (``decoded_by``: parity then holds within
+the GPU tolerance only).
 """
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from bombkd_io.errors import ConfigError
+from bombkd_io.datasets import item_key
+from bombkd_io.errors import ConfigError, DataWarning
 from bombkd_io.loaders.clips import VideoClipLoader
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.video.route import parse_device
 from bombkd_train.config import DataConfig, cache_contradictions
-from bombkd_train.runtime import decode_threads_for, model_threads
+from bombkd_train.runtime import decode_threads_for, model_threads, parity_settings
 
 # the argument that sets each field a cache records of its student and shards
 CACHE_FLAGS = {"shard_size": "--shard-size", "frames": "--frames", "size": "--size",
@@ -130,6 +137,8 @@ def _video(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSo
     if problems:
         loader.close()
         raise ConfigError(problems)
+    if manifest:
+        _warn_other_decoders(cfg, loader, manifest)
     bb = loader.backbone
     return FeatureSource(loader=loader, classes=loader.classes, num_samples=loader.num_samples,
                          shard_size=cfg.shard_size,
@@ -157,6 +166,38 @@ def _index_mismatches(cfg: DataConfig, split: str, loader, manifest) -> list[str
     return problems + [fix] if problems else []
 
 
+def _warn_other_decoders(cfg: DataConfig, loader, manifest) -> None:
+    """One ``DataWarning`` when samples of the ``--cache`` were decoded by another route or
+    device (their ``decoded_by``) than this run decodes them with: the GPU decoder converts
+    colour its own way (DECODERS.md), so features then agree with the cache within the GPU
+    tolerance, not exactly. Reads the student shards' ``.json`` members once; samples of a cache
+    written before featurize recorded ``decoded_by`` are not compared."""
+    from bombkd_io.names import locate
+    from bombkd_io.shards.manifest import manifest_path
+    from bombkd_io.shards.reader import read_meta
+    from bombkd_io.video import decoder_of
+    from bombkd_io.video.compare import GPU_TOLERANCE
+
+    here = {item_key(i, loader.index.items[i]): decoder_of(info, loader.clips.caps)
+            for i, info in zip(loader.positions, loader.infos)}
+    differ = Counter()
+    for shard in manifest.models["student"].shards:
+        for key, doc in read_meta(locate(str(cfg.cache), shard.name)):
+            there = doc.get("decoded_by")
+            if there is not None and key in here and there != here[key]:
+                differ[there, here[key]] += 1
+    if differ:
+        (there, ours), _ = differ.most_common(1)[0]
+        cache = manifest_path(cfg.cache, manifest.dataset, manifest.split)
+        mean, p99 = GPU_TOLERANCE
+        warnings.warn(f"{sum(differ.values())} of the {manifest.count} samples of the cache "
+                      f"{cache} were decoded by another route or device than this run uses "
+                      f"(e.g. {there} there, {ours} here): features agree with the cache "
+                      f"within the GPU tolerance (clips within mean {mean} / p99 {p99} levels), "
+                      "not exactly; replay a cache featurized on this device for exact parity",
+                      DataWarning, stacklevel=3)
+
+
 class VideoFeatureLoader(VideoClipLoader):
     """Video mode's loader: the clip batches of ``VideoClipLoader`` through the frozen student,
     as the batch dict the cached loader yields, while the next batch decodes."""
@@ -179,8 +220,9 @@ class VideoFeatureLoader(VideoClipLoader):
                   decode_threads=self.decode_threads, prefetch=prefetch)
 
     def __iter__(self) -> Iterator[dict]:
-        # decode threads and the student share the CPU for as long as the epoch runs
-        with model_threads(self.device, self.decode_threads):
+        # decode threads and the student share the CPU for as long as the epoch runs; the
+        # student computes as featurize's did (full fp32, deterministic kernels)
+        with model_threads(self.device, self.decode_threads), parity_settings():
             for batch in super().__iter__():
                 if batch.index:
                     with torch.no_grad():

@@ -1,5 +1,6 @@
-"""The process's runtime: which rank and device it trains on (torch.distributed), and how many
-CPU threads torch may use beside our own.
+"""The process's runtime: which rank and device it trains on (torch.distributed), how many
+CPU threads torch may use beside our own, and the precision and determinism the backbones and
+the trainer run with (``parity_settings``).
 
 ``torchrun`` describes the process group in the environment (``WORLD_SIZE``, ``LOCAL_RANK``);
 ``init_distributed`` joins it once. Everything else asks ``is_distributed`` and sums across
@@ -102,3 +103,28 @@ def model_threads(device: str, reserved: int = 0) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+# --- precision and determinism -------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def parity_settings() -> Iterator[None]:
+    """Full fp32 and deterministic kernels for the backbones and the trainer; restored on exit.
+
+    featurize, video mode's student and the trainer all run under it, so that a cache and video
+    mode compute features the same way: TF32 off for matmuls and cuDNN convolutions (torch
+    enables it for cuDNN by default, which changes features on a GPU), deterministic algorithms
+    where they exist and a warning where they do not.
+    """
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[2:]

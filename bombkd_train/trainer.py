@@ -40,7 +40,7 @@ from bombkd_train.data import open_source
 from bombkd_train.evaluate import evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
 from bombkd_train.runtime import (all_reduce_sum, init_distributed, is_distributed, launch_rank,
-                                  model_threads)
+                                  model_threads, parity_settings)
 
 # Settings a resumed run must share with the run that wrote the checkpoint (besides the plan).
 RESUME_KEYS = ("split", "teachers", "classes", "lr", "weight_decay", "gate_l1", "fusion_rank")
@@ -84,13 +84,11 @@ class Trainer:
         # leave a process group the caller made; close the one torchrun's environment made here
         self.owns_group = not joined and self.world > 1
         self.main = self.rank == 0
-        # cheap determinism: deterministic kernels where they exist, a warning where they don't
-        self.determinism = (torch.are_deterministic_algorithms_enabled(),
-                            torch.is_deterministic_algorithms_warn_only_enabled())
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        self.settings = contextlib.ExitStack()
+        # full fp32 and deterministic kernels, as featurize and video mode's student run
+        self.settings.enter_context(parity_settings())
         # torch's CPU threads, capped for a shared machine (see bombkd_train.runtime)
-        self.threads = contextlib.ExitStack()
-        self.threads.enter_context(model_threads(self.device, cfg.data.loader_workers))
+        self.settings.enter_context(model_threads(self.device, cfg.data.loader_workers))
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -257,15 +255,13 @@ class Trainer:
                                "settings or pass another --save-dir"])
 
     def close(self) -> None:
-        """Release the loaders, restore the determinism and thread settings, leave our process
-        group, unlock the save dir."""
+        """Release the loaders, restore the precision, determinism and thread settings, leave
+        our process group, unlock the save dir."""
         try:
             for source in (self.source, self.val):
                 if source is not None:
                     source.close()
-            torch.use_deterministic_algorithms(self.determinism[0],
-                                               warn_only=self.determinism[1])
-            self.threads.close()
+            self.settings.close()
             if self.owns_group and dist.is_initialized():
                 dist.destroy_process_group()
         finally:

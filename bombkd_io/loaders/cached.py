@@ -82,8 +82,9 @@ class CachedFeatureDataset(IterableDataset):
         self.root, self.manifest = Path(root), load_manifest(root, split, dataset)
         if not self.manifest.labels:
             path = manifest_path(root, self.manifest.dataset, split)
-            raise DatasetError(f"{path}: Cached features do not contain labels; re-run "
-                               "`bombkd featurize` to write a cache with labels")
+            raise DatasetError(f"{path}: split {split!r} has no labels in this cache, so it "
+                               "can be featurized but not trained or evaluated on; pass a "
+                               "labelled --split")
         self.entries = {m: self.manifest.model(m) for m in models}
         self.classes = len(self.manifest.classes)  # labels outside [0, classes) are bad samples
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0

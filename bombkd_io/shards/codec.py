@@ -6,7 +6,8 @@
   make the reader allocate more than the member's own size.
 - ``KEY.cls``: the class id in ASCII decimal (``LABEL_RE``).
 - ``KEY.json``: what the sample came from, compact JSON with sorted keys. bombkd writes it (and
-  ``featurize --dry-run`` measures it) but never reads it back: any JSON parser does.
+  ``featurize --dry-run`` measures it); training never reads it, video mode reads its
+  ``decoded_by`` once (``decode_meta``) to say whether its clips are decoded the same way.
 """
 from __future__ import annotations
 
@@ -91,6 +92,19 @@ def decode_label(payload: bytes | memoryview, *, where: str = "") -> int:
 def encode_meta(doc: dict) -> bytes:
     """A ``KEY.json`` member: ``doc`` as JSON with sorted keys and no spaces."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def decode_meta(payload: bytes | memoryview, *, where: str = "") -> dict:
+    """The JSON object of a ``KEY.json`` member; ``FormatError`` (starting with ``where``) for
+    anything else."""
+    try:
+        doc = json.loads(bytes(payload).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise FormatError(f"{_prefix(where)}member .json is not JSON ({exc})") from exc
+    if not isinstance(doc, dict):
+        raise FormatError(f"{_prefix(where)}member .json holds a {type(doc).__name__}, not an "
+                          "object")
+    return doc
 
 
 def _prefix(where: str) -> str:

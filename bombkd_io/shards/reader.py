@@ -9,6 +9,8 @@ from ``bombkd_io.names.locate``, never from a name read from a file alone. ``rea
   _walk           else tar.iter_samples decoded sample by sample, naming the first bad one
   _check_labels   labels outside [0, classes) make their samples bad ones
 Each bad shard or sample goes to the ``ErrorPolicy``: raised, or left out and recorded.
+``read_meta`` yields the student's ``KEY.json`` of each sample of a shard (video mode reads
+``decoded_by`` from it).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import webdataset as wds
 
 from bombkd_io.errors import ErrorPolicy, FormatError, ShardError
 from bombkd_io.names import is_url
-from bombkd_io.shards.codec import DTYPES, decode_label, decode_tensor
+from bombkd_io.shards.codec import DTYPES, decode_label, decode_meta, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
 from bombkd_io.shards.tar import iter_samples, read_into, read_regular
 
@@ -44,6 +46,15 @@ def open_shard(url) -> Iterator:
         raise
     except (OSError, ValueError) as exc:  # missing file, failing pipe, unknown URL scheme
         raise ShardError(url, f"cannot read ({exc})") from exc
+
+
+def read_meta(url) -> Iterator[tuple[str, dict]]:
+    """(key, its ``KEY.json`` object) for each sample of a student shard that has one, in tar
+    order; ShardError naming the shard and sample for a bad archive or member."""
+    with open_shard(url) as f:
+        for key, fields in iter_samples(f, str(url)):
+            if "json" in fields:
+                yield key, _decode(decode_meta, fields["json"], str(url), key)
 
 
 @dataclass

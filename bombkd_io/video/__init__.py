@@ -25,10 +25,10 @@ so ``bombkd_train`` reads devices through ``route.py`` without loading the decod
 from importlib import import_module
 
 _MODULES = {
-    "route": ("DecodeCaps", "Route", "cuda_index", "dali_device", "device_caps", "is_cuda",
+    "route": ("DECODED_BY", "DecodeCaps", "Route", "cuda_index", "dali_device", "device_caps", "is_cuda",
               "nvdec_caps", "parse_device", "route_for"),
     "probe": ("VideoInfo", "probe_index", "probe_video", "probe_videos"),
-    "clips": ("BACKENDS", "ClipBatch", "ClipLoader", "decode_clip"),
+    "clips": ("BACKENDS", "ClipBatch", "ClipLoader", "decode_clip", "decoder_of"),
 }
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 __all__ = sorted(_HOME)

@@ -50,6 +50,12 @@ def video_route(info: VideoInfo, caps: DecodeCaps) -> str:
                      caps).decoder
 
 
+def decoder_of(info: VideoInfo, caps: DecodeCaps) -> str:
+    """Who decodes ``info`` on a device with ``caps``, and on which pipeline device: the
+    ``ClipBatch.decoded_by`` of its clips ("dali/cpu", "pyav/mixed", ...)."""
+    return f"{video_route(info, caps)}/{caps.device}"
+
+
 def make_sample(info: VideoInfo, indices: np.ndarray, caps: DecodeCaps) -> Sample:
     """Encoded bytes for DALI's decoder, or PyAV-decoded frames where DALI cannot decode it."""
     if video_route(info, caps) == "dali":
@@ -107,10 +113,8 @@ class ClipLoader:
         for pos, idx, repeats in zip(kept, indices, repeated_frames(clips, indices)):
             if repeats:
                 notes[pos].append(repeat_message(repeats, idx))
-        decoded_by = [f"{video_route(self.videos[p], self.caps)}/{self.caps.device}"
-                      for p in kept]
         return ClipBatch(kept, clips, indices, failed, {p: notes[p] for p in kept if notes[p]},
-                         decoded_by)
+                         [decoder_of(self.videos[p], self.caps) for p in kept])
 
     def _sample(self, pos: int) -> tuple[Sample | str, list[str]]:
         """The pipeline input for one position (or the reason it has none), and what libav

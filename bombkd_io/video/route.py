@@ -138,6 +138,10 @@ class Route(NamedTuple):
     reason: str                 # why, for `bombkd probe`
 
 
+# every "decoder/pipeline device" a clip can be decoded by (``ClipBatch.decoded_by``)
+DECODED_BY = ("dali/cpu", "dali/mixed", "pyav/cpu", "pyav/mixed")
+
+
 def route_for(codec: str, container: str, pix_fmt: str, width: int, height: int,
               caps: DecodeCaps) -> Route:
     """Which decoder takes this stream on a device with ``caps``: "dali" where DALI's decoder

@@ -3,6 +3,7 @@
 Its config is ``bombkd_train.config.FeaturizeConfig``. The modules, in data-flow order:
 
     state.py     what ``--out`` already holds (manifest, progress file), checked against the run
+    sample.py    the student's .cls and .json members of each sample
     estimate.py  the exact bytes the run will write, against the free space (``--dry-run``)
     run.py       probe, decode per need, run the models, write the shards, progress and manifest
 """

@@ -2,7 +2,7 @@
 
 Every member's size comes from its encoder (``bombkd_io.shards.codec``), every shard's from the
 tar arithmetic of ``bombkd_io.shards.tar``; the student's ``.json`` is bounded from the item's
-path and class name.
+path and class name (``sample.student_members``, which featurize writes).
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from bombkd_io.errors import ConfigError
 from bombkd_io.shards.codec import encode_label, encode_meta, encode_tensor
 from bombkd_io.shards.manifest import ModelEntry
 from bombkd_io.shards.tar import archive_bytes, member_bytes
+from bombkd_io.video.route import DECODED_BY
 from bombkd_train.config import FeaturizeConfig
+from bombkd_train.featurize.sample import student_members
 from bombkd_train.featurize.state import CacheState
 
 
@@ -50,11 +52,13 @@ class DiskEstimate:
                           f"{format_bytes(self.free)} free: {verdict}"])
 
 
-def _json_bound(item, frames: int) -> int:
-    """Upper bound of the student's .json member (frame indices of <= 6 digits, longest fps)."""
-    doc = {"path": item.path, "class_name": item.class_name, "fps": 1 / 3 * 1e3,
-           "frame_indices": [999999] * frames}
-    return len(encode_meta(doc))
+def _student_bound(item, frames: int, labelled: bool) -> int:
+    """Upper bound of the student's members beside its features: .cls, and .json with frame
+    indices of <= 6 digits, the longest fps and the longest ``decoded_by``."""
+    extra = student_members(item, 1 / 3 * 1e3, [999999] * frames, max(DECODED_BY, key=len),
+                            labelled=labelled)
+    label = member_bytes(len(encode_label(extra["cls"]))) if "cls" in extra else 0
+    return label + member_bytes(len(encode_meta(extra["json"])))
 
 
 def estimate_bytes(config: FeaturizeConfig, index: VideoIndex, state: CacheState,
@@ -67,6 +71,7 @@ def estimate_bytes(config: FeaturizeConfig, index: VideoIndex, state: CacheState
         count = sum(1 for i in usable if i not in state.failed)
         layout = [min(config.shard_size, count - s) for s in range(0, count, config.shard_size)]
     items = [it for i, it in enumerate(index.items) if i not in state.failed]
+    labelled = index.labelled
     per_model = {}
     for role, e in shapes.items():
         feature = member_bytes(len(encode_tensor(np.zeros((e.tokens, e.dim), dtype=e.dtype))))
@@ -74,8 +79,7 @@ def estimate_bytes(config: FeaturizeConfig, index: VideoIndex, state: CacheState
         for count in layout:
             body = count * feature
             if role == "student":
-                body += sum(member_bytes(len(encode_label(it.label)))
-                            + member_bytes(_json_bound(it, e.frames))
+                body += sum(_student_bound(it, e.frames, labelled)
                             for it in items[pos:pos + count])
             total += archive_bytes(body)
             pos += count

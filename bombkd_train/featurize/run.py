@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -43,8 +42,9 @@ from bombkd_io.video import ClipLoader, parse_device, probe_index
 from bombkd_train.backbones import Backbone, create_backbone
 from bombkd_train.featurize.estimate import DiskEstimate, check_free_space, estimate_bytes
 from bombkd_train.config import FeaturizeConfig
+from bombkd_train.featurize.sample import student_members
 from bombkd_train.featurize.state import CacheState, load_state, remove_stale_temps, save_progress
-from bombkd_train.runtime import model_threads
+from bombkd_train.runtime import model_threads, parity_settings
 
 Need = tuple[int, int]  # (frames, size) a backbone consumes
 
@@ -109,7 +109,8 @@ def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -
     with lock_folder(config.out, argument="--out", name=f"{config.dataset}-{config.split}"):
         state = load_state(config, index)
         remove_stale_temps(Path(config.out), config.dataset, config.split, state.all_roles())
-        with model_threads(config.device, config.decode_threads) as threads:
+        # the backbones run as video mode's student does: full fp32, deterministic kernels
+        with model_threads(config.device, config.decode_threads) as threads, parity_settings():
             stats.threads = threads
             manifest = _Run(config, index, state, stats).execute()
     stats.total_s = time.perf_counter() - start
@@ -139,6 +140,7 @@ class _Run:
                  stats: FeaturizeStats):
         self.config, self.index, self.state, self.stats = config, index, state, stats
         self.out = Path(config.out)
+        self.labelled = index.labelled  # else the student's samples have no .cls
 
     def execute(self) -> Manifest:
         cfg, state = self.config, self.state
@@ -237,8 +239,8 @@ class _Run:
                 want = min(target - kept, len(self.ok) - pos)
                 chunks = [list(range(a, min(a + cfg.batch_size, pos + want)))
                           for a in range(pos, pos + want, cfg.batch_size)]
-                for positions, clips, frame_indices in self._decode(chunks, roles, known):
-                    self._infer_and_write(writers, positions, clips, frame_indices)
+                for positions, clips, decoded in self._decode(chunks, roles, known):
+                    self._infer_and_write(writers, positions, clips, decoded)
                     kept += len(positions)
                 pos += want
         except BaseException:
@@ -254,7 +256,8 @@ class _Run:
 
     def _decode(self, chunks: list[list[int]], roles: list[str],
                 known: bool) -> Iterator[tuple[list[int], dict[Need, torch.Tensor], dict]]:
-        """Yields (ok positions decoded for every need, clips per need, frame indices by pos)."""
+        """Yields (ok positions decoded for every need, clips per need, and by pos the student
+        clip's frame indices and ``decoded_by``)."""
         needs = sorted({self._need(r) for r in roles})
         streams = [self._loader(need).batches(chunks) for need in needs]
         try:
@@ -282,9 +285,11 @@ class _Run:
             keep = [p for p in batches[0].positions
                     if p in common and not self.state.is_failed(self.ok[p])]
             clips = {need: _select(b.clips, b.positions, keep) for need, b in zip(needs, batches)}
-            # the student's frame indices go into its .json (any need's when it is not run)
-            own = needs.index(self._need("student")) if "student" in roles else 0
-            yield keep, clips, dict(zip(batches[own].positions, batches[own].frame_indices))
+            # the student's frame indices and decoder go into its .json (any need's when it is
+            # not run)
+            own = batches[needs.index(self._need("student")) if "student" in roles else 0]
+            yield keep, clips, {p: (idx, by) for p, idx, by in
+                                zip(own.positions, own.frame_indices, own.decoded_by)}
 
     def _record_failure(self, pos: int, why: str, known: bool) -> None:
         path = self.index.items[self.ok[pos]].path
@@ -296,7 +301,7 @@ class _Run:
         self.state.add_failure(self.ok[pos], why)
 
     def _infer_and_write(self, writers: dict[str, ShardSetWriter], positions: list[int],
-                         clips: dict[Need, torch.Tensor], frames: dict) -> None:
+                         clips: dict[Need, torch.Tensor], decoded: dict) -> None:
         if not positions:
             return
         feats = {}
@@ -313,9 +318,8 @@ class _Run:
             for role, writer in writers.items():
                 extra = None
                 if role == "student":
-                    extra = {"cls": item.label, "json": {
-                        "path": item.path, "class_name": item.class_name, "fps": self.infos[pos].fps,
-                        "frame_indices": [int(f) for f in np.asarray(frames[pos])]}}
+                    extra = student_members(item, self.infos[pos].fps, *decoded[pos],
+                                            labelled=self.labelled)
                 writer.write(key, feats[role][row], extra)
         self.stats.write_s += time.perf_counter() - start
         self.bar.update(len(positions))

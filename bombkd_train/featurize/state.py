@@ -148,6 +148,7 @@ class CacheState:
         return Manifest(self.config.dataset, self.config.split, list(self.index.classes),
                         self.config.shard_size, models, sum(self.layout),
                         [self.failed[i] for i in sorted(self.failed)],
+                        labels=self.index.labelled,
                         suspect=[self.suspect[i] for i in sorted(self.suspect)
                                  if i not in self.failed])
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from bombkd_io.datasets import UNLABELLED, index_dataset
 from bombkd_io.errors import DataWarning, DatasetError
+from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.loaders.clips import VideoClipLoader
 from bombkd_io.video import probe_index
 from bombkd_train.cli.main import app
@@ -273,4 +274,10 @@ def test_featurize_records_missing_kinetics_videos_and_takes_ssv2_test(kinetics,
     manifest = run("kinetics400", kinetics, "train")
     assert manifest.count == 2 and [f["path"] for f in manifest.failed] == [
         str(kinetics / "train" / "abseiling" / "gone-gone-1_000005_000015.mp4")]
-    assert run("ssv2", ssv2, "test").count == 1
+    assert manifest.labels
+    # a split without labels is featurized, and its cache refused for training
+    unlabelled = run("ssv2", ssv2, "test")
+    assert unlabelled.count == 1 and not unlabelled.labels
+    with pytest.raises(DatasetError, match="split 'test' has no labels in this cache, so it can "
+                                           "be featurized but not trained or evaluated on"):
+        make_cached_loader(tmp_path / "ssv2", "test")

@@ -143,7 +143,7 @@ def test_errors_before_training(cache, tmp_path):
         make_cached_loader(cache, "train", batch_size=0, rank=2, world_size=2, on_error="ignore")
     assert len(info.value.problems) == 3
     unlabelled = make_cache(tmp_path / "nolabels", n=4, labels=False)
-    with pytest.raises(DatasetError, match="Cached features do not contain labels.*featurize"):
+    with pytest.raises(DatasetError, match="split .train. has no labels in this cache.*labelled --split"):
         make_cached_loader(unlabelled, "train")
     with pytest.raises(DatasetError, match="no manifest"):
         make_cached_loader(tmp_path, "train")

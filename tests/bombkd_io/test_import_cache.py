@@ -133,7 +133,7 @@ def test_unlabelled_cache_is_refused_by_the_loader(tmp_path):
     src = write_sharded(tmp_path / "tc", n=3, label=-1)
     m = import_tc_cache(src, tmp_path / "out", trust_pickle=True)
     assert not m.labels
-    with pytest.raises(DatasetError, match="Cached features do not contain labels"):
+    with pytest.raises(DatasetError, match="has no labels in this cache, so it can be featurized but not trained"):
         make_cached_loader(tmp_path / "out", "train")
 
 

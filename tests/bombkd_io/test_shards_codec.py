@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bombkd_io.errors import FormatError
-from bombkd_io.shards.codec import (decode_label, decode_tensor, encode_label, encode_meta,
-                                   encode_tensor)
+from bombkd_io.shards.codec import (decode_label, decode_meta, decode_tensor, encode_label,
+                                   encode_meta, encode_tensor)
 
 # The student member of golden sample 0 (tests/assets/golden): float16 [2, 4] of
 # (arange(8) - 3) * 0.5, i.e. -1.5 .. 2.0. Format 1 is these bytes, forever.
@@ -113,3 +113,11 @@ def test_invalid_labels_raise_format_error_naming_where(payload):
     with pytest.raises(FormatError, match="not a decimal class id") as info:
         decode_label(payload, where="shard-000003.tar sample k7")
     assert str(info.value).startswith("shard-000003.tar sample k7: ")
+
+
+def test_meta_round_trip_and_invalid():
+    doc = {"path": "videos/a.avi", "decoded_by": "dali/mixed", "frame_indices": [0, 2]}
+    assert decode_meta(memoryview(encode_meta(doc))) == doc
+    for payload in (b"{", b"[1]", b"\xff"):
+        with pytest.raises(FormatError, match="shard-000003.tar sample k7: member .json"):
+            decode_meta(payload, where="shard-000003.tar sample k7")

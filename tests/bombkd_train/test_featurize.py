@@ -259,7 +259,8 @@ def test_decode_failure_mid_run_is_skipped_recorded_and_replayed(small_root, tmp
                 if self.videos[p].path == victim]
         return type(batch)(positions=[batch.positions[r] for r in rows], clips=batch.clips[rows],
                            frame_indices=[batch.frame_indices[r] for r in rows],
-                           failed=batch.failed + lost)
+                           failed=batch.failed + lost,
+                           decoded_by=[batch.decoded_by[r] for r in rows])
 
     monkeypatch.setattr(ClipLoader, "decode_batch", failing)
     out = tmp_path / "cache"

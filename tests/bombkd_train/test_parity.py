@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from bombkd_io.errors import DataWarning
+from bombkd_io.shards.manifest import load_manifest
+from bombkd_io.shards.reader import read_meta
+from bombkd_train.backbones import Backbone
 from bombkd_train.config import ConverterTrainConfig, DataConfig, FeaturizeConfig, TrainConfig
 from bombkd_train.converters import train_converters
 from bombkd_train.data import open_source
@@ -232,3 +237,61 @@ def test_closing_the_trainer_releases_the_video_decoder(data, tmp_path):
     trainer.close()  # twice is harmless
     with pytest.raises(RuntimeError, match="shutdown"):  # a closed loader decodes no more
         clips.decode_batch([0])
+
+
+def _precision() -> tuple:
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+
+FULL_FP32 = (True, True, False, False)  # deterministic (warn only), no TF32 anywhere
+
+
+@pytest.mark.slow
+def test_the_cache_records_each_clips_decoder_and_replaying_it_here_does_not_warn(data):
+    _, caches, _ = data
+    shards = load_manifest(caches["float32"], "train").models["student"].shards
+    recorded = {key: doc["decoded_by"] for s in shards
+                for key, doc in read_meta(caches["float32"] / s.name)}
+    # the sample training videos' codecs (vp9, mjpeg) all take DALI's CPU decoder
+    assert len(recorded) == 12 and set(recorded.values()) == {"dali/cpu"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DataWarning)
+        cached, video = _sources(data, "float32")
+    video.close()
+
+
+@pytest.mark.slow
+def test_a_cache_decoded_on_a_gpu_warns_once_here_and_every_student_run_is_full_fp32(
+        tmp_path, sample_root, monkeypatch):
+    import bombkd_io.video.clips as clips
+
+    seen = []  # the settings in force at each backbone call
+
+    def hook(module, args, output):
+        if isinstance(module, Backbone):
+            seen.append(_precision())
+
+    outside = _precision()
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        with monkeypatch.context() as patch:  # as if featurized on a GPU, through NVDEC
+            patch.setattr(clips, "decoder_of", lambda info, caps: "dali/mixed")
+            featurize(FeaturizeConfig(dataset="ucf101", root=str(sample_root), split="train",
+                                      student=STUDENT, out=str(tmp_path / "gpu"), shard_size=4,
+                                      dtype="float32", batch_size=3, decode_threads=2))
+        assert seen and set(seen) == {FULL_FP32} and _precision() == outside
+        seen.clear()
+        with pytest.warns(DataWarning) as record:
+            video = open_source(DataConfig(loader="dali", root=str(sample_root), dataset="ucf101",
+                                           cache=str(tmp_path / "gpu"), batch_size=3,
+                                           student=STUDENT, device="cpu"), "train")
+        parity = [str(w.message) for w in record if issubclass(w.category, DataWarning)]
+        assert len(parity) == 1 and "12 of the 12 samples" in parity[0]
+        assert "dali/mixed there" in parity[0] and "within the GPU tolerance" in parity[0]
+        next(iter(video.loader))
+        video.close()
+        assert seen and set(seen) == {FULL_FP32} and _precision() == outside
+    finally:
+        handle.remove()

@@ -1,10 +1,11 @@
-"""torch's CPU threads beside our own threads and other programs (bombkd_train/runtime.py)."""
+"""torch's CPU threads beside our own threads and other programs, and the precision and
+determinism the backbones and the trainer run with (bombkd_train/runtime.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from bombkd_train.runtime import cpu_cores, model_threads, torch_threads_for
+from bombkd_train.runtime import cpu_cores, model_threads, parity_settings, torch_threads_for
 from bombkd_train.config import DataConfig, TrainConfig
 from bombkd_train.trainer import Trainer
 from synthetic_cache import make_feature_cache
@@ -36,9 +37,29 @@ def test_model_threads_caps_and_restores():
         torch.set_num_threads(before)
 
 
-def test_trainer_holds_the_cap_until_closed(tmp_path):
+def _precision() -> tuple:
+    return (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+
+
+@pytest.mark.parametrize("before", [(False, False, True, True), (True, False, False, False)])
+def test_parity_settings_sets_full_fp32_and_determinism_and_restores(before):
+    saved = _precision()
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[2:]
+    try:
+        with parity_settings():
+            assert _precision() == (True, True, False, False)
+        assert _precision() == before
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[2:]
+
+
+def test_trainer_holds_the_cap_and_parity_settings_until_closed(tmp_path):
     root = make_feature_cache(tmp_path / "cache", count=16, shard_size=8)
-    before = torch.get_num_threads()
+    before, precision = torch.get_num_threads(), _precision()
     torch.set_num_threads(4)
     try:
         cfg = TrainConfig(data=DataConfig(loader="wds", root=str(root), device="cpu"),
@@ -46,7 +67,8 @@ def test_trainer_holds_the_cap_until_closed(tmp_path):
                           classes=4, save_dir=str(tmp_path / "run"), progress=False)
         trainer = Trainer(cfg)
         assert torch.get_num_threads() == min(4, torch_threads_for(0))
+        assert _precision() == (True, True, False, False)
         trainer.close()
-        assert torch.get_num_threads() == 4
+        assert torch.get_num_threads() == 4 and _precision() == precision
     finally:
         torch.set_num_threads(before)
