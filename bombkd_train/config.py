@@ -190,10 +190,13 @@ class FeaturizeConfig(_Checked):
     device: str = "cpu"
     resume: bool = False
     strict: bool = False         # videos decoded with warnings are left out (failed), not cached
+    revision: str | None = None  # the student's hub revision (None: the default branch)
 
     def problems(self) -> list[str]:
         p = [f"--{name} is required" for name in ("dataset", "root", "split", "student", "out")
              if not getattr(self, name)]
+        if self.revision == "":
+            p.append("--revision: empty; name a branch, tag or commit, or leave it out")
         if self.split and (problem := name_problem(self.split, "split")):
             p.append(f"--split: {problem}")
         if self.dataset:

@@ -56,6 +56,14 @@ class ModelEntry:
     pooling: str
     dtype: str     # "float16" | "float32"
     shards: list[ShardEntry] = field(default_factory=list)
+    # Where the features came from (optional in format 1: None when not recorded).
+    source: str | None = None       # hub id or directory the weights were loaded from
+    revision: str | None = None     # hub revision asked for (None: the default branch)
+    weights: str | None = None      # "commit:<hash>" | "files-sha256:<hex>" | "state-sha256:<hex>"
+    model_dtype: str | None = None  # the parameters' dtype while featurizing
+    mean: list[float] | None = None  # normalisation, on the 0..1 pixel scale
+    std: list[float] | None = None
+    bombkd: str | None = None       # the bombkd version that wrote the shards
 
     @property
     def count(self) -> int:
@@ -68,7 +76,8 @@ class ModelEntry:
     def to_json(self, shards: list | dict | None = None) -> dict:
         """What a manifest, and featurize's progress file, store under the model's name: every
         field but the name, with ``shards`` as given (default: this entry's, as a list)."""
-        out = asdict(self)
+        out = {k: v for k, v in asdict(self).items()
+               if not (k in OPTIONAL_FIELDS and v is None)}  # old readers never see them
         del out["name"]
         if shards is not None:
             out["shards"] = shards
@@ -79,15 +88,34 @@ class ModelEntry:
         """The inverse of ``to_json``, given the shards (read by the caller: their layout
         differs between a manifest and a progress file); TypeError for a value of the wrong
         type."""
+        optional = {k: _optional(data.get(k), kind) for k, kind in OPTIONAL_FIELDS.items()}
         return cls(name, _str(data["backbone"]), _int(data["dim"]), _int(data["tokens"]),
                    _int(data["frames"]), _int(data["size"]), _str(data["pooling"]),
-                   _str(data["dtype"]), list(shards))
+                   _str(data["dtype"]), list(shards), **optional)
 
     def contradictions(self, **wanted) -> dict[str, tuple]:
-        """The fields whose recorded value is not the ``wanted`` one (``None``: any will do),
-        as ``field -> (recorded, wanted)``: what a new run would contradict."""
+        """The fields whose recorded value is not the ``wanted`` one, as ``field -> (recorded,
+        wanted)``: what a new run would contradict. A ``wanted`` None takes any value, and so
+        does a field a manifest did not record (None)."""
         return {key: (getattr(self, key), value) for key, value in wanted.items()
-                if value is not None and getattr(self, key) != value}
+                if value is not None and getattr(self, key) not in (None, value)}
+
+
+# The optional fields of a model entry and their JSON type: "str", or "floats" (a list of 3).
+OPTIONAL_FIELDS = {"source": "str", "revision": "str", "weights": "str", "model_dtype": "str",
+                   "mean": "floats", "std": "floats", "bombkd": "str"}
+
+
+def _optional(value, kind: str):
+    """An optional field's value (None if absent); TypeError for one of the wrong type."""
+    if value is None:
+        return None
+    if kind == "str":
+        return _str(value)
+    if not (isinstance(value, list) and len(value) == 3 and
+            all(type(v) in (int, float) for v in value)):
+        raise TypeError(f"expected a list of 3 numbers, got {value!r:.40}")
+    return [float(v) for v in value]
 
 
 @dataclass
@@ -320,8 +348,9 @@ def _size_problems(name: str, entry: ModelEntry, shard_size: int) -> list[str]:
 
 
 def summarize(m: Manifest, root: str | Path | None = None) -> str:
-    """A human summary: dataset, counts, each model's shape, dtype and bytes; the failed videos
-    (not in the cache) and the suspect ones (in it, but read or decoded with warnings)."""
+    """A human summary: dataset, counts, each model's shape, dtype and bytes, and where its
+    features came from; the failed videos (not in the cache) and the suspect ones (in it, but
+    read or decoded with warnings)."""
     where = f" in {root}" if root is not None else ""
     lines = [f"{m.dataset}-{m.split}{where}: {FORMAT_NAME} v{FORMAT_VERSION}, {m.count} samples, "
              f"{len(m.classes)} classes, shards of {m.shard_size}, labels: "
@@ -330,6 +359,7 @@ def summarize(m: Manifest, root: str | Path | None = None) -> str:
         lines.append(f"  {name:<12} {e.backbone:<24} [{e.tokens}, {e.dim}] {e.dtype:<8} "
                      f"{len(e.shards)} shards, {e.count} samples, {e.bytes / 1e6:.1f} MB "
                      f"(frames {e.frames}, size {e.size}, pooling {e.pooling})")
+        lines.append("    " + _provenance(e))
     total = sum(e.bytes for e in m.models.values())
     lines.append(f"  total {total / 1e6:.1f} MB; failed videos: {len(m.failed)}")
     lines += _listed(m.failed)
@@ -338,6 +368,20 @@ def summarize(m: Manifest, root: str | Path | None = None) -> str:
                      f"`bombkd featurize --strict` leaves them out): {len(m.suspect)}")
         lines += _listed(m.suspect)
     return "\n".join(lines)
+
+
+def _provenance(e: ModelEntry) -> str:
+    """One line: the weights, their dtype, the normalisation and the bombkd version."""
+    if e.weights is None:
+        return "weights: not recorded (a manifest written before bombkd recorded them)"
+    source = e.source or f"{e.backbone} (built-in, random from a fixed seed)"
+    revision = f" @ {e.revision}" if e.revision else ""
+    return (f"weights: {source}{revision}, {e.weights}; {e.model_dtype}, mean {_floats(e.mean)}, "
+            f"std {_floats(e.std)}; bombkd {e.bombkd}")
+
+
+def _floats(values: list[float] | None) -> str:
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]" if values else "?"
 
 
 def _listed(videos: list[dict], shown: int = 20) -> list[str]:

@@ -1,4 +1,5 @@
-"""Frozen video backbones from a registry: ``create_backbone(name, frames=, size=, pool=, device=)``.
+"""Frozen video backbones from a registry: ``create_backbone(name, frames=, size=, pool=, device=,
+revision=)``; each records where its weights came from (``Backbone.record()``).
 
 Names: the pretrained ``vjepa2``, ``videomae``, ``timesformer``, ``vivit`` (Hugging Face hub),
 the tiny random built-ins ``tiny-*`` (tests, demo), any hub id ``org/name`` or a

@@ -16,6 +16,8 @@ pooling is read off that grid, so pooled features mean the same thing for every 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -91,13 +93,18 @@ class Backbone(torch.nn.Module):
     ``dim`` (D), ``tokens`` (T' after pooling), ``frames`` and ``size`` (the clip the model
     consumes), ``pool`` ("time", "mean" or "none"), ``mean``/``std`` (normalisation, 0..1 scale).
     Clips of another length or size are resampled by ``sample_indices`` / resized on the device.
+    Where the weights came from: ``source`` (hub id or directory; None for a random built-in),
+    ``revision`` (the one asked for) and ``weights`` (``weights_identity``); ``record()``.
     """
 
     def __init__(self, model: torch.nn.Module, arch: Arch, *, name: str, pool: str,
-                 mean: tuple[float, ...], std: tuple[float, ...], device: str | torch.device):
+                 mean: tuple[float, ...], std: tuple[float, ...], device: str | torch.device,
+                 source: str | None, revision: str | None, weights: str):
         super().__init__()
         config = model.config
         self.model, self.arch_spec, self.name, self.pool = model, arch, name, pool
+        self.source, self.revision, self.weights = source, revision, weights
+        self.normalization = ([float(v) for v in mean], [float(v) for v in std])
         self.arch = arch.model_type
         self.frames = int(getattr(config, arch.frames_attr))
         size = getattr(config, arch.size_attr)
@@ -120,6 +127,14 @@ class Backbone(torch.nn.Module):
     def train(self, mode: bool = True) -> "Backbone":
         """Frozen: a parent's ``.train()`` leaves the backbone in eval mode (no dropout)."""
         return super().train(False)
+
+    def record(self) -> dict:
+        """What a cache records of this model beside its shape: weights, dtype, normalisation
+        and the bombkd version (``ModelEntry``'s optional fields)."""
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return {"source": self.source, "revision": self.revision, "weights": self.weights,
+                "model_dtype": dtype, "mean": self.normalization[0],
+                "std": self.normalization[1], "bombkd": bombkd_version()}
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, dim={self.dim}, tokens={self.tokens}, frames={self.frames}, "
@@ -185,54 +200,109 @@ def _fit_config(config, arch: Arch, source: str, frames: int | None, size: int |
         setattr(config, attr, value)
 
 
-def load_pretrained(source: str, *, name: str | None = None, frames: int | None = None,
-                    size: int | None = None, mean: tuple[float, ...] | None = None,
-                    std: tuple[float, ...] | None = None, pool: str = "time",
-                    device: str = "cpu") -> Backbone:
+def load_pretrained(source: str, *, name: str | None = None, revision: str | None = None,
+                    frames: int | None = None, size: int | None = None,
+                    mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
+                    pool: str = "time", device: str = "cpu") -> Backbone:
     """A hub id (``org/name``) or a ``save_pretrained`` directory -> frozen ``Backbone``.
 
-    The architecture comes from ``config.model_type``; ``mean``/``std`` default to the
-    architecture's normalisation.
+    ``revision``: a hub branch, tag or commit (None: the default branch). The architecture
+    comes from ``config.model_type``; ``mean``/``std`` default to the architecture's
+    normalisation.
     """
     import transformers
 
-    with _loading(source):
-        config = transformers.AutoConfig.from_pretrained(source)
+    with _loading(source, revision):
+        config = transformers.AutoConfig.from_pretrained(source, revision=revision)
     arch = arch_for(config, source)
     _fit_config(config, arch, source, frames, size)
-    with _loading(source):
+    with _loading(source, revision):
         model = getattr(transformers, arch.model_class).from_pretrained(
-            source, config=config, dtype=torch.float32)
+            source, config=config, revision=revision, dtype=torch.float32)
+        weights = weights_identity(source, revision, model)
     return Backbone(model, arch, name=name or source, pool=pool, mean=mean or arch.mean,
-                    std=std or arch.std, device=device)
+                    std=std or arch.std, device=device, source=source, revision=revision,
+                    weights=weights)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def weights_identity(source: str, revision: str | None, model: torch.nn.Module) -> str:
+    """Which weights these are: ``commit:<hash>`` for a hub model (the commit its files were
+    resolved to), ``files-sha256:<hex>`` for a directory (``files_digest``), else
+    ``state-sha256:<hex>`` (``state_digest`` of the loaded model)."""
+    if Path(source).is_dir():
+        return "files-sha256:" + files_digest(Path(source))
+    from transformers.utils import cached_file, extract_commit_hash
+
+    commit = extract_commit_hash(cached_file(source, "config.json", revision=revision), None)
+    return f"commit:{commit}" if commit else "state-sha256:" + state_digest(model)
+
+
+def files_digest(folder: Path) -> str:
+    """sha256 over ``config.json`` and the weight files of a ``save_pretrained`` directory, in
+    name order, each as its name, a NUL byte and its bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and (path.name == "config.json" or path.suffix in WEIGHT_SUFFIXES):
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def state_digest(model: torch.nn.Module) -> str:
+    """sha256 over a model's state dict, in name order, each as its name and its bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def bombkd_version() -> str:
+    """The installed bombkd's version ("unknown" when run from a source tree not installed)."""
+    try:
+        return importlib.metadata.version("bombkd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @contextlib.contextmanager
-def _loading(source: str) -> Iterator[None]:
+def _loading(source: str, revision: str | None = None) -> Iterator[None]:
     """Hugging Face download / file errors -> a ConfigError naming the backbone and the fix."""
     try:
         yield
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"backbone {source!r} cannot be loaded: {exc} (check the hub id and the "
-                          "network, or pass a directory written by save_pretrained)") from exc
+        at = f" at revision {revision!r}" if revision else ""
+        raise ConfigError(f"backbone {source!r}{at} cannot be loaded: {exc} (check the hub id, "
+                          "the revision and the network, or pass a directory written by "
+                          "save_pretrained)") from exc
 
 
-def build_random(name: str, config, *, frames: int | None = None, size: int | None = None,
-                 pool: str = "time", device: str = "cpu") -> Backbone:
+def build_random(name: str, config, *, revision: str | None = None, frames: int | None = None,
+                 size: int | None = None, pool: str = "time", device: str = "cpu") -> Backbone:
     """A small model with random weights drawn from a seed fixed by ``name``.
 
     The global RNG is forked, so construction neither depends on nor disturbs the caller's
-    seed, and every process builds bit-identical weights.
+    seed, and every process builds bit-identical weights; ``weights`` is their
+    ``state_digest``. Such a model has no revisions: passing one is a ConfigError.
     """
     import transformers
 
+    if revision is not None:
+        raise ConfigError(f"revision={revision!r}: {name} is random-initialised from a fixed "
+                          "seed and has no revisions; drop --revision")
     arch = arch_for(config, name)
     _fit_config(config, arch, name, frames, size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(zlib.crc32(name.encode()))
         model = getattr(transformers, arch.model_class)(config)
     return Backbone(model, arch, name=name, pool=pool, mean=arch.mean, std=arch.std,
-                    device=device)
+                    device=device, source=None, revision=None,
+                    weights="state-sha256:" + state_digest(model))
 
 
 def is_pretrained_source(name: str) -> bool:

@@ -13,12 +13,13 @@ from bombkd_io.errors import ConfigError, needs_extra
 from bombkd_train.backbones import hf
 from bombkd_train.backbones.hf import Backbone
 
-EntryPoint = Callable[..., Backbone]  # (*, frames, size, pool, device) -> Backbone
+EntryPoint = Callable[..., Backbone]  # (*, frames, size, pool, device, revision) -> Backbone
 _ENTRY_POINTS: dict[str, EntryPoint] = {}
 
 
 def register_backbone(name: str) -> Callable[[EntryPoint], EntryPoint]:
-    """Decorator: make ``fn(*, frames, size, pool, device) -> Backbone`` available as ``name``."""
+    """Decorator: make ``fn(*, frames, size, pool, device, revision) -> Backbone`` available as
+    ``name``."""
     def add(fn: EntryPoint) -> EntryPoint:
         if name in _ENTRY_POINTS:
             raise ValueError(f"backbone {name!r} is already registered")
@@ -41,9 +42,12 @@ def check_backbone_name(name: str) -> str | None:
 
 
 def create_backbone(name: str, *, frames: int | None = None, size: int | None = None,
-                    pool: str = "time", device: str = "cpu") -> Backbone:
+                    pool: str = "time", device: str = "cpu",
+                    revision: str | None = None) -> Backbone:
     """A frozen backbone by registered name, hub id or local directory.
 
+    ``revision``: the hub branch, tag or commit to load (None: the default branch); the tiny
+    built-ins have none and refuse one.
     ``frames``/``size`` override the clip the model consumes (None: the model's own); models
     with learned position tables refuse an override with a ConfigError. ``pool``: "time" ->
     ``[B, T', D]``, "mean" -> ``[B, 1, D]``, "none" -> all patch tokens ``[B, T'*P, D]``.
@@ -55,39 +59,45 @@ def create_backbone(name: str, *, frames: int | None = None, size: int | None = 
         raise ConfigError(problem)
     with needs_extra("video"):  # every backbone, the tiny ones too, imports transformers
         if name in _ENTRY_POINTS:
-            return _ENTRY_POINTS[name](frames=frames, size=size, pool=pool, device=device)
-        return hf.load_pretrained(name, frames=frames, size=size, pool=pool, device=device)
+            return _ENTRY_POINTS[name](frames=frames, size=size, pool=pool, device=device,
+                                       revision=revision)
+        return hf.load_pretrained(name, revision=revision, frames=frames, size=size, pool=pool,
+                                  device=device)
 
 
 # --- pretrained models (downloaded from the Hugging Face hub on first use) ---
 
 @register_backbone("vjepa2")
-def vjepa2(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+def vjepa2(*, frames=None, size=None, pool="time", device="cpu",
+           revision=None) -> Backbone:
     # Pretrained on 64-frame clips; its rotary positions take 16-frame clips as well.
-    return hf.load_pretrained("facebook/vjepa2-vitl-fpc64-256", name="vjepa2", frames=frames or 16,
-                              size=size or 256, mean=hf.IMAGENET_MEAN, std=hf.IMAGENET_STD,
-                              pool=pool, device=device)
+    return hf.load_pretrained("facebook/vjepa2-vitl-fpc64-256", name="vjepa2",
+                              revision=revision, frames=frames or 16, size=size or 256,
+                              mean=hf.IMAGENET_MEAN, std=hf.IMAGENET_STD, pool=pool, device=device)
 
 
 @register_backbone("videomae")
-def videomae(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
-    return hf.load_pretrained("MCG-NJU/videomae-base", name="videomae", frames=frames or 16,
-                              size=size or 224, mean=hf.IMAGENET_MEAN, std=hf.IMAGENET_STD,
-                              pool=pool, device=device)
+def videomae(*, frames=None, size=None, pool="time", device="cpu",
+             revision=None) -> Backbone:
+    return hf.load_pretrained("MCG-NJU/videomae-base", name="videomae",
+                              revision=revision, frames=frames or 16, size=size or 224,
+                              mean=hf.IMAGENET_MEAN, std=hf.IMAGENET_STD, pool=pool, device=device)
 
 
 @register_backbone("timesformer")
-def timesformer(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+def timesformer(*, frames=None, size=None, pool="time", device="cpu",
+                revision=None) -> Backbone:
     return hf.load_pretrained("facebook/timesformer-base-finetuned-k400", name="timesformer",
-                              frames=frames or 8, size=size or 224, mean=hf.KINETICS_MEAN,
-                              std=hf.KINETICS_STD, pool=pool, device=device)
+                              revision=revision, frames=frames or 8, size=size or 224,
+                              mean=hf.KINETICS_MEAN, std=hf.KINETICS_STD, pool=pool, device=device)
 
 
 @register_backbone("vivit")
-def vivit(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
-    return hf.load_pretrained("google/vivit-b-16x2-kinetics400", name="vivit", frames=frames or 32,
-                              size=size or 224, mean=hf.HALF_MEAN, std=hf.HALF_STD, pool=pool,
-                              device=device)
+def vivit(*, frames=None, size=None, pool="time", device="cpu",
+          revision=None) -> Backbone:
+    return hf.load_pretrained("google/vivit-b-16x2-kinetics400", name="vivit",
+                              revision=revision, frames=frames or 32, size=size or 224,
+                              mean=hf.HALF_MEAN, std=hf.HALF_STD, pool=pool, device=device)
 
 
 # --- tiny built-ins: same architectures, small configs, fixed random weights, no download ---
@@ -95,39 +105,45 @@ def vivit(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
 # and fusion are exercised on teachers that do not look like the student.
 
 @register_backbone("tiny-vjepa2")
-def tiny_vjepa2(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+def tiny_vjepa2(*, frames=None, size=None, pool="time", device="cpu",
+                revision=None) -> Backbone:
     from transformers import VJEPA2Config
     config = VJEPA2Config(crop_size=112, frames_per_clip=16, tubelet_size=2, patch_size=16,
                           hidden_size=96, num_attention_heads=4, num_hidden_layers=2, mlp_ratio=2.0,
                           pred_hidden_size=32, pred_num_attention_heads=2, pred_num_hidden_layers=1,
                           num_pooler_layers=1)
-    return hf.build_random("tiny-vjepa2", config, frames=frames, size=size, pool=pool, device=device)
+    return hf.build_random("tiny-vjepa2", config, revision=revision, frames=frames, size=size,
+                           pool=pool, device=device)
 
 
 @register_backbone("tiny-videomae")
-def tiny_videomae(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+def tiny_videomae(*, frames=None, size=None, pool="time", device="cpu",
+                  revision=None) -> Backbone:
     from transformers import VideoMAEConfig
     config = VideoMAEConfig(image_size=112, num_frames=16, tubelet_size=2, patch_size=16,
                             hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
                             intermediate_size=128, decoder_hidden_size=32,
                             decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
                             decoder_intermediate_size=64)
-    return hf.build_random("tiny-videomae", config, frames=frames, size=size, pool=pool,
-                           device=device)
+    return hf.build_random("tiny-videomae", config, revision=revision, frames=frames, size=size,
+                           pool=pool, device=device)
 
 
 @register_backbone("tiny-timesformer")
-def tiny_timesformer(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+def tiny_timesformer(*, frames=None, size=None, pool="time", device="cpu",
+                     revision=None) -> Backbone:
     from transformers import TimesformerConfig
     config = TimesformerConfig(image_size=64, num_frames=16, patch_size=16, hidden_size=128,
                                num_attention_heads=4, num_hidden_layers=2, intermediate_size=256)
-    return hf.build_random("tiny-timesformer", config, frames=frames, size=size, pool=pool,
-                           device=device)
+    return hf.build_random("tiny-timesformer", config, revision=revision, frames=frames, size=size,
+                           pool=pool, device=device)
 
 
 @register_backbone("tiny-vivit")
-def tiny_vivit(*, frames=None, size=None, pool="time", device="cpu") -> Backbone:
+def tiny_vivit(*, frames=None, size=None, pool="time", device="cpu",
+               revision=None) -> Backbone:
     from transformers import VivitConfig
     config = VivitConfig(image_size=64, num_frames=16, tubelet_size=[2, 16, 16], hidden_size=80,
                          num_attention_heads=4, num_hidden_layers=2, intermediate_size=160)
-    return hf.build_random("tiny-vivit", config, frames=frames, size=size, pool=pool, device=device)
+    return hf.build_random("tiny-vivit", config, revision=revision, frames=frames, size=size,
+                           pool=pool, device=device)

@@ -54,6 +54,8 @@ def featurize_command(
         "--strict", help="leave out (as failed) videos read or decoded with warnings: damaged "
         "or truncated files that still decode")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+    revision: Annotated[Optional[str], typer.Option(
+        help="the student's hub branch, tag or commit (default: the default branch)")] = None,
 ) -> None:
     """Decode every clip once, run the student and every teacher on it, write one shard set
     per model and the manifest. Re-run with a new teacher to add only its shard set."""
@@ -66,7 +68,7 @@ def featurize_command(
                              out=str(out), teachers=names(teachers), format=format,
                              shard_size=shard_size, dtype=dtype or "float16", frames=frames,
                              size=size, batch_size=batch, decode_threads=workers, pooling=pool,
-                             device=device, resume=resume, strict=strict)
+                             device=device, resume=resume, strict=strict, revision=revision)
     with user_errors():
         if dry_run:
             estimate = estimate_featurize(config)

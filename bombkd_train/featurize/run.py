@@ -128,8 +128,9 @@ def estimate_featurize(config: FeaturizeConfig) -> DiskEstimate:
     roles = state.roles_to_run(config) if not config.resume else list(config.roles())
     for role in roles:  # dims and token counts come from the models themselves
         entry = state.models[role]
-        state.fill_shape(role, create_backbone(entry.backbone, frames=entry.frames or None,
-                                               size=entry.size or None, pool=entry.pooling))
+        state.fill_model(role, create_backbone(entry.backbone, frames=entry.frames or None,
+                                               size=entry.size or None, pool=entry.pooling,
+                                               revision=entry.revision))
     return estimate_bytes(config, index, state, {role: state.models[role] for role in roles})
 
 
@@ -191,8 +192,9 @@ class _Run:
     def _backbone(self, role: str) -> Backbone:
         entry = self.state.models[role]
         bb = create_backbone(entry.backbone, frames=entry.frames or None,
-                             size=entry.size or None, pool=entry.pooling, device=self.config.device)
-        self.state.fill_shape(role, bb)
+                             size=entry.size or None, pool=entry.pooling, device=self.config.device,
+                             revision=entry.revision)
+        self.state.fill_model(role, bb)
         return bb
 
     def _todo(self) -> list[tuple[int, int, int, list[str]]]:

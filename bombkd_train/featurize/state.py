@@ -7,7 +7,9 @@ What an output directory can hold for one (dataset, split):
   checks every shard (count, sha256) and redoes the ones that do not verify;
 - ``{dataset}-{split}.progress.json``: an unfinished run (written after every shard); only
   ``--resume`` continues it.
-A cache made with another student, pooling, dtype or shard size is refused, never overwritten.
+A cache made with another student, pooling, dtype or shard size is refused, never overwritten;
+so is a model whose weights, normalisation or clip differ from what the cache records of it
+(``fill_model``).
 """
 from __future__ import annotations
 
@@ -132,15 +134,24 @@ class CacheState:
     def remaining(self) -> int:
         return max(0, len(self.ok) - self.frontier())
 
-    def fill_shape(self, role: str, bb: Backbone) -> None:
-        """Take dim/tokens/frames/size from the backbone; refuse if they contradict the cache."""
+    def fill_model(self, role: str, bb: Backbone) -> None:
+        """Take the shape and the record (weights, dtype, normalisation, version) from the
+        backbone; refuse, naming each difference, if the role has shards made otherwise."""
         entry = self.models[role]
         shape = {"dim": bb.dim, "tokens": bb.tokens, "frames": bb.frames, "size": bb.size}
-        if self.done.get(role) and entry.contradictions(**shape):
-            have = {k: getattr(entry, k) for k in shape}
-            raise ConfigError(f"{role} ({entry.backbone}) now gives {shape}; the cache in "
-                              f"{self.config.out} holds {have}; featurize into a new --out")
-        self.models[role] = replace(entry, **shape)
+        record = bb.record()
+        if not self.done.get(role):
+            self.models[role] = replace(entry, **shape, **record)
+            return
+        # the revision asked for was checked before loading; the weights it gave are compared
+        compared = {k: v for k, v in record.items() if k not in ("revision", "bombkd")}
+        found = entry.contradictions(**shape, **compared)
+        if found:
+            raise ConfigError([f"{role} ({entry.backbone}): {key} is {have!r} in the cache in "
+                               f"{self.config.out}, {want!r} now" for key, (have, want)
+                               in found.items()] +
+                              ["its shards were made otherwise: featurize into a new --out"])
+        self.models[role] = replace(entry, **shape)  # the record stays the shards' own
 
     def manifest(self) -> Manifest:
         models = {role: replace(e, shards=[self.done[role][k] for k in range(len(self.layout))])
@@ -180,7 +191,10 @@ def load_state(config: FeaturizeConfig, index: VideoIndex, *, dry_run: bool = Fa
             own = role == "student"
             state.models[role] = ModelEntry(role, name, 0, 0, (config.frames or 0) if own else 0,
                                             (config.size or 0) if own else 0, config.pooling,
-                                            config.dtype)
+                                            config.dtype, revision=config.revision if own else None)
+    student = state.models["student"]
+    if student.revision is None and config.revision:  # a cache that did not record one
+        state.models["student"] = replace(student, revision=config.revision)
     return state
 
 
@@ -191,7 +205,7 @@ def _check_compatible(state: CacheState, config: FeaturizeConfig, index: VideoIn
     for key, (have, want) in cache_contradictions(
             state.models["student"], state.config.shard_size, config.shard_size,
             backbone=config.student, pooling=config.pooling, dtype=config.dtype,
-            frames=config.frames, size=config.size).items():
+            frames=config.frames, size=config.size, revision=config.revision).items():
         what = "shard size" if key == "shard_size" else f"student {key}"
         problems.append(f"{what} is {have!r} there, this run asks for {want!r}")
     if list(state.index.classes) != list(index.classes):
