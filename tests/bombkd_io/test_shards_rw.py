@@ -7,6 +7,7 @@ import json
 import shutil
 import sys
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import msgpack
@@ -471,3 +472,23 @@ def test_on_error_is_checked_once_with_the_argument_name():
         ErrorPolicy("warn")
     with pytest.raises(ConfigError, match="--on-error must be one of"):
         ErrorPolicy("ignore", "--on-error")
+
+
+def test_model_entry_records_where_features_came_from():
+    """The optional fields round-trip; a manifest without them (the golden one) reads as None,
+    writes none of them, and contradicts nothing it did not record."""
+    old = load_manifest(GOLDEN, "train").models["student"]
+    assert old.weights is None and set(old.to_json()).isdisjoint(
+        ["source", "revision", "weights", "model_dtype", "mean", "std", "bombkd"])
+    assert old.contradictions(weights="commit:abc", revision="v2") == {}
+    e = replace(old, source="/models/student", revision="v1", weights="files-sha256:00ff",
+                model_dtype="float32", mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25],
+                bombkd="0.1.0")
+    data = json.loads(json.dumps(e.to_json()))
+    assert data["weights"] == "files-sha256:00ff" and data["mean"] == [0.5, 0.5, 0.5]
+    assert ModelEntry.from_json("student", data, e.shards) == e
+    assert e.contradictions(revision="v2", mean=[0.5, 0.5, 0.5]) == {"revision": ("v1", "v2")}
+    with pytest.raises(TypeError, match="a list of 3 numbers"):
+        ModelEntry.from_json("student", {**data, "std": [1, 2]})
+    with pytest.raises(TypeError, match="expected a string"):
+        ModelEntry.from_json("student", {**data, "weights": 7})

@@ -274,3 +274,47 @@ def test_decode_failure_mid_run_is_skipped_recorded_and_replayed(small_root, tmp
     (out / m.models["tiny-vivit"].shards[1].name).unlink()
     featurize(config(small_root, out, teachers=["tiny-vivit"], resume=True))
     assert {k: v[0] for k, v in digests(out).items()} == first
+
+
+def test_manifest_records_the_built_in_weights(full_cache):
+    """A tiny built-in: the sha256 of its initial state dict, float32, its normalisation."""
+    m = load_manifest(full_cache, "train")
+    for role, name in (("student", STUDENT), ("tiny-vivit", "tiny-vivit")):
+        digest = hashlib.sha256()
+        for key, tensor in sorted(create_backbone(name).model.state_dict().items()):
+            digest.update(key.encode() + tensor.contiguous().numpy().tobytes())
+        e = m.models[role]
+        assert e.weights == "state-sha256:" + digest.hexdigest()
+        assert (e.source, e.revision, e.model_dtype, e.bombkd is not None) == (
+            None, None, "float32", True)
+    assert m.models["tiny-vivit"].mean == [0.5, 0.5, 0.5]
+    with pytest.raises(ConfigError, match="tiny-vjepa2 is random-initialised .* no revisions"):
+        create_backbone(STUDENT, revision="v1")
+
+
+def test_local_directory_student_is_traced_and_pinned(small_root, tmp_path):
+    """A save_pretrained directory: the sha256 of its files; its revision is recorded, and a
+    run asking another revision, other frames, or other weights for its shards is refused."""
+    folder = tmp_path / "student"
+    create_backbone(STUDENT).model.save_pretrained(folder)
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
+    out = tmp_path / "cache"
+    m = featurize(config(small_root, out, teachers=[], student=str(folder), revision="v1"))
+    e = m.models["student"]
+    assert (e.source, e.revision, e.weights) == (
+        str(folder), "v1", "files-sha256:" + digest.hexdigest())
+    assert (e.frames, e.size, e.pooling, e.mean) == (16, 112, "time", [0.485, 0.456, 0.406])
+    for change, words in ((dict(revision="v2"), "student revision is 'v1' there, this run "
+                                                "asks for 'v2'"),
+                          (dict(frames=8), "student frames is 16 there")):
+        with pytest.raises(ConfigError, match=words):
+            featurize(config(small_root, out, teachers=[], student=str(folder), **change))
+    other = create_backbone(STUDENT).model
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    other.save_pretrained(folder)  # same path, other weights
+    (out / e.shards[0].name).unlink()
+    with pytest.raises(ConfigError, match="student .*: weights is 'files-sha256:.*' in the cache"):
+        featurize(config(small_root, out, teachers=[], student=str(folder), resume=True))

@@ -1,6 +1,7 @@
 """``bombkd inspect`` and ``bombkd import-cache``: exit codes and messages."""
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -67,3 +68,20 @@ def test_import_cache(tmp_path):
 def test_help_explains_pickle():
     result = run("import-cache", "--help")
     assert result.exit_code == 0 and "arbitrary code" in result.output
+
+
+def test_inspect_shows_where_each_model_came_from(tmp_path):
+    root = tmp_path / "cache"
+    shutil.copytree(GOLDEN, root)
+    assert "weights: not recorded" in run("inspect", root).output  # a manifest from before
+    path = root / "golden-train.index.json"
+    data = json.loads(path.read_text())
+    data["models"]["student"] |= {"source": "/models/vjepa2", "revision": "v1",
+                                  "weights": "files-sha256:00ff", "model_dtype": "float32",
+                                  "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                  "bombkd": "0.1.0"}
+    path.write_text(json.dumps(data))
+    result = run("inspect", root)
+    assert result.exit_code == 0, result.output
+    assert ("weights: /models/vjepa2 @ v1, files-sha256:00ff; float32, mean [0.485, 0.456, "
+            "0.406], std [0.229, 0.224, 0.225]; bombkd 0.1.0") in result.output
