@@ -1,7 +1,6 @@
 """Backbones, parametrised over the registry's tiny built-ins (the pretrained ones download)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from bombkd_io.sampling import sample_indices
 from bombkd_io.video.resize import resize_crop_tensor
 from bombkd_train.backbones import (POOLS, Backbone, check_backbone_name, create_backbone,
                                     list_backbones, register_backbone)
-from bombkd_train.backbones.hf import ARCHS
+from bombkd_train.backbones.hf import ARCHS, state_digest
 from places import REPO, child_env
 
 TINY = [name for name in list_backbones() if name.startswith("tiny-")]
@@ -31,11 +30,7 @@ def clips(batch: int, frames: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def weights_digest(backbone: Backbone) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(backbone.model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return state_digest(backbone.model)
 
 
 @pytest.fixture(scope="module")
