@@ -52,7 +52,7 @@ def test_probe_of_a_bad_file_exits_2_naming_it(bad_videos, codec_videos):
     assert result.exit_code == 2
     assert result.stderr.strip() == f"error: {path}: empty file (re-download or re-encode it)"
     result = runner.invoke(app, ["probe", str(codec_videos["vp9"]), "--device", "tpu"])
-    assert result.exit_code == 2 and "error: --device 'tpu': expected auto, cpu, gpu" in result.stderr
+    assert result.exit_code == 2 and "Invalid value for '--device': 'tpu': expected auto, cpu, gpu" in result.output
     result = runner.invoke(app, ["probe", str(bad_videos["missing"]), str(codec_videos["vp9"])])
     assert result.exit_code == 2 and "route=dali" in result.stdout
     assert f"error: {bad_videos['missing']}: no such file (check the path)" in result.stderr
