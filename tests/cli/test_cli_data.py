@@ -22,8 +22,7 @@ def test_sample_data_writes_the_dataset(tmp_path):
 def test_sample_data_refuses_an_unknown_codec(tmp_path):
     result = runner.invoke(app, ["sample-data", str(tmp_path / "x"), "--codec", "theora"])
     assert result.exit_code == 2
-    expected = "error: --codec 'theora': expected one of vp9, h264, mpeg4, mjpeg, mixed"
-    assert expected in result.stderr
+    assert "Invalid value for '--codec'" in result.stderr and "'theora'" in result.stderr
 
 
 def test_probe_prints_codec_size_fps_frames_route_and_why(codec_videos):
