@@ -41,6 +41,24 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def checkpoint_in(path: Path, *, kind: str, argument: str) -> Path:
+    """``path`` itself, or the checkpoint in the directory ``path``: its only ``*.pt`` file, or
+    the one named after the kind (``converters.pt``). ConfigError naming ``argument`` otherwise."""
+    if path.is_dir():
+        found = sorted(path.glob("*.pt"))
+        named = [p for p in found if p.name == kind.removeprefix("bombkd-") + ".pt"]
+        if named or len(found) == 1:
+            return (named or found)[0]
+        listing = ", ".join(p.name for p in found[:5]) + (", ..." if len(found) > 5 else "")
+        held = (f"holds {len(found)} .pt files ({listing}); pass one of them" if found
+                else f"holds no .pt file; pass the path of a {kind} checkpoint")
+        raise ConfigError(f"{argument} {path}: a directory that {held}")
+    if not path.is_file():
+        raise ConfigError(f"{argument} {path}: no such file; pass the path of a {kind} checkpoint "
+                          "or the directory holding it")
+    return path
+
+
 def load_checkpoint(path: str | Path, *, kind: str, argument: str) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` and check that it holds a ``kind``
     of the version this bombkd writes.
@@ -48,9 +66,7 @@ def load_checkpoint(path: str | Path, *, kind: str, argument: str) -> dict[str, 
     ``argument`` names the option the path came from, so the error tells the user what to fix.
     Raises ``ConfigError`` for a missing file and ``FormatError`` for a file of another kind.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{argument} {path}: no such file; pass the path of a {kind} checkpoint")
+    path = checkpoint_in(Path(path), kind=kind, argument=argument)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a file that is not a checkpoint

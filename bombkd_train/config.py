@@ -134,7 +134,7 @@ class TrainConfig(_Checked):
     split: str
     teachers: list[str]
     converters: str
-    classes: int
+    classes: int | None = None    # None: the split's class count (the cache's or the dataset's)
     epochs: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -187,10 +187,11 @@ class FeaturizeConfig(_Checked):
     batch_size: int = 8
     decode_threads: int = 4
     pooling: str = "time"
-    device: str = "cpu"
+    device: str = "auto"          # cuda where there is a GPU, else cpu
     resume: bool = False
     strict: bool = False         # videos decoded with warnings are left out (failed), not cached
     revision: str | None = None  # the student's hub revision (None: the default branch)
+    progress: bool = True
 
     def problems(self) -> list[str]:
         p = [f"--{name} is required" for name in ("dataset", "root", "split", "student", "out")

@@ -82,7 +82,7 @@ def _prepare(cfg: DemoConfig, out: Path) -> tuple[Path, Path]:
             dataset="ucf101", root=str(videos), split=split, student=cfg.student, out=str(feats),
             teachers=list(cfg.teachers), shard_size=cfg.shard_size, frames=cfg.frames,
             dtype="float16" if cfg.fp16 else "float32", batch_size=cfg.batch_size,
-            decode_threads=2, device=cfg.device))
+            decode_threads=2, device=cfg.device, progress=cfg.progress))
     return videos, feats
 
 

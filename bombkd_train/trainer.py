@@ -108,6 +108,9 @@ class Trainer:
             val = replace(data, student=stu.backbone, frames=stu.frames, size=stu.size,
                           pooling=stu.pool, cache=None)
             self.val = open_source(val, self.cfg.val_split, rank=self.rank, world_size=self.world)
+        if self.cfg.classes is None:  # the head covers every class the splits name
+            found = [len(src.classes) for src in (self.source, self.val) if src is not None]
+            self.cfg = replace(self.cfg, classes=max(found))
         for src, split in ((self.source, self.cfg.split), (self.val, self.cfg.val_split)):
             if src is not None and len(src.classes) > self.cfg.classes:
                 n = len(src.classes)

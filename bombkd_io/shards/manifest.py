@@ -197,6 +197,13 @@ def _missing_message(root: Path, split: str, dataset: str | None) -> str:
     unfinished = _unfinished_message(root, split, dataset, wanted)
     if unfinished:
         return unfinished
+    splits = sorted(p.name[:-len(MANIFEST_SUFFIX)] for p in root.glob(f"*-*{MANIFEST_SUFFIX}"))
+    if splits:  # a cache without this split: name the ones it has, not its shards
+        have = ", ".join(s.rsplit("-", 1)[-1] + ("" if dataset else f" ({s.rsplit('-', 1)[0]})")
+                         for s in splits if not dataset or s.startswith(f"{dataset}-"))
+        return (f"{root}: no split {split!r} in this cache (no {wanted}); it has "
+                f"{have or 'no split of ' + str(dataset)}; pass one of them as --split, or "
+                f"featurize split {split!r} into it")
     entries = sorted(p.name for p in root.iterdir())
     listing = ", ".join(entries[:20])
     if len(entries) > 20:

@@ -1,13 +1,13 @@
 """``bombkd inspect`` and ``bombkd import-cache``: look into and convert feature caches."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from bombkd_train.cli._common import fail, user_errors
+from bombkd_io.shards.codec import DTYPES
+from bombkd_train.cli._common import Quiet, fail, show_progress, user_errors
 
 IMPORT_HELP = """Convert a TC-BombKD feature cache (polyspace.data.featurize) into a bombkd cache.
 
@@ -29,6 +29,7 @@ def inspect(
         "--dataset", help="dataset name, if several")] = None,
     verify: Annotated[bool, typer.Option("--verify", help="re-hash every shard and decode every "
                                          "sample; exit 2 naming any bad shard")] = False,
+    quiet: Quiet = False,
 ) -> None:
     """Summarise a feature cache: models, shapes, dtype, counts, bytes, failed videos."""
     from bombkd_io.shards.manifest import load_manifest, summarize
@@ -41,7 +42,7 @@ def inspect(
     for m in manifests:
         typer.echo(summarize(m, root))
         if verify:
-            problems = verify_cache(root, m)
+            problems = verify_cache(root, m, progress=show_progress(quiet))
             bad += problems
             typer.echo(f"  verify: {'ok' if not problems else f'{len(problems)} problem(s)'}")
     if bad:
@@ -73,9 +74,9 @@ def import_cache(
                                                "code, use only on caches you trust")] = False,
     shard_size: Annotated[int, typer.Option("--shard-size", "--shard_size",
                                             help="samples per output shard")] = 1000,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="float16|float32 (default: "
-                                                 "the source's)")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+    dtype: Annotated[Optional[Literal[tuple(DTYPES)]], typer.Option(
+        "--dtype", help="stored features (default: the source's)")] = None,
+    quiet: Quiet = False,
 ) -> None:
     from bombkd_io.shards.import_tc import import_tc_cache
     from bombkd_io.shards.manifest import summarize
@@ -83,7 +84,7 @@ def import_cache(
     with user_errors():
         manifest = import_tc_cache(src, out, split=split, dataset=dataset,
                                    trust_pickle=trust_pickle, shard_size=shard_size, dtype=dtype,
-                                   progress=not quiet and sys.stderr.isatty())
+                                   progress=show_progress(quiet))
     typer.echo(summarize(manifest, out))
 
 

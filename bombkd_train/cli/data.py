@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import typer
@@ -10,7 +10,9 @@ import typer
 from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import VideoError, needs_extra
 from bombkd_io.sample_data import CODECS
-from bombkd_train.cli._common import fail, user_errors
+from bombkd_train.cli._common import Device, Quiet, fail, show_progress, user_errors
+
+Codec = Literal[CODECS + ("mixed",)]  # click lists and checks the choices
 
 
 def sample_data(
@@ -18,25 +20,23 @@ def sample_data(
     classes: Annotated[int, typer.Option("--classes", min=1, help="Number of classes.")] = 6,
     per_class: Annotated[int, typer.Option("--per-class", "--per_class", min=1,
                                            help="Clips per class.")] = 10,
-    codec: Annotated[str, typer.Option(
-        "--codec", help="vp9, h264, mpeg4, mjpeg or mixed.")] = "vp9",
+    codec: Annotated[Codec, typer.Option(
+        "--codec", help="Video codec; mixed: a different one per clip.")] = "vp9",
     seed: Annotated[int, typer.Option("--seed", help="Same seed, byte-identical files.")] = 0,
+    quiet: Quiet = False,
 ) -> None:
     """Write a small, learnable action dataset (coloured shapes in motion) in UCF101 layout."""
     from bombkd_io.sample_data import make_sample_data
 
-    if codec not in CODECS + ("mixed",):
-        raise fail(f"--codec {codec!r}: expected one of {', '.join(CODECS + ('mixed',))}")
     root = make_sample_data(out, classes=classes, per_class=per_class, codec=codec, seed=seed,
-                            progress=True)
+                            progress=show_progress(quiet))
     typer.echo(f"wrote {classes * per_class} clips ({codec}) to {root}; "
                f"index with --dataset ucf101 --root {root}")
 
 
 def probe(
     videos: Annotated[list[Path], typer.Argument(help="Video files to probe.")],
-    device: Annotated[Optional[str], typer.Option(
-        "--device", help="Route for this decode device: cpu or gpu (default: auto).")] = None,
+    device: Device = "auto",
     save_frames: Annotated[Optional[Path], typer.Option(
         "--save-frames", "--save_frames",
         help="Write a contact sheet (PNG) of the sampled frames (one video only).")] = None,
@@ -47,8 +47,7 @@ def probe(
     why it takes that route on this device."""
     from bombkd_io.video import parse_device, probe_video
 
-    with user_errors():
-        device = parse_device(device)
+    device = parse_device(device)  # checked by --device's parser: a device this machine has
     if save_frames is not None and len(videos) != 1:
         raise fail(f"--save-frames takes one video, got {len(videos)}; probe the others "
                    f"without it, e.g. `bombkd probe {videos[0]} --save-frames {save_frames}`")

@@ -1,21 +1,24 @@
 """``bombkd featurize``: videos -> student + teacher features -> WebDataset shards.
 
-``--teachers`` is comma-separated (``--teachers videomae,timesformer,vivit``) and may be given
-more than once; options take one value each, so the seed's space-separated list is spelled with
-commas.
+``--teachers`` takes names space- or comma-separated (``--teachers videomae timesformer vivit``
+or ``videomae,timesformer,vivit``) and may be given more than once.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
 from bombkd_io.datasets import DATASETS
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
+from bombkd_io.shards.codec import DTYPES
 from bombkd_io.shards.manifest import manifest_path
-from bombkd_train.cli._common import fail, names, user_errors
+from bombkd_train.backbones import POOLS
+from bombkd_train.cli._common import (BACKBONES, DATASET_SPLITS, Device, Quiet, fail, names,
+                                      show_progress, user_errors)
+from bombkd_train.config import FORMATS
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
@@ -23,20 +26,20 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 def featurize_command(
     dataset: Annotated[str, typer.Option(help=f"one of {', '.join(DATASETS)}")],
     root: Annotated[Path, typer.Option(help="dataset root (videos and split files)")],
-    split: Annotated[str, typer.Option(
-        help="train / test (fold 1), train2, test3, ...; folder: a split folder, or all; "
-             "ssv2: train, validation, test; kinetics: train, validate, test; diving48: "
-             "train, test")],
-    student: Annotated[str, typer.Option(help="backbone: registry name, hub id or directory")],
+    split: Annotated[str, typer.Option(help=DATASET_SPLITS)],
+    student: Annotated[str, typer.Option(help=f"student backbone: {BACKBONES}")],
     out: Annotated[Path, typer.Option(help="cache directory (created if missing)")],
     teachers: Annotated[Optional[list[str]], typer.Option(
-        help="teacher backbones, comma-separated (A,B,C); may be repeated")] = None,
-    format: Annotated[str, typer.Option("--format", help="cache format")] = "wds",
+        help="teacher backbones, space- or comma-separated (A B C or A,B,C), each like "
+             "--student; adding one to an existing cache computes only its features")] = None,
+    format: Annotated[Literal[FORMATS], typer.Option(
+        "--format", help="cache format: WebDataset tar shards")] = "wds",
     shard_size: Annotated[int, typer.Option("--shard-size", "--shard_size",
                                             help="samples per shard")] = DEFAULT_SHARD_SIZE,
     fp16: Annotated[bool, typer.Option("--fp16", help="store float16 (the default)")] = False,
-    dtype: Annotated[Optional[str], typer.Option(
-        help="float16 (default) or float32 (exact parity with video mode)")] = None,
+    dtype: Annotated[Optional[Literal[tuple(DTYPES)]], typer.Option(
+        help="stored features: float16 (default) or float32 (exact parity with video mode)")]
+    = None,
     frames: Annotated[int, typer.Option(help="student clip length")] = 16,
     size: Annotated[Optional[int], typer.Option(help="student clip side (default: the model's)")]
     = None,
@@ -48,12 +51,14 @@ def featurize_command(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", "--dry_run", help="print the bytes it would write and the free space")]
     = False,
-    pool: Annotated[str, typer.Option(help="time ([T',D]), mean ([1,D]) or none (all tokens)")]
+    pool: Annotated[Literal[POOLS], typer.Option(
+        help="features kept per clip: time ([T',D]), mean ([1,D]) or none (all tokens)")]
     = "time",
     strict: Annotated[bool, typer.Option(
         "--strict", help="leave out (as failed) videos read or decoded with warnings: damaged "
         "or truncated files that still decode")] = False,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+    device: Device = "auto",
+    quiet: Quiet = False,
     revision: Annotated[Optional[str], typer.Option(
         help="the student's hub branch, tag or commit (default: the default branch)")] = None,
 ) -> None:
@@ -68,7 +73,8 @@ def featurize_command(
                              out=str(out), teachers=names(teachers), format=format,
                              shard_size=shard_size, dtype=dtype or "float16", frames=frames,
                              size=size, batch_size=batch, decode_threads=workers, pooling=pool,
-                             device=device, resume=resume, strict=strict, revision=revision)
+                             device=device, resume=resume, strict=strict, revision=revision,
+                             progress=show_progress(quiet))
     with user_errors():
         if dry_run:
             estimate = estimate_featurize(config)

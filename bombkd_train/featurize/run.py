@@ -22,7 +22,6 @@ and listed in the manifest's ``suspect``; with ``--strict`` it is left out and l
 """
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -172,7 +171,7 @@ class _Run:
             r: state.models[r] for r in self.backbones}).total)
         total = sum(count for _, _, count, _ in todo) + (0 if state.final else state.remaining())
         with tqdm(total=total, unit="clips", desc=f"featurize {cfg.dataset}-{cfg.split}",
-                  disable=None, dynamic_ncols=True) as self.bar:
+                  disable=not cfg.progress, dynamic_ncols=True) as self.bar:
             for k, start, count, redo in todo:
                 self._shard(k, start, count, redo, known=True)
             if not state.final:
@@ -183,7 +182,7 @@ class _Run:
         # the video package maps "cpu" / "cuda[:N]" to its decoder device itself
         self.ok, self.infos, failed = probe_index(  # ok pos -> index pos, and their infos
             self.index, range(len(self.index.items)), self.config.device,
-            progress=sys.stderr.isatty())
+            progress=self.config.progress)
         warned = [(info.path, list(info.warnings)) for info in self.infos if info.warnings]
         self.state.set_probe(self.ok, failed, warned)
         self.loaders: dict[Need, ClipLoader] = {}

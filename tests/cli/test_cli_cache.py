@@ -45,7 +45,8 @@ def test_inspect_errors(tmp_path):
     result = run("inspect", tmp_path / "missing")
     assert result.exit_code == 2 and "error:" in result.output and "missing" in result.output
     result = run("inspect", GOLDEN, "--split", "test")
-    assert result.exit_code == 2 and "golden-train.index.json" in result.output
+    assert result.exit_code == 2 and "no split 'test' in this cache" in result.output
+    assert "it has train (golden)" in result.output
 
 
 def test_import_cache(tmp_path):
