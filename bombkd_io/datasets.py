@@ -52,6 +52,8 @@ VIDEO_EXTS = (".avi", ".mp4", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", 
 
 @dataclass(frozen=True)
 class VideoItem:
+    """One video of a split, with its class."""
+
     path: str          # absolute path
     label: int         # class id, stable
     class_name: str
@@ -63,6 +65,8 @@ MAX_CLASSES = 100_000   # a numeric label column naming more classes is a broken
 
 @dataclass
 class VideoIndex:
+    """A split's videos in split-file order (``index_dataset``), and its class names."""
+
     dataset: str
     split: str
     root: str

@@ -10,6 +10,7 @@ They subclass the builtin type a caller would expect, so ``except ValueError`` s
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ class BombkdError(Exception):
 class VideoError(BombkdError, ValueError):
     """A video that cannot be opened or decoded."""
 
-    def __init__(self, path, reason: str, fix: str = "re-encode or remove the file"):
+    def __init__(self, path: str | os.PathLike, reason: str, fix: str = "re-encode or remove the file"):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason} ({fix})")
 
@@ -36,7 +37,7 @@ class DatasetError(BombkdError, ValueError):
 class ShardError(BombkdError, ValueError):
     """A feature shard that is missing, truncated or corrupt."""
 
-    def __init__(self, shard, reason: str, sample: str | None = None,
+    def __init__(self, shard: str | os.PathLike, reason: str, sample: str | None = None,
                  fix: str = "re-run `bombkd featurize --resume`, or pass --on-error skip"):
         self.shard, self.sample, self.reason = str(shard), sample, reason
         where = f"{shard} (sample {sample})" if sample else f"{shard}"

@@ -59,7 +59,7 @@ class CachedFeatureDataset(IterableDataset):
     "key": [str], "index": int64 [B]}`` (+ one entry per teacher in ``models``) from a
     format-1 cache."""
 
-    def __init__(self, root, split: str, *, models: Sequence[str] = ("student",),
+    def __init__(self, root: str | Path, split: str, *, models: Sequence[str] = ("student",),
                  batch_size: int = 8, seed: int = 0, dataset: str | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  on_error: str = "raise"):
@@ -99,12 +99,15 @@ class CachedFeatureDataset(IterableDataset):
 
     @property
     def num_shards(self) -> int:
+        """Shards per model in this split."""
         return len(self.entries["student"].shards)
 
     def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration yield ``epoch``'s batches (their order depends on it)."""
         self.epoch = epoch
 
     def check_streams(self, num_workers: int) -> None:
+        """Refuse, naming the cache, a split with fewer shards than ranks x ``num_workers``."""
         check_streams(self.num_shards, self.world_size, num_workers, where=f"cache {self.root}")
 
     def plan(self, epoch: int, worker: int, num_workers: int) -> tuple[list[int], list[int]]:
@@ -336,9 +339,11 @@ class CachedLoader:
                                  worker_init_fn=DieWithParent() if num_workers else None)
 
     def set_epoch(self, epoch: int) -> None:
+        """Call before iterating each epoch: the batches of epoch ``epoch`` come next."""
         self.dataset.set_epoch(epoch)
 
     def num_batches(self, epoch: int | None = None) -> int:
+        """Batches this rank gets in ``epoch`` (default: the current one) before any skip."""
         return sum(self._planned(self.dataset.epoch if epoch is None else epoch))
 
     def _planned(self, epoch: int) -> list[int]:
@@ -375,15 +380,20 @@ class CachedLoader:
         return sum(self._skipped.values())
 
 
-def make_cached_loader(root, split: str, *, models: Sequence[str] = ("student",),
+def make_cached_loader(root: str | Path, split: str, *, models: Sequence[str] = ("student",),
                        batch_size: int = 8, seed: int = 0, num_workers: int = 1,
                        rank: int | None = None, world_size: int | None = None,
                        pin_memory: bool | None = None, on_error: str = "raise",
                        dataset: str | None = None) -> CachedLoader:
     """The cached-mode loader: ``loader.set_epoch(e)``, then iterate batch dicts.
 
-    ``pin_memory`` defaults to ``torch.cuda.is_available()``; ``rank``/``world_size`` default to
-    torch.distributed's when it is initialised.
+    ``root`` is the cache folder (or URL) holding ``{dataset}-{split}.index.json`` (``dataset``:
+    needed only where it holds several); ``models``: ``"student"`` plus any teachers to batch
+    with it. Each batch is ``{"student": [B, T', D] in the cache's dtype, "label": int64 [B],
+    "key": [str], "index": int64 [B]}`` plus one tensor per teacher: cast on the device
+    (``.to(device).float()``). ``pin_memory`` defaults to ``torch.cuda.is_available()``;
+    ``rank``/``world_size`` default to torch.distributed's when it is initialised. ``on_error``:
+    ``"raise"`` on a bad shard or sample, or ``"skip"`` it with a warning (``loader.skipped``).
     """
     ds = CachedFeatureDataset(root, split, models=models, batch_size=batch_size, seed=seed,
                               dataset=dataset, rank=rank, world_size=world_size,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class VideoBatch:
+    """One batch of ``VideoClipLoader``: the clips and, per clip, its sample index, key, label."""
+
     clips: torch.Tensor   # uint8 [B, T, S, S, 3], on the GPU for device "gpu"
     index: list[int]      # sample indices (positions in the plan), one per clip
     keys: list[str]       # the cache's key of each clip's video
@@ -48,7 +51,7 @@ class VideoClipLoader:
     the clip the model consumes (frames, size) is known.
     """
 
-    def __init__(self, dataset: str, root, split: str, *, batch_size: int = 8, seed: int = 0,
+    def __init__(self, dataset: str, root: str | Path, split: str, *, batch_size: int = 8, seed: int = 0,
                  shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1, rank: int = 0,
                  world_size: int = 1, device: str = "cpu", exclude: Collection[str] = ()):
         from bombkd_io.video import probe_index  # video mode only: PyAV stays out of cached mode
@@ -90,9 +93,11 @@ class VideoClipLoader:
 
     @property
     def num_samples(self) -> int:
+        """The split's decodable videos, less those ``exclude`` named: the plan's samples."""
         return len(self.positions)
 
     def set_epoch(self, epoch: int) -> None:
+        """Call before iterating each epoch: the batches of epoch ``epoch`` come next."""
         self.epoch = epoch
 
     def plan(self, epoch: int) -> list[np.ndarray]:
@@ -102,6 +107,7 @@ class VideoClipLoader:
                              num_workers=self.num_workers)
 
     def num_batches(self, epoch: int | None = None) -> int:
+        """Batches this rank gets in ``epoch`` (default: the current one) before any skip."""
         return len(self.plan(self.epoch if epoch is None else epoch))
 
     @property

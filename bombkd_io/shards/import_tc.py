@@ -77,7 +77,7 @@ class Source:
     counts: dict[Path, int] = field(default_factory=dict)
 
 
-def import_tc_cache(src, out, *, split: str | None = None, dataset: str | None = None,
+def import_tc_cache(src: str | Path, out: str | Path, *, split: str | None = None, dataset: str | None = None,
                     trust_pickle: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
                     dtype: str | None = None, progress: bool = False) -> Manifest:
     """Convert ``src`` into ``{dataset}-{split}`` format-1 shards under ``out``; its manifest.

@@ -47,6 +47,8 @@ class ShardEntry:
 
 @dataclass
 class ModelEntry:
+    """One model's shard set in a manifest: the backbone and clip it came from, its shards."""
+
     name: str      # role: "student" or a teacher name
     backbone: str  # registry name or hub id the features came from
     dim: int       # D
@@ -67,10 +69,12 @@ class ModelEntry:
 
     @property
     def count(self) -> int:
+        """Samples in this model's shards."""
         return sum(s.count for s in self.shards)
 
     @property
     def bytes(self) -> int:
+        """Bytes of this model's shard files."""
         return sum(s.bytes for s in self.shards)
 
     def to_json(self, shards: list | dict | None = None) -> dict:
@@ -93,7 +97,7 @@ class ModelEntry:
                    _int(data["frames"]), _int(data["size"]), _str(data["pooling"]),
                    _str(data["dtype"]), list(shards), **optional)
 
-    def contradictions(self, **wanted) -> dict[str, tuple]:
+    def contradictions(self, **wanted: object) -> dict[str, tuple]:
         """The fields whose recorded value is not the ``wanted`` one, as ``field -> (recorded,
         wanted)``: what a new run would contradict. A ``wanted`` None takes any value, and so
         does a field a manifest did not record (None)."""
@@ -120,6 +124,8 @@ def _optional(value, kind: str):
 
 @dataclass
 class Manifest:
+    """A split's cache, as ``{dataset}-{split}.index.json`` records it (FORMAT.md)."""
+
     dataset: str
     split: str
     classes: list[str]
@@ -140,6 +146,7 @@ class Manifest:
         return self.models[name]
 
     def to_json(self) -> dict:
+        """The manifest file's JSON document (``save_manifest`` writes it)."""
         out = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "dataset": self.dataset,
                "split": self.split, "classes": list(self.classes), "shard_size": self.shard_size,
                "count": self.count, "labels": self.labels,

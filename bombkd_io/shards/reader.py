@@ -66,7 +66,7 @@ class ShardData:
     present: np.ndarray       # bool [N]
 
 
-def read_shard(url, entry: ShardEntry, model: ModelEntry, *, labels: bool,
+def read_shard(url: str | Path, entry: ShardEntry, model: ModelEntry, *, labels: bool,
                classes: int | None = None, policy: ErrorPolicy | None = None,
                buffer: np.ndarray | None = None) -> ShardData:
     """Read one shard whole into ``[count, T', D]`` (the hot path of the cached loader).

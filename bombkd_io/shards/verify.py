@@ -30,7 +30,7 @@ def verify_shard(path, entry: ShardEntry) -> bool:
     return count == entry.count
 
 
-def verify_cache(root, manifest: Manifest, *, progress: bool = True) -> list[str]:
+def verify_cache(root: str | Path, manifest: Manifest, *, progress: bool = True) -> list[str]:
     """Re-hash every shard and decode every sample; one line per problem (empty: all good).
 
     Memory: one shard per model at a time.

@@ -15,6 +15,7 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import webdataset as wds
 
 from bombkd_io.atomic import commit, discard, folder_problem
@@ -74,7 +75,7 @@ class ShardSetWriter:
     ``ShardEntry`` list for the manifest. ``start_shard`` continues a set (``--resume``).
     """
 
-    def __init__(self, root, dataset: str, split: str, model: str, shard_size: int,
+    def __init__(self, root: str | Path, dataset: str, split: str, model: str, shard_size: int,
                  dtype: str = "float16", *, start_shard: int = 0):
         problems = name_problems((dataset, "dataset"), (split, "split"), (model, "model"))
         if problem := folder_problem(root, "--out"):
@@ -92,7 +93,10 @@ class ShardSetWriter:
         self._next, self._tar, self._file, self._count = start_shard, None, None, 0
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def write(self, key: str, features, extra: dict | None = None) -> None:
+    def write(self, key: str, features: npt.ArrayLike, extra: dict | None = None) -> None:
+        """Append sample ``key``: ``features`` ``[T', D]`` (stored in the set's dtype; a value it
+        cannot hold is an error naming the sample), and for the student ``extra``
+        ``{"cls": label, "json": metadata}``; a full shard is closed and the next one begun."""
         check_key(key, self.model)
         source = np.asarray(features)
         with np.errstate(over="ignore"):  # overflow is checked just below, naming the sample

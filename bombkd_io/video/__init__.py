@@ -22,21 +22,11 @@ See DECODERS.md for the routing table and the measured DALI-vs-PyAV differences.
 Importing the package loads neither DALI nor PyAV: a name below imports its module on first use,
 so ``bombkd_train`` reads devices through ``route.py`` without loading the decoders.
 """
-from importlib import import_module
+from bombkd_io.lazy import lazy_exports
 
-_MODULES = {
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "route": ("DECODED_BY", "DecodeCaps", "Route", "cuda_index", "dali_device", "device_caps", "is_cuda",
               "nvdec_caps", "parse_device", "route_for"),
     "probe": ("VideoInfo", "probe_index", "probe_video", "probe_videos"),
     "clips": ("BACKENDS", "ClipBatch", "ClipLoader", "decode_clip", "decoder_of"),
-}
-_HOME = {name: module for module, names in _MODULES.items() for name in names}
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name: str):
-    if name not in _HOME:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(f"{__name__}.{_HOME[name]}"), name)
-    globals()[name] = value         # the next lookup finds it without this function
-    return value
+})

@@ -32,6 +32,8 @@ BACKENDS = ("dali", "pyav")
 
 @dataclass
 class ClipBatch:
+    """One batch of ``ClipLoader``: the clips that decoded, and what happened to the others."""
+
     positions: list[int]                  # positions (in the loader's videos) that decoded
     clips: torch.Tensor                   # uint8 [B, T, S, S, 3], on the GPU for device "gpu"
     frame_indices: list[np.ndarray]       # per clip, int64 [T]

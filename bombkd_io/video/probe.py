@@ -34,6 +34,8 @@ TEXT_FORMATS = frozenset({"tty", "bin", "idf", "xbin", "adf"})
 
 @dataclass(frozen=True)
 class VideoInfo:
+    """What ``probe_video`` found: the stream, and the decoder it routes to on a device."""
+
     path: str           # absolute path
     codec: str          # FFmpeg codec name, e.g. "vp9", "h264"
     width: int

@@ -1,9 +1,8 @@
 """Cached mode runs with nothing but the core dependencies; video mode without its extra fails
 with one line naming the extra to install.
 
-The child process refuses every import of DALI, PyAV, transformers, Pillow and matplotlib (a
-``sys.meta_path`` finder raising ModuleNotFoundError, as for a package that is not installed),
-then runs the cached-mode commands, then video-mode ones.
+The child process refuses every import of DALI, PyAV, transformers, Pillow and matplotlib
+(``places.NO_EXTRAS``: as for a package that is not installed), then runs the cached-mode commands, then video-mode ones.
 """
 from __future__ import annotations
 
@@ -14,20 +13,11 @@ import sys
 import pytest
 
 from bombkd_io.errors import MissingExtraError, needs_extra
-from places import child_env
+from places import NO_EXTRAS, child_env
 
-CHILD = r'''
-import importlib.abc, json, sys, tempfile
+CHILD = NO_EXTRAS + r'''
+import json, tempfile
 from pathlib import Path
-
-BLOCKED = {"nvidia", "av", "transformers", "PIL", "matplotlib"}
-
-class NotInstalled(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-
-sys.meta_path.insert(0, NotInstalled())
 
 from typer.testing import CliRunner
 from bombkd_train.cli.main import app
