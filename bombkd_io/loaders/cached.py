@@ -6,11 +6,14 @@ with ``shard_order`` and cuts the stream into the batch sizes of that plan, so t
 copied twice: read into a reused shard buffer (the next shard is read in a thread while batches
 are cut from this one), then one gather per model and batch into the batch tensor. Batches keep
 the cache's dtype: the consumer casts on its device (``.to(device).float()``), which halves host
-memory traffic and PCIe bytes for fp16 caches and changes no value. Large batches cross from a
-worker in shared memory, small ones as bytes in the pipe, in groups (the DataLoader runs with
-``batch_size=None`` and only carries them). Memory is bounded by two shards per model plus the
-batches in flight, whatever the split's size. Workers die with the process that iterates the
-loader, also when it is killed (``bombkd_io.workers``).
+memory traffic and PCIe bytes for fp16 caches and changes no value. From a worker, small
+batches cross as bytes in the pipe, in groups (the DataLoader runs with ``batch_size=None`` and
+only carries them); large ones are gathered into a slot of a ring of shared buffers the loader
+made once per worker, and only the slot's number crosses; the loader frees a slot when no
+tensor views its batch any more, and a worker with no free slot sends fresh shared memory
+(``bombkd_io.loaders.handover``). Memory is bounded by two shards per model, plus the ring in
+workers, whatever the split's size. Workers die with the process that iterates the loader,
+also when it is killed (``bombkd_io.workers``).
 """
 from __future__ import annotations
 
@@ -27,8 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, ShardError
-from bombkd_io.loaders.handover import (SHM_BYTES, TORCH_DTYPES, BatchRing, Slot, WorkerAlloc,
-                                        ring_bytes)
+from bombkd_io.loaders.handover import TORCH_DTYPES, BatchRing, WorkerAlloc, received, ring_bytes
 from bombkd_io.names import locate
 from bombkd_io.sampling import check_streams, shard_order, stream_plan
 from bombkd_io.shards.codec import DTYPES
@@ -213,19 +215,17 @@ class CachedFeatureDataset(IterableDataset):
             "key": [d["student"].keys[i] for _, d, p in pieces for i in p],
             "skipped": (self.worker, self.policy.samples)}  # this worker's count so far
 
-    def unpack(self, packed: dict, pin_memory: bool = False, ring: BatchRing | None = None) -> dict:
+    def unpack(self, packed: dict, pin_memory: bool = False,
+               ring: BatchRing | None = None) -> dict:
         """The batch dict of a packed batch: features ``[B, T', D]`` in the cache dtype (copied
         into pinned memory if asked and not there yet), labels and indices int64. ``ring``: the
         one the batch's worker wrote into."""
         b = len(packed["key"])
         batch = {}
         for name, entry in self.entries.items():
-            rows = packed["features"][name]
-            if isinstance(rows, Slot):  # a large batch from a worker, in its ring slot
-                dtype = TORCH_DTYPES[entry.dtype]
-                rows = ring.view(rows, b * entry.tokens * entry.dim * dtype.itemsize, dtype)
-            elif not torch.is_tensor(rows):  # a small batch from a worker: bytes from the pipe
-                rows = _tensor(rows, TORCH_DTYPES[entry.dtype])
+            dtype = TORCH_DTYPES[entry.dtype]
+            nbytes = b * entry.tokens * entry.dim * dtype.itemsize
+            rows = received(packed["features"][name], nbytes, dtype, ring)
             rows = rows.view(b, entry.tokens, entry.dim)  # [B, T', D]
             if pin_memory and not rows.is_pinned():
                 rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows)
@@ -250,11 +250,6 @@ def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -
 
 def _as_is(item):
     return item
-
-
-def _tensor(buf: bytes, dtype: torch.dtype) -> torch.Tensor:
-    """A flat tensor over ``buf`` (``torch.frombuffer`` refuses an empty buffer)."""
-    return torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
 
 
 def _groups(items: Iterator, size: int) -> Iterator[list]:

@@ -8,9 +8,11 @@ of ``slots`` shared buffers per worker, each as large as a full batch, and a sha
 slots that are taken. A worker takes a free slot of its own row, marks it taken, gathers into it
 and sends only ``Slot(worker, slot, offset)`` per model; the loader's process makes the batch
 tensors as views of its own mapping of that slot (no copy, no mapping) and marks the slot free
-again once no tensor views it any more (its storage's use count is back to the ring's own). A
-worker never waits for a slot: with none free (the consumer holds its batches) it sends a fresh
-shared tensor, so a slot is never written while anything in the loader's process can see it.
+again once no tensor views it any more (its storage's use count is back to the ring's own:
+tensor views hold the storage, not the Python tensor, so Python reference counts cannot tell).
+A worker never waits for a slot: with none free (the consumer holds its batches) it sends a
+fresh shared tensor, so a slot is never written while anything in the loader's process can see
+it. A worker's memory is its two shards plus its ring, however many batches are in flight.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ import torch
 SHM_BYTES = 1 << 20  # a worker's batch features at least this large go over shared memory
 ALIGN = 64  # each model's features in a slot start at a multiple of this
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+# the storage use count comes from a private torch function; without it, no ring
+RING_WORKS = hasattr(torch._C, "_storage_Use_Count")
 
 
 class Slot(NamedTuple):
@@ -119,6 +123,18 @@ class WorkerAlloc:
         return out, out.numpy()
 
 
+def received(sent, nbytes: int, dtype: torch.dtype, ring: BatchRing | None) -> torch.Tensor:
+    """What ``WorkerAlloc`` sent (or a tensor made in process), as a tensor in this process:
+    a view of a ``ring`` slot, a shared tensor, or a flat tensor over the pipe's bytes."""
+    if isinstance(sent, Slot):
+        return ring.view(sent, nbytes, dtype)
+    if torch.is_tensor(sent):
+        return sent
+    # torch.frombuffer refuses an empty buffer
+    return torch.frombuffer(sent, dtype=dtype) if sent else torch.empty(0, dtype=dtype)
+
+
 def ring_bytes(batch_bytes: list[int]) -> int:
-    """A slot's size: the full-batch bytes of every model that goes over shared memory."""
-    return sum(-(-n // ALIGN) * ALIGN for n in batch_bytes if n >= SHM_BYTES)
+    """A slot's size: the full-batch bytes of every model that goes over shared memory (0: no
+    ring, also when this torch cannot count a storage's uses)."""
+    return RING_WORKS * sum(-(-n // ALIGN) * ALIGN for n in batch_bytes if n >= SHM_BYTES)

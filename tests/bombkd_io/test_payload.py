@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bombkd_io.loaders import cached
+from bombkd_io.loaders import cached, handover
 from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, load_manifest, save_manifest
@@ -85,7 +85,7 @@ def test_batches_are_the_stored_bytes_in_plan_order(request, cache, workers):
     # from a worker, large features arrive in shared memory, small ones as bytes
     for b in held:
         for name in ("student", "t"):
-            assert b[name].is_shared() == (workers > 0 and b[name].nbytes >= cached.SHM_BYTES)
+            assert b[name].is_shared() == (workers > 0 and b[name].nbytes >= handover.SHM_BYTES)
     if workers and cache == "large":  # both paths taken: full batches, and a 1-sample one
         assert {b["student"].is_shared() for b in held} == {True, False}
 
@@ -101,7 +101,7 @@ def test_worker_ring_slots_are_reused_only_once_dropped(large):
         loader.set_epoch(epoch)
         for i, b in enumerate(loader):
             check_exact([b], want)  # as it arrives: nothing wrote into its slot before
-            if b["student"].nbytes >= cached.SHM_BYTES:
+            if b["student"].nbytes >= handover.SHM_BYTES:
                 slots.add(b["student"].untyped_storage().data_ptr())
             if i % 2:
                 held.append(b)
