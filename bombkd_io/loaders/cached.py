@@ -6,11 +6,14 @@ with ``shard_order`` and cuts the stream into the batch sizes of that plan, so t
 copied twice: read into a reused shard buffer (the next shard is read in a thread while batches
 are cut from this one), then one gather per model and batch into the batch tensor. Batches keep
 the cache's dtype: the consumer casts on its device (``.to(device).float()``), which halves host
-memory traffic and PCIe bytes for fp16 caches and changes no value. Large batches cross from a
-worker in shared memory, small ones as bytes in the pipe, in groups (the DataLoader runs with
-``batch_size=None`` and only carries them). Memory is bounded by two shards per model plus the
-batches in flight, whatever the split's size. Workers die with the process that iterates the
-loader, also when it is killed (``bombkd_io.workers``).
+memory traffic and PCIe bytes for fp16 caches and changes no value. From a worker, small
+batches cross as bytes in the pipe, in groups (the DataLoader runs with ``batch_size=None`` and
+only carries them); large ones are gathered into a slot of a ring of shared buffers the loader
+made once per worker, and only the slot's number crosses; the loader frees a slot when no
+tensor views its batch any more, and a worker with no free slot sends fresh shared memory
+(``bombkd_io.loaders.handover``). Memory is bounded by two shards per model, plus the ring in
+workers, whatever the split's size. Workers die with the process that iterates the loader,
+also when it is killed (``bombkd_io.workers``).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, ShardError
+from bombkd_io.loaders.handover import TORCH_DTYPES, BatchRing, WorkerAlloc, received, ring_bytes
 from bombkd_io.names import locate
 from bombkd_io.sampling import check_streams, shard_order, stream_plan
 from bombkd_io.shards.codec import DTYPES
@@ -34,10 +38,9 @@ from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
 from bombkd_io.shards.reader import BufferPool, ShardData, read_shard
 from bombkd_io.workers import DieWithParent
 
-_TORCH = {"float16": torch.float16, "float32": torch.float32}
 GROUP = 8  # batches per worker-to-loader transfer: amortises the DataLoader's per-item cost
 GROUP_BYTES = 4 << 20  # ... but a group of more than one batch holds at most this many bytes
-SHM_BYTES = 1 << 20  # a worker's batch features at least this large go over shared memory
+RING_SLOTS = 3  # ring slots per worker beyond the DataLoader's prefetch_factor (see handover)
 
 
 BATCH_BUFFERS = 4  # reused batch buffers in process (more are allocated while batches are held)
@@ -93,6 +96,7 @@ class CachedFeatureDataset(IterableDataset):
         self.group = 0  # > 0: yield lists of `group` packed batches, the loader unpacks them
         self.pin_memory = False  # in process: gather straight into pinned memory
         self._pools: dict[str, BufferPool] = {}  # reused across epochs (fresh pages are slow)
+        self.ring: BatchRing | None = None  # large batches from workers (``CachedLoader``)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pools": {}}  # a worker started by spawn makes its own
@@ -121,10 +125,15 @@ class CachedFeatureDataset(IterableDataset):
                            worker=worker, num_workers=num_workers)
 
     @property
+    def model_batch_bytes(self) -> list[int]:
+        """Feature bytes of a full batch, per model."""
+        return [self.batch_size * e.tokens * e.dim * DTYPES[e.dtype].itemsize
+                for e in self.entries.values()]
+
+    @property
     def batch_bytes(self) -> int:
         """Feature bytes of a full batch, all models."""
-        return self.batch_size * sum(e.tokens * e.dim * DTYPES[e.dtype].itemsize
-                                     for e in self.entries.values())
+        return sum(self.model_batch_bytes)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -132,8 +141,8 @@ class CachedFeatureDataset(IterableDataset):
         shards, sizes = self.plan(self.epoch, worker, num_workers)
         self.policy, self.worker = self.policy.fresh(), worker  # per epoch
         batch_pool = self._pools.setdefault("", BufferPool(BATCH_BUFFERS))  # "": the batches
-        alloc = _in_worker if info else functools.partial(_in_process, batch_pool,
-                                                          pin=self.pin_memory)
+        alloc = (functools.partial(WorkerAlloc, self.ring, worker) if info else  # per batch
+                 lambda: functools.partial(_in_process, batch_pool, pin=self.pin_memory))
         stream = self._read(shards)              # (k, {model: ShardData}) per shard, one ahead
         stream = self._permute(stream)           # (k, data, positions in shard_order)
         batches = _cut(stream, sizes)            # [(k, data, positions), ...] per batch
@@ -183,7 +192,7 @@ class CachedFeatureDataset(IterableDataset):
 
     def _pack(self, pieces: list[Piece], alloc) -> dict | None:
         """One batch: each model's rows copied once, from the shard buffers into memory from
-        ``alloc`` (``_in_process``, ``_in_worker``), in the cache dtype.
+        ``alloc()`` (``_in_process``, ``handover.WorkerAlloc``), in the cache dtype.
 
         A row is a whole sample, contiguous in the shard: numpy copies it with one memcpy and no
         thread pool (torch's ``index_select`` on a busy 2-core machine, and numpy's fancy
@@ -195,7 +204,7 @@ class CachedFeatureDataset(IterableDataset):
             return None  # every sample of the batch was skipped (on_error="skip")
         # Under DDP an empty batch still goes through: every rank must take every step.
         size, b = self.manifest.shard_size, sum(len(p) for _, _, p in pieces)
-        features = {}
+        features, alloc = {}, alloc()
         for name, entry in self.entries.items():
             sent, out = alloc((b, entry.tokens, entry.dim), DTYPES[entry.dtype])  # [B, T', D]
             rows = (d[name].features[i] for _, d, p in pieces for i in p.tolist())
@@ -210,15 +219,17 @@ class CachedFeatureDataset(IterableDataset):
             "key": [d["student"].keys[i] for _, d, p in pieces for i in p],
             "skipped": (self.worker, self.policy.samples)}  # this worker's count so far
 
-    def unpack(self, packed: dict, pin_memory: bool = False) -> dict:
+    def unpack(self, packed: dict, pin_memory: bool = False,
+               ring: BatchRing | None = None) -> dict:
         """The batch dict of a packed batch: features ``[B, T', D]`` in the cache dtype (copied
-        into pinned memory if asked and not there yet), labels and indices int64."""
+        into pinned memory if asked and not there yet), labels and indices int64. ``ring``: the
+        one the batch's worker wrote into."""
         b = len(packed["key"])
         batch = {}
         for name, entry in self.entries.items():
-            rows = packed["features"][name]
-            if not torch.is_tensor(rows):  # a small batch from a worker: bytes from the pipe
-                rows = _tensor(rows, _TORCH[entry.dtype])
+            dtype = TORCH_DTYPES[entry.dtype]
+            nbytes = b * entry.tokens * entry.dim * dtype.itemsize
+            rows = received(packed["features"][name], nbytes, dtype, ring)
             rows = rows.view(b, entry.tokens, entry.dim)  # [B, T', D]
             if pin_memory and not rows.is_pinned():
                 rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows)
@@ -234,33 +245,15 @@ def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -
     allocator (it reuses a block once the batch using it is freed and its copies are done),
     else a buffer of ``pool``, reused once the batch that viewed it is dropped."""
     if pin:
-        out = torch.empty(shape, dtype=_TORCH[dtype.name], pin_memory=True)
+        out = torch.empty(shape, dtype=TORCH_DTYPES[dtype.name], pin_memory=True)
         return out, out.numpy()
     nbytes = math.prod(shape) * dtype.itemsize
     view = pool.take(nbytes)[:nbytes].view(dtype).reshape(shape)
     return torch.from_numpy(view), view
 
 
-def _in_worker(shape: tuple, dtype: np.dtype) -> tuple:
-    """(what crosses to the loader's process, the numpy view to fill): large features in a
-    shared-memory tensor (passed as a file descriptor, never copied), small ones in a
-    bytearray that the pipe carries in the batch's one pickle (below ``SHM_BYTES`` a
-    shared-memory segment costs more than the copy)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes >= SHM_BYTES:
-        out = torch.empty(shape, dtype=_TORCH[dtype.name]).share_memory_()
-        return out, out.numpy()
-    buf = bytearray(nbytes)
-    return buf, np.frombuffer(buf, dtype).reshape(shape)
-
-
 def _as_is(item):
     return item
-
-
-def _tensor(buf: bytes, dtype: torch.dtype) -> torch.Tensor:
-    """A flat tensor over ``buf`` (``torch.frombuffer`` refuses an empty buffer)."""
-    return torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
 
 
 def _groups(items: Iterator, size: int) -> Iterator[list]:
@@ -330,6 +323,7 @@ class CachedLoader:
         dataset.pin_memory = pin_memory and not num_workers
         self.unpack = functools.partial(dataset.unpack, pin_memory=pin_memory)
         self._skipped: dict[int, int] = {}
+        self._ring: BatchRing | None = None  # made at the first iteration with workers
         # Batches are made whole in the workers; the DataLoader only carries them.
         # collate_fn: the packed groups are final; DataLoader's default conversion would walk
         # every key string of every batch (a third of the in-process loader's time)
@@ -341,6 +335,23 @@ class CachedLoader:
     def set_epoch(self, epoch: int) -> None:
         """Call before iterating each epoch: the batches of epoch ``epoch`` come next."""
         self.dataset.set_epoch(epoch)
+
+    def _take_ring(self) -> BatchRing | None:
+        """The ring this iteration's workers write large batches into (``handover``): made
+        once, with ``prefetch_factor + RING_SLOTS`` slots per worker (those in the queue, the
+        one being gathered, the one the consumer holds and the one before it); None in
+        process, when no model's batch is large, and while another iteration uses it."""
+        nbytes = ring_bytes(self.dataset.model_batch_bytes)
+        if not self.num_workers or not nbytes:
+            return None
+        if self._ring is None:
+            slots = self.loader.prefetch_factor + RING_SLOTS
+            self._ring = BatchRing(self.num_workers, slots, nbytes)
+        if self._ring.busy:
+            return None
+        self._ring.busy = True
+        self._ring.start()
+        return self._ring
 
     def num_batches(self, epoch: int | None = None) -> int:
         """Batches this rank gets in ``epoch`` (default: the current one) before any skip."""
@@ -364,15 +375,23 @@ class CachedLoader:
         """
         self._skipped = {}
         planned = self._planned(self.dataset.epoch)
+        ring = self.dataset.ring = self._take_ring()  # the workers started below inherit it
         groups = iter(self.loader)
         group = self.dataset.group
-        for r in range(-(-max(planned) // group)):
-            round_ = [next(groups) for n in planned if n > r * group]
-            for j in range(group):
-                for packed in (g[j] for g in round_ if j < len(g) and g[j] is not None):
-                    worker, count = packed["skipped"]
-                    self._skipped[worker] = count
-                    yield self.unpack(packed)  # tensors (pinned if asked), in this process
+        try:
+            for r in range(-(-max(planned) // group)):
+                round_ = [next(groups) for n in planned if n > r * group]
+                for j in range(group):
+                    for packed in (g[j] for g in round_ if j < len(g) and g[j] is not None):
+                        worker, count = packed["skipped"]
+                        self._skipped[worker] = count
+                        if ring is not None:
+                            ring.release()  # slots of the batches the consumer dropped
+                        yield self.unpack(packed, ring=ring)  # tensors, in this process
+        finally:
+            del groups  # its workers are stopped and joined: none writes into the ring now
+            if ring is not None:
+                ring.busy = False
 
     @property
     def skipped(self) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from bombkd_io.loaders import cached
+from bombkd_io.loaders import cached, handover
 from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, load_manifest, save_manifest
@@ -85,9 +85,48 @@ def test_batches_are_the_stored_bytes_in_plan_order(request, cache, workers):
     # from a worker, large features arrive in shared memory, small ones as bytes
     for b in held:
         for name in ("student", "t"):
-            assert b[name].is_shared() == (workers > 0 and b[name].nbytes >= cached.SHM_BYTES)
+            assert b[name].is_shared() == (workers > 0 and b[name].nbytes >= handover.SHM_BYTES)
     if workers and cache == "large":  # both paths taken: full batches, and a 1-sample one
         assert {b["student"].is_shared() for b in held} == {True, False}
+
+
+def test_worker_ring_slots_are_reused_only_once_dropped(large):
+    """Large worker batches come in ring slots: reused once the consumer dropped a batch, never
+    while it holds one (every other batch kept over three epochs, and an epoch cut short)."""
+    root, want = large
+    loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B, seed=5,
+                                num_workers=2)
+    held, slots = [], set()
+    for epoch in (0, 1, 2):
+        loader.set_epoch(epoch)
+        for i, b in enumerate(loader):
+            check_exact([b], want)  # as it arrives: nothing wrote into its slot before
+            if b["student"].nbytes >= handover.SHM_BYTES:
+                slots.add(b["student"].untyped_storage().data_ptr())
+            if i % 2:
+                held.append(b)
+        check_exact(held, want)
+    ring = loader._ring
+    assert len(slots) <= sum(map(len, ring.buffers))  # reused, not fresh memory each time
+    stopped = iter(loader)
+    first = next(stopped)
+    del stopped  # its workers are joined; a slot they took but never sent is free again
+    again = list(loader)
+    check_exact(held + [first] + again, want)
+    del first, again
+    ring.release()
+    # taken now: only the slots of the batches still held
+    assert int(ring.taken.sum()) == len(ring.handed) <= len(held)
+
+
+def test_concurrent_iterations_do_not_share_the_ring(large):
+    root, want = large
+    loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
+                                num_workers=2)
+    a, b = iter(loader), iter(loader)
+    got = [x for pair in zip(a, b) for x in pair]  # interleaved: one has the ring, one not
+    check_exact(got, want)
+    assert len(got) == 2 * len(loader)
 
 
 def test_float32_cache_comes_as_float32(tmp_path):
