@@ -1,7 +1,8 @@
 """The backbone registry: named entry points, ``create_backbone`` and ``list_backbones``.
 
-An entry point is a few lines that pick weights (a hub id or a small random config), the clip the
-model consumes and its normalisation. ``create_backbone`` also accepts any Hugging Face hub id
+The built-in names are two tables: ``PRETRAINED`` (hub id, default clip, normalisation) and
+``TINY`` (a small random config of the same architectures, for tests and the demo);
+``register_backbone`` adds any other entry point. ``create_backbone`` also accepts any Hugging Face hub id
 (``org/name``) or a directory written by ``save_pretrained``; the architecture then comes from
 ``config.model_type``.
 """
@@ -66,84 +67,63 @@ def create_backbone(name: str, *, frames: int | None = None, size: int | None = 
 
 
 # --- pretrained models (downloaded from the Hugging Face hub on first use) ---
-
-@register_backbone("vjepa2")
-def vjepa2(*, frames=None, size=None, pool="time", device="cpu",
-           revision=None) -> Backbone:
-    # Pretrained on 64-frame clips; its rotary positions take 16-frame clips as well.
-    return hf.load_pretrained("facebook/vjepa2-vitl-fpc64-256", name="vjepa2",
-                              revision=revision, frames=frames or 16, size=size or 256,
-                              mean=hf.IMAGENET_MEAN, std=hf.IMAGENET_STD, pool=pool, device=device)
-
-
-@register_backbone("videomae")
-def videomae(*, frames=None, size=None, pool="time", device="cpu",
-             revision=None) -> Backbone:
-    return hf.load_pretrained("MCG-NJU/videomae-base", name="videomae",
-                              revision=revision, frames=frames or 16, size=size or 224,
-                              mean=hf.IMAGENET_MEAN, std=hf.IMAGENET_STD, pool=pool, device=device)
+# name -> hub id, default clip (frames, size), normalisation (mean, std). V-JEPA 2 was pretrained
+# on 64-frame clips; its rotary positions take 16-frame clips as well.
+PRETRAINED = {
+    "vjepa2": ("facebook/vjepa2-vitl-fpc64-256", 16, 256, hf.IMAGENET_MEAN, hf.IMAGENET_STD),
+    "videomae": ("MCG-NJU/videomae-base", 16, 224, hf.IMAGENET_MEAN, hf.IMAGENET_STD),
+    "timesformer": ("facebook/timesformer-base-finetuned-k400", 8, 224, hf.KINETICS_MEAN,
+                    hf.KINETICS_STD),
+    "vivit": ("google/vivit-b-16x2-kinetics400", 32, 224, hf.HALF_MEAN, hf.HALF_STD),
+}
 
 
-@register_backbone("timesformer")
-def timesformer(*, frames=None, size=None, pool="time", device="cpu",
-                revision=None) -> Backbone:
-    return hf.load_pretrained("facebook/timesformer-base-finetuned-k400", name="timesformer",
-                              revision=revision, frames=frames or 8, size=size or 224,
-                              mean=hf.KINETICS_MEAN, std=hf.KINETICS_STD, pool=pool, device=device)
+def _pretrained(name: str, hub_id: str, clip_frames: int, clip_size: int, mean,
+                std) -> EntryPoint:
+    """The entry point of one ``PRETRAINED`` model."""
+    def entry(*, frames=None, size=None, pool="time", device="cpu", revision=None) -> Backbone:
+        return hf.load_pretrained(hub_id, name=name, revision=revision,
+                                  frames=frames or clip_frames, size=size or clip_size,
+                                  mean=mean, std=std, pool=pool, device=device)
+    return entry
 
 
-@register_backbone("vivit")
-def vivit(*, frames=None, size=None, pool="time", device="cpu",
-          revision=None) -> Backbone:
-    return hf.load_pretrained("google/vivit-b-16x2-kinetics400", name="vivit",
-                              revision=revision, frames=frames or 32, size=size or 224,
-                              mean=hf.HALF_MEAN, std=hf.HALF_STD, pool=pool, device=device)
+for _name, _spec in PRETRAINED.items():
+    register_backbone(_name)(_pretrained(_name, *_spec))
 
 
 # --- tiny built-ins: same architectures, small configs, fixed random weights, no download ---
 # Widths and token counts differ on purpose (D 96/64/128/80, T' 8/8/16/8) so that converters
 # and fusion are exercised on teachers that do not look like the student.
 
-@register_backbone("tiny-vjepa2")
-def tiny_vjepa2(*, frames=None, size=None, pool="time", device="cpu",
-                revision=None) -> Backbone:
-    from transformers import VJEPA2Config
-    config = VJEPA2Config(crop_size=112, frames_per_clip=16, tubelet_size=2, patch_size=16,
-                          hidden_size=96, num_attention_heads=4, num_hidden_layers=2, mlp_ratio=2.0,
-                          pred_hidden_size=32, pred_num_attention_heads=2, pred_num_hidden_layers=1,
-                          num_pooler_layers=1)
-    return hf.build_random("tiny-vjepa2", config, revision=revision, frames=frames, size=size,
-                           pool=pool, device=device)
+TINY = {  # name -> transformers config class, its settings
+    "tiny-vjepa2": ("VJEPA2Config", dict(
+        crop_size=112, frames_per_clip=16, tubelet_size=2, patch_size=16, hidden_size=96,
+        num_attention_heads=4, num_hidden_layers=2, mlp_ratio=2.0, pred_hidden_size=32,
+        pred_num_attention_heads=2, pred_num_hidden_layers=1, num_pooler_layers=1)),
+    "tiny-videomae": ("VideoMAEConfig", dict(
+        image_size=112, num_frames=16, tubelet_size=2, patch_size=16, hidden_size=64,
+        num_attention_heads=2, num_hidden_layers=2, intermediate_size=128,
+        decoder_hidden_size=32, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+        decoder_intermediate_size=64)),
+    "tiny-timesformer": ("TimesformerConfig", dict(
+        image_size=64, num_frames=16, patch_size=16, hidden_size=128, num_attention_heads=4,
+        num_hidden_layers=2, intermediate_size=256)),
+    "tiny-vivit": ("VivitConfig", dict(
+        image_size=64, num_frames=16, tubelet_size=[2, 16, 16], hidden_size=80,
+        num_attention_heads=4, num_hidden_layers=2, intermediate_size=160)),
+}
 
 
-@register_backbone("tiny-videomae")
-def tiny_videomae(*, frames=None, size=None, pool="time", device="cpu",
-                  revision=None) -> Backbone:
-    from transformers import VideoMAEConfig
-    config = VideoMAEConfig(image_size=112, num_frames=16, tubelet_size=2, patch_size=16,
-                            hidden_size=64, num_attention_heads=2, num_hidden_layers=2,
-                            intermediate_size=128, decoder_hidden_size=32,
-                            decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                            decoder_intermediate_size=64)
-    return hf.build_random("tiny-videomae", config, revision=revision, frames=frames, size=size,
-                           pool=pool, device=device)
+def _tiny(name: str, config_class: str, settings: dict) -> EntryPoint:
+    """The entry point of one ``TINY`` model: fixed random weights of that config."""
+    def entry(*, frames=None, size=None, pool="time", device="cpu", revision=None) -> Backbone:
+        import transformers
+        config = getattr(transformers, config_class)(**settings)
+        return hf.build_random(name, config, revision=revision, frames=frames, size=size,
+                               pool=pool, device=device)
+    return entry
 
 
-@register_backbone("tiny-timesformer")
-def tiny_timesformer(*, frames=None, size=None, pool="time", device="cpu",
-                     revision=None) -> Backbone:
-    from transformers import TimesformerConfig
-    config = TimesformerConfig(image_size=64, num_frames=16, patch_size=16, hidden_size=128,
-                               num_attention_heads=4, num_hidden_layers=2, intermediate_size=256)
-    return hf.build_random("tiny-timesformer", config, revision=revision, frames=frames, size=size,
-                           pool=pool, device=device)
-
-
-@register_backbone("tiny-vivit")
-def tiny_vivit(*, frames=None, size=None, pool="time", device="cpu",
-               revision=None) -> Backbone:
-    from transformers import VivitConfig
-    config = VivitConfig(image_size=64, num_frames=16, tubelet_size=[2, 16, 16], hidden_size=80,
-                         num_attention_heads=4, num_hidden_layers=2, intermediate_size=160)
-    return hf.build_random("tiny-vivit", config, revision=revision, frames=frames, size=size,
-                           pool=pool, device=device)
+for _name, _spec in TINY.items():
+    register_backbone(_name)(_tiny(_name, *_spec))
