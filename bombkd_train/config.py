@@ -62,6 +62,13 @@ def cache_contradictions(student: ModelEntry, shard_size: int, wanted_shard_size
     return found
 
 
+def _revision_problems(revision: str | None) -> list[str]:
+    """An empty ``--revision`` (None: the default branch, or the cache's)."""
+    if revision == "":
+        return ["--revision: empty; name a branch, tag or commit, or leave it out"]
+    return []
+
+
 def _raised(check, *args) -> list[str]:
     """The problems of the ``ConfigError`` that ``check(*args)`` raises ([] if it raises none)."""
     try:
@@ -110,6 +117,7 @@ class DataConfig(_Checked):
     cache: str | None = None       # dali: a feature cache whose plan and student settings to replay
     device: str = "auto"
     on_error: str = "raise"        # wds: a corrupt shard stops the run ("raise") or is skipped
+    revision: str | None = None    # dali: the student's hub revision (default: the cache's)
 
     def problems(self) -> list[str]:
         out = _one_of("--loader", self.loader, LOADERS)
@@ -123,7 +131,7 @@ class DataConfig(_Checked):
         out += _at_least(1, ("--batch", self.batch_size), ("--shard-size", self.shard_size),
                          ("--frames", self.frames), ("--size", self.size))
         out += _at_least(0, ("--workers", self.loader_workers))
-        return out + _device_problems(self.device)
+        return out + _revision_problems(self.revision) + _device_problems(self.device)
 
 
 @dataclass
@@ -196,8 +204,7 @@ class FeaturizeConfig(_Checked):
     def problems(self) -> list[str]:
         p = [f"--{name} is required" for name in ("dataset", "root", "split", "student", "out")
              if not getattr(self, name)]
-        if self.revision == "":
-            p.append("--revision: empty; name a branch, tag or commit, or leave it out")
+        p += _revision_problems(self.revision)
         if self.split and (problem := name_problem(self.split, "split")):
             p.append(f"--split: {problem}")
         if self.dataset:

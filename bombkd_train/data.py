@@ -32,7 +32,7 @@ from bombkd_train.runtime import decode_threads_for, model_threads, parity_setti
 
 # the argument that sets each field a cache records of its student and shards
 CACHE_FLAGS = {"shard_size": "--shard-size", "frames": "--frames", "size": "--size",
-               "pooling": "--pool"}
+               "pooling": "--pool", "revision": "--revision"}
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _check_cache(cfg: DataConfig, manifest, where) -> None:
     manifest ``manifest``)."""
     found = cache_contradictions(manifest.models["student"], manifest.shard_size, cfg.shard_size,
                                  backbone=cfg.student or None, frames=cfg.frames, size=cfg.size,
-                                 pooling=cfg.pooling)
+                                 pooling=cfg.pooling, revision=cfg.revision)
     problems = []
     for key, (have, want) in found.items():
         if key == "backbone":
@@ -118,7 +118,7 @@ def _replayed(cfg: DataConfig, split: str) -> tuple[DataConfig, Any]:
         _check_cache(cfg, manifest, cfg.cache)
         entry = manifest.models["student"]
         cfg = replace(cfg, shard_size=manifest.shard_size, frames=entry.frames, size=entry.size,
-                      pooling=entry.pooling)
+                      pooling=entry.pooling, revision=cfg.revision or entry.revision)
     return replace(cfg, shard_size=cfg.shard_size or DEFAULT_SHARD_SIZE, frames=cfg.frames or 16,
                    pooling=cfg.pooling or "time"), manifest
 
@@ -132,8 +132,9 @@ def _video(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSo
                                 batch_size=cfg.batch_size, seed=cfg.seed,
                                 shard_size=cfg.shard_size, num_workers=cfg.loader_workers,
                                 rank=rank, world_size=world_size, device=cfg.device,
-                                exclude=exclude)
-    problems = _index_mismatches(cfg, split, loader, manifest) if manifest else []
+                                exclude=exclude, revision=cfg.revision)
+    problems = (_index_mismatches(cfg, split, loader, manifest) +
+                _weights_mismatch(cfg, loader.backbone, manifest)) if manifest else []
     if problems:
         loader.close()
         raise ConfigError(problems)
@@ -164,6 +165,18 @@ def _index_mismatches(cfg: DataConfig, split: str, loader, manifest) -> list[str
         problems.append(f"{loader.num_samples} {split} videos in {cfg.root} decode, the cache "
                         f"{cache} holds {manifest.count} samples")
     return problems + [fix] if problems else []
+
+
+def _weights_mismatch(cfg: DataConfig, backbone, manifest) -> list[str]:
+    """Why the student this run loaded is not the one the ``--cache`` was featurized with (its
+    recorded ``weights``; a cache that recorded none is not compared)."""
+    found = manifest.models["student"].contradictions(weights=backbone.weights)
+    if not found:
+        return []
+    have, want = found["weights"]
+    return [f"--student {cfg.student}: its weights are {want}, the cache {cfg.cache} was "
+            f"featurized with {have}; load those weights (--revision, or the same folder), or "
+            "featurize again"]
 
 
 def _warn_other_decoders(cfg: DataConfig, loader, manifest) -> None:
@@ -207,14 +220,14 @@ class VideoFeatureLoader(VideoClipLoader):
                  seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1,
                  rank: int = 0, world_size: int = 1, device: str = "cpu",
                  decode_threads: int | None = None, prefetch: int = 2,
-                 exclude: Collection[str] = ()):
+                 exclude: Collection[str] = (), revision: str | None = None):
         from bombkd_train.backbones import create_backbone  # pulls in DALI: video mode only
 
         super().__init__(dataset, root, split, batch_size=batch_size, seed=seed,
                          shard_size=shard_size, num_workers=num_workers, rank=rank,
                          world_size=world_size, device=device, exclude=exclude)
         self.backbone = create_backbone(student, frames=frames, size=size, pool=pooling,
-                                        device=device)
+                                        device=device, revision=revision)
         self.decode_threads = decode_threads or decode_threads_for()
         self.open(frames=self.backbone.frames, size=self.backbone.size,
                   decode_threads=self.decode_threads, prefetch=prefetch)

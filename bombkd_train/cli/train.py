@@ -42,6 +42,9 @@ ShardSize = Annotated[Optional[int], typer.Option(
     "--shard-size", "--shard_size", help="dali: epoch-plan shard size (default the cache's)")]
 Cache = Annotated[Optional[str], typer.Option(
     "--cache", help="dali: a feature cache whose epoch plan and student settings to replay")]
+Revision = Annotated[Optional[str], typer.Option(
+    "--revision", help="dali: the student's hub branch, tag or commit (default: the --cache's, "
+    "else the default branch)")]
 OnError = Annotated[Literal[ON_ERROR], typer.Option(
     "--on-error", "--on_error",
     help="wds: a corrupt shard stops the run (raise) or is skipped and reported (skip)")]
@@ -126,15 +129,17 @@ def train_cmd(
         "--val-split", "--val_split", help="split to evaluate on after every epoch (as --split)")
     ] = None,
     workers: Workers = 0, shard_size: ShardSize = None, cache: Cache = None,
-    on_error: OnError = "raise", device: Device = "auto", quiet: Quiet = False,
+    revision: Revision = None, on_error: OnError = "raise", device: Device = "auto",
+    quiet: Quiet = False,
 ) -> None:
     """Train the fusion head on cached features (--loader wds) or on videos (--loader dali)."""
     from bombkd_train.config import DataConfig, TrainConfig
     from bombkd_train.trainer import train
 
-    data = DataConfig(loader=loader_of(loader, use_cached_features), root=root, dataset=dataset, student=student, frames=frames,
-                      size=size, batch_size=batch, loader_workers=workers, seed=seed,
-                      shard_size=shard_size, cache=cache, device=device, on_error=on_error)
+    data = DataConfig(loader=loader_of(loader, use_cached_features), root=root, dataset=dataset,
+                      student=student, frames=frames, size=size, batch_size=batch,
+                      loader_workers=workers, seed=seed, shard_size=shard_size, cache=cache,
+                      revision=revision, device=device, on_error=on_error)
     with user_errors():
         result = train(TrainConfig(
             data=data, split=split, teachers=names(teachers), converters=converters,
@@ -165,8 +170,8 @@ def eval_cmd(
         "--out", help="folder for eval.json and confusion.png (default: next to --fusion)")]
     = None,
     dataset: Dataset = None, student: Student = None, frames: Frames = None, size: Size = None,
-    batch: Batch = 32, workers: Workers = 0, cache: Cache = None, on_error: OnError = "raise",
-    device: Device = "auto", quiet: Quiet = False,
+    batch: Batch = 32, workers: Workers = 0, cache: Cache = None, revision: Revision = None,
+    on_error: OnError = "raise", device: Device = "auto", quiet: Quiet = False,
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix (eval.json, confusion.png)."""
     from bombkd_io.errors import extra_hint
@@ -175,14 +180,16 @@ def eval_cmd(
 
     data = DataConfig(loader=loader_of(loader, use_cached_features), root=root, dataset=dataset,
                       student=student, frames=frames, size=size, batch_size=batch,
-                      loader_workers=workers, cache=cache, device=device, on_error=on_error)
+                      loader_workers=workers, cache=cache, revision=revision, device=device,
+                      on_error=on_error)
     with user_errors():
         result, path = evaluate(EvalConfig(data=data, split=split, fusion=fusion,
                                            converters=converters, out=out,
                                            progress=show_progress(quiet)))
     typer.echo(f"{result.count} clips: top-1 {result.top1:.1f}%, top-5 {result.top5:.1f}%")
     png = path.parent / "confusion.png"
-    typer.echo(f"wrote {path} and {png}" if png.is_file() else f"wrote {path}; {extra_hint('plot')}")
+    typer.echo(f"wrote {path} and {png}" if png.is_file()
+               else f"wrote {path}; {extra_hint('plot')}")
 
 
 def demo_cmd(

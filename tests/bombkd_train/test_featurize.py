@@ -21,7 +21,8 @@ from bombkd_io.shards.reader import read_shard
 from bombkd_io.video import ClipLoader, probe_videos
 from bombkd_train.backbones import create_backbone
 from bombkd_train.cli.main import app
-from bombkd_train.config import FeaturizeConfig
+from bombkd_train.config import DataConfig, FeaturizeConfig
+from bombkd_train.data import open_source
 from bombkd_train.featurize import estimate_featurize, featurize
 from bombkd_train.featurize import run as featurize_run
 
@@ -318,3 +319,30 @@ def test_local_directory_student_is_traced_and_pinned(small_root, tmp_path):
     (out / e.shards[0].name).unlink()
     with pytest.raises(ConfigError, match="student .*: weights is 'files-sha256:.*' in the cache"):
         featurize(config(small_root, out, teachers=[], student=str(folder), resume=True))
+
+
+def test_video_mode_replays_the_caches_revision_and_refuses_other_weights(small_root, tmp_path):
+    """Video mode on a --cache loads the student at the revision the cache recorded; another
+    --revision, or other weights under the same path, is refused before any training."""
+    folder = tmp_path / "student"
+    create_backbone(STUDENT).model.save_pretrained(folder)
+    out = tmp_path / "cache"
+    featurize(config(small_root, out, teachers=[], student=str(folder), revision="v1"))
+
+    def source(**kw):
+        return open_source(DataConfig(loader="dali", root=str(small_root), dataset="ucf101",
+                                      student=str(folder), cache=str(out), device="cpu", **kw),
+                           "train")
+
+    replayed = source()
+    assert replayed.loader.backbone.revision == "v1"
+    replayed.loader.close()
+    with pytest.raises(ConfigError, match="--revision v2: the cache at .* holds revision=v1"):
+        source(revision="v2")
+    other = create_backbone(STUDENT).model
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    other.save_pretrained(folder)  # same path, other weights
+    with pytest.raises(ConfigError, match="its weights are files-sha256:.*, the cache .* was "
+                                          "featurized with files-sha256:"):
+        source()
