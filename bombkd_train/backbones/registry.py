@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from bombkd_io.errors import ConfigError, needs_extra
-from bombkd_train.backbones import hf
+import bombkd_train.backbones.hf as hf
 from bombkd_train.backbones.hf import Backbone
 
 EntryPoint = Callable[..., Backbone]  # (*, frames, size, pool, device, revision) -> Backbone
