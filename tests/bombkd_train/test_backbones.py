@@ -193,3 +193,29 @@ def test_device_resize_is_the_decoders_resize(built):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     floor = F.interpolate(x, size=(112, 149), mode="bilinear", antialias=True)[..., 18:130]
     assert not torch.allclose(got, (floor.unsqueeze(0) - bb.mean) / bb.std, atol=1e-3)
+
+
+HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+FROM_HUB = """
+import json, sys
+from bombkd_train.backbones import create_backbone
+for revision in (None, "main", sys.argv[1]):
+    bb = create_backbone("bombkd-test/tiny-vjepa2", revision=revision)
+    print(json.dumps([revision, bb.source, bb.weights]))
+"""
+
+
+def test_a_hub_model_is_traced_to_its_commit(tmp_path):
+    """A hub id loads from the local hub cache (offline; no network here) and records the commit
+    its files resolved to, for the default branch, a branch name and the commit itself."""
+    repo = tmp_path / "hub" / "models--bombkd-test--tiny-vjepa2"
+    create_backbone("tiny-vjepa2").model.save_pretrained(repo / "snapshots" / HUB_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HUB_COMMIT)
+    env = {**child_env(), "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", FROM_HUB, HUB_COMMIT], capture_output=True,
+                         text=True, env=env, cwd=str(REPO), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("[")]
+    assert rows == [[rev, "bombkd-test/tiny-vjepa2", f"commit:{HUB_COMMIT}"]
+                    for rev in (None, "main", HUB_COMMIT)]
