@@ -62,6 +62,13 @@ def cache_contradictions(student: ModelEntry, shard_size: int, wanted_shard_size
     return found
 
 
+def pinned(teacher: str) -> tuple[str, str | None]:
+    """``NAME@REV`` -> (NAME, REV): a teacher at a hub revision; ``NAME`` -> (NAME, None). An
+    ``@`` followed by a path (``/data/m@2/x``) is part of a folder name, not a revision."""
+    name, at, rev = teacher.rpartition("@")
+    return (name, rev or None) if at and name and "/" not in rev else (teacher, None)
+
+
 def _revision_problems(revision: str | None) -> list[str]:
     """An empty ``--revision`` (None: the default branch, or the cache's)."""
     if revision == "":
@@ -215,9 +222,9 @@ class FeaturizeConfig(_Checked):
                        ("--workers", self.decode_threads), ("--frames", self.frames),
                        ("--size", self.size))
         p += _device_problems(self.device)
-        p += [problem for name in [self.student, *self.teachers]
-              if name and (problem := check_backbone_name(name))]
-        roles = [role_name(t) for t in self.teachers]
+        names = [self.student, *(pinned(t)[0] for t in self.teachers)]
+        p += [problem for name in names if name and (problem := check_backbone_name(name))]
+        roles = [role_name(name) for name in names[1:]]
         for role in sorted({r for r in roles if roles.count(r) > 1 or r == "student"}):
             p.append(f"--teachers: {role!r} is given twice or clashes with 'student'; "
                      "each teacher needs a distinct name")
@@ -227,7 +234,13 @@ class FeaturizeConfig(_Checked):
 
     def roles(self) -> dict[str, str]:
         """role -> backbone name: "student" and one role per teacher."""
-        return {"student": self.student, **{role_name(t): t for t in self.teachers}}
+        return {"student": self.student,
+                **{role_name(name): name for name, _ in map(pinned, self.teachers)}}
+
+    def revisions(self) -> dict[str, str | None]:
+        """role -> the hub revision asked for (``--revision``; ``NAME@REV`` for a teacher)."""
+        return {"student": self.revision,
+                **{role_name(name): rev for name, rev in map(pinned, self.teachers)}}
 
 
 @dataclass

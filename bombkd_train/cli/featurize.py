@@ -31,7 +31,8 @@ def featurize_command(
     out: Annotated[Path, typer.Option(help="cache directory (created if missing)")],
     teachers: Annotated[Optional[list[str]], typer.Option(
         help="teacher backbones, space- or comma-separated (A B C or A,B,C), each like "
-             "--student; adding one to an existing cache computes only its features")] = None,
+             "--student (NAME@REV pins a hub revision); adding one to an existing cache "
+             "computes only its features")] = None,
     format: Annotated[Literal[FORMATS], typer.Option(
         "--format", help="cache format: WebDataset tar shards")] = "wds",
     shard_size: Annotated[int, typer.Option("--shard-size", "--shard_size",

@@ -186,12 +186,13 @@ def load_state(config: FeaturizeConfig, index: VideoIndex, *, dry_run: bool = Fa
                               "another --out")
         state = CacheState(config, index, {}, {})
     _check_compatible(state, config, index)
+    revisions = config.revisions()
     for role, name in config.roles().items():
         if role not in state.models:
             own = role == "student"
             state.models[role] = ModelEntry(role, name, 0, 0, (config.frames or 0) if own else 0,
                                             (config.size or 0) if own else 0, config.pooling,
-                                            config.dtype, revision=config.revision if own else None)
+                                            config.dtype, revision=revisions[role])
     student = state.models["student"]
     if student.revision is None and config.revision:  # a cache that did not record one
         state.models["student"] = replace(student, revision=config.revision)
@@ -210,12 +211,14 @@ def _check_compatible(state: CacheState, config: FeaturizeConfig, index: VideoIn
         problems.append(f"{what} is {have!r} there, this run asks for {want!r}")
     if list(state.index.classes) != list(index.classes):
         problems.append("its class list differs from the dataset's")
+    revisions = config.revisions()
     for role, name in config.roles().items():
         entry = state.models.get(role)
         if role != "student" and entry and entry.contradictions(
-                backbone=name, pooling=config.pooling, dtype=config.dtype):
+                backbone=name, pooling=config.pooling, dtype=config.dtype,
+                revision=revisions[role]):
             problems.append(f"teacher {role!r} there is {entry.backbone} "
-                            f"({entry.pooling}, {entry.dtype})")
+                            f"({entry.pooling}, {entry.dtype}, revision {entry.revision})")
     if problems:
         raise ConfigError([f"{where} that does not match: {p}" for p in problems] +
                           ["use another --out (nothing was changed)"])

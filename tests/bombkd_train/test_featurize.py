@@ -21,7 +21,7 @@ from bombkd_io.shards.reader import read_shard
 from bombkd_io.video import ClipLoader, probe_videos
 from bombkd_train.backbones import create_backbone
 from bombkd_train.cli.main import app
-from bombkd_train.config import DataConfig, FeaturizeConfig
+from bombkd_train.config import DataConfig, FeaturizeConfig, pinned
 from bombkd_train.data import open_source
 from bombkd_train.featurize import estimate_featurize, featurize
 from bombkd_train.featurize import run as featurize_run
@@ -346,3 +346,17 @@ def test_video_mode_replays_the_caches_revision_and_refuses_other_weights(small_
     with pytest.raises(ConfigError, match="its weights are files-sha256:.*, the cache .* was "
                                           "featurized with files-sha256:"):
         source()
+
+
+def test_a_teacher_is_pinned_with_name_at_revision(small_root, tmp_path):
+    """``--teachers NAME@REV`` loads that teacher at REV and records it; adding it again at
+    another revision is refused; an ``@`` inside a folder path is not a revision."""
+    folder = tmp_path / "teacher"
+    create_backbone("tiny-videomae").model.save_pretrained(folder)
+    out = tmp_path / "cache"
+    m = featurize(config(small_root, out, teachers=[f"{folder}@v1"]))
+    assert (m.models["teacher"].source, m.models["teacher"].revision) == (str(folder), "v1")
+    with pytest.raises(ConfigError, match=r"teacher 'teacher' there is .*revision v1"):
+        featurize(config(small_root, out, teachers=[f"{folder}@v2"]))
+    assert pinned("/data/m@2/x") == ("/data/m@2/x", None)
+    assert pinned("org/name@main") == ("org/name", "main")
