@@ -20,7 +20,7 @@ from typer.core import TyperGroup
 
 from bombkd_io.atomic import is_disk_full, write_failed
 from bombkd_io.errors import BombkdError, ConfigError, MissingExtraError
-from bombkd_io.video.route import is_cuda, parse_device
+from bombkd_io.video.route import is_cuda
 from bombkd_train.backbones import list_backbones
 
 EXIT_BAD_INPUT = 2

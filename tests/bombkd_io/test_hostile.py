@@ -23,7 +23,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, FormatError, OutputError, ShardError
+from bombkd_io.errors import ConfigError, ErrorPolicy, FormatError, OutputError, ShardError
 from bombkd_io.shards.import_tc import import_tc_cache
 from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.names import role_name, sanitize

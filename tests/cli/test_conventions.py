@@ -7,7 +7,6 @@ import re
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import torch
@@ -63,7 +62,6 @@ def test_help_lists_the_choices(command, shown):
 
 
 def test_every_option_has_help():
-    from bombkd_train.cli._common import Commands  # noqa: F401 (the group the app is built on)
     import typer.main
 
     group = typer.main.get_command(app)
