@@ -6,6 +6,11 @@ siblings). ``DieWithParent`` is a ``worker_init_fn`` that asks Linux to SIGKILL 
 its parent dies (``prctl(PR_SET_PDEATHSIG)``), then checks the parent did not die before that.
 Elsewhere it does nothing but run the ``worker_init_fn`` it wraps.
 
+A worker also ignores the signals that ask a run to stop (SIGINT, SIGTERM, SIGUSR1): a
+terminal's Ctrl-C and a scheduler's preemption signal reach every process of the job, and a
+worker that died of one would fail the batch the parent is finishing before its checkpoint. The
+parent decides when to stop; its workers end with it.
+
 Linux sends the signal when the *thread* that started the worker ends: start the workers
 (iterate the DataLoader) from a thread that lives as long as they are needed, the main thread
 in bombkd.
@@ -34,7 +39,8 @@ def die_with_parent(parent: int) -> None:
 
 
 class DieWithParent:
-    """``worker_init_fn``: ``die_with_parent``, then ``then(worker_id)`` if given.
+    """``worker_init_fn``: ``die_with_parent``, ignore the stop signals, then ``then(worker_id)``
+    if given.
 
     Made in the process that starts the workers (it records that PID); picklable when ``then``
     is, so it works with any multiprocessing start method.
@@ -45,5 +51,7 @@ class DieWithParent:
 
     def __call__(self, worker_id: int) -> None:
         die_with_parent(self.parent)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
         if self.then is not None:
             self.then(worker_id)

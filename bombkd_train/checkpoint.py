@@ -5,9 +5,16 @@ and loads with ``torch.load(weights_only=True)``, so one from a stranger cannot 
 to a temporary name in the same folder and are renamed, so an interrupted run never leaves a
 half-written file under the final name. What each kind holds besides its header is written by
 its maker: ``Trainer.save`` (fusion) and ``converters_checkpoint`` (converters).
+
+A training run's save dir holds epoch checkpoints (``fusion_ep{N}.pt``: N epochs done) and step
+checkpoints (``fusion_ep{N}_step{S}.pt``: global step S, within epoch N). ``run_checkpoints``
+lists them oldest first, ``newest_valid`` picks the one ``--resume`` continues from, and
+``prune_steps`` keeps the last ``--keep`` step checkpoints.
 """
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
@@ -15,11 +22,13 @@ from typing import Any
 import torch
 
 from bombkd_io.atomic import atomic_path, write_failed
-from bombkd_io.errors import ConfigError, FormatError
+from bombkd_io.errors import ConfigError, DataWarning, FormatError
 
 FUSION_KIND = "bombkd-fusion"          # `bombkd train`: the head, optimizer, RNG, config, plan
 CONVERTERS_KIND = "bombkd-converters"  # `bombkd train-converters`: one converter per teacher
 VERSIONS = {FUSION_KIND: 1, CONVERTERS_KIND: 1}  # the layout of each kind this bombkd writes
+# fusion_ep{N}.pt (end of epoch N) and fusion_ep{N}_step{S}.pt (global step S, within epoch N)
+RUN_CHECKPOINT_RE = re.compile(r"^fusion_ep(\d+)(?:_step(\d+))?\.pt$")
 
 
 def checkpoint_header(kind: str) -> dict[str, Any]:
@@ -83,3 +92,39 @@ def load_checkpoint(path: str | Path, *, kind: str, argument: str) -> dict[str, 
         raise FormatError(f"{path}: {kind} checkpoint version {obj.get('version')!r} is not "
                           f"supported (expected {VERSIONS[kind]}); re-create it with this bombkd")
     return obj
+
+
+def run_checkpoints(save_dir: Path) -> list[Path]:
+    """The run's checkpoints in ``save_dir``, oldest first: within epoch N its step checkpoints
+    by step, then ``fusion_ep{N}.pt`` (which a step checkpoint of the epoch's last step precedes)."""
+    def order(path: Path) -> tuple[int, int, int]:
+        epoch, step = RUN_CHECKPOINT_RE.match(path.name).groups()
+        return (int(epoch), 0, int(step)) if step else (int(epoch), 1, 0)
+    return sorted((p for p in save_dir.glob("fusion_ep*.pt") if RUN_CHECKPOINT_RE.match(p.name)),
+                  key=order)
+
+
+def is_step_checkpoint(path: Path) -> bool:
+    return "_step" in path.name
+
+
+def newest_valid(paths: list[Path], *, kind: str, argument: str) -> tuple[Path, dict] | None:
+    """The newest of ``paths`` (oldest first) that loads, with its contents; each newer one that
+    does not (half-written, corrupt) is reported with a ``DataWarning`` and passed over."""
+    for path in reversed(paths):
+        try:
+            return path, load_checkpoint(path, kind=kind, argument=argument)
+        except FormatError as err:
+            warnings.warn(f"{err}; resuming from the checkpoint before it", DataWarning,
+                          stacklevel=2)
+    return None
+
+
+def prune_steps(save_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the last ``keep`` step checkpoints in ``save_dir``; returns those deleted.
+    Epoch checkpoints are kept."""
+    steps = [p for p in run_checkpoints(save_dir) if is_step_checkpoint(p)]
+    gone = steps[:max(0, len(steps) - keep)]
+    for path in gone:
+        path.unlink(missing_ok=True)
+    return gone

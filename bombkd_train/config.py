@@ -156,14 +156,20 @@ class TrainConfig(_Checked):
     gate_l1: float = 1e-3
     fusion_rank: int = 64
     save_dir: str = "runs/fusion"
-    resume: bool = False
+    resume: bool = False          # continue from the newest valid checkpoint in save_dir
     val_split: str | None = None
+    save_every: int | None = None             # a step checkpoint every N steps
+    save_every_minutes: float | None = None   # ... and/or every M minutes
+    keep: int = 2                 # step checkpoints kept (besides the epoch ones)
     progress: bool = True
 
     def problems(self) -> list[str]:
         out = self.data.problems() + _run_problems(self.teachers, self.lr, self.save_dir)
         out += _at_least(1, ("--classes", self.classes), ("--epochs", self.epochs),
-                         ("--fusion-rank", self.fusion_rank))
+                         ("--fusion-rank", self.fusion_rank), ("--save-every", self.save_every),
+                         ("--keep", self.keep))
+        if self.save_every_minutes is not None and not self.save_every_minutes > 0:
+            out.append(f"--save-every-minutes {self.save_every_minutes}: must be > 0")
         return out + _at_least(0, ("--gate-l1", self.gate_l1))
 
 

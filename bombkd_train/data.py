@@ -26,6 +26,7 @@ from bombkd_io.datasets import item_key
 from bombkd_io.errors import ConfigError, DataWarning
 from bombkd_io.loaders.clips import VideoClipLoader
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
+from bombkd_io.shards.manifest import manifest_sha256
 from bombkd_io.video.route import parse_device
 from bombkd_train.config import DataConfig, cache_contradictions
 from bombkd_train.runtime import decode_threads_for, model_threads, parity_settings
@@ -53,6 +54,7 @@ class FeatureSource:
     shard_size: int      # of the epoch plan (the cache's, or the one video mode replays)
     student: StudentInfo
     failed: list = field(default_factory=list)   # videos left out, with the reason
+    manifest_sha256: str | None = None  # of the cache read (wds) or replayed (dali --cache)
 
     def close(self) -> None:
         """Release the loader's decoders and threads (video mode); safe to call twice."""
@@ -85,7 +87,7 @@ def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureS
                          shard_size=manifest.shard_size,
                          student=StudentInfo(entry.backbone, entry.dim, entry.tokens, entry.frames,
                                              entry.size, entry.pooling),
-                         failed=list(manifest.failed))
+                         failed=list(manifest.failed), manifest_sha256=manifest_sha256(manifest))
 
 
 def _check_cache(cfg: DataConfig, manifest, where) -> None:
@@ -145,7 +147,8 @@ def _video(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSo
                          shard_size=cfg.shard_size,
                          student=StudentInfo(cfg.student, bb.dim, bb.tokens, bb.frames, bb.size,
                                              bb.pool),
-                         failed=[{"path": p, "reason": r} for p, r in loader.failed])
+                         failed=[{"path": p, "reason": r} for p, r in loader.failed],
+                         manifest_sha256=manifest_sha256(manifest) if manifest else None)
 
 
 def _index_mismatches(cfg: DataConfig, split: str, loader, manifest) -> list[str]:

@@ -4,8 +4,13 @@ the trainer run with (``parity_settings``).
 
 ``torchrun`` describes the process group in the environment (``WORLD_SIZE``, ``LOCAL_RANK``);
 ``init_distributed`` joins it once. Everything else asks ``is_distributed`` and sums across
-ranks with ``all_reduce_sum``. (``bombkd_io`` never imports this package; its loader asks
-torch.distributed for the rank itself.)
+ranks with ``all_reduce_sum`` (or collects one row per rank with ``all_gather_rows``).
+(``bombkd_io`` never imports this package; its loader asks torch.distributed for the rank
+itself.)
+
+``stop_signals`` turns SIGTERM, SIGINT and SIGUSR1 (what schedulers send before they preempt a
+job) into a request the training loop reads after each step; a second one ends the process at
+once.
 
 torch's intra-op threads spin-wait at every parallel region: when they outnumber the cores that
 are free, a descheduled thread stalls all the others. Measured on 2 cores: featurize with 1 model
@@ -19,6 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
+import threading
+import time
 from typing import Iterator
 
 import torch
@@ -65,6 +74,62 @@ def all_reduce_sum(t: torch.Tensor, device: str) -> torch.Tensor:
     moved = t.to(device)
     dist.all_reduce(moved)
     return moved.cpu()
+
+
+def all_gather_rows(t: torch.Tensor, device: str) -> torch.Tensor:
+    """Every rank's 1-d ``t`` as the rows of one ``[world, len(t)]`` CPU tensor (row r: rank r's).
+    Without a process group, ``t`` as the one row."""
+    if not is_distributed():
+        return t.unsqueeze(0)
+    rows = [torch.empty_like(t, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, t.to(device))
+    return torch.stack([r.cpu() for r in rows])  # [world, N]
+
+
+# --- stop signals ----------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class StopRequest:
+    """A signal handler that records the first stop signal (``signal``: its name, else None).
+
+    A second signal ends the process at once, as that signal's default action does, except
+    within ``grace`` seconds of the first: under torchrun a terminal's Ctrl-C or a scheduler's
+    signal reaches every process of the job, and torchrun forwards it to its ranks as well, so
+    each rank gets the same request twice."""
+
+    def __init__(self, grace: float = 0.0):
+        self.signal: str | None = None
+        self.grace, self.at = grace, 0.0
+
+    def __call__(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self.signal is None:
+            self.signal, self.at = signal.Signals(signum).name, now
+        elif now - self.at >= self.grace:
+            print(f"{signal.Signals(signum).name} again: stopping now, without a checkpoint",
+                  file=sys.stderr, flush=True)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+
+@contextlib.contextmanager
+def stop_signals() -> Iterator[StopRequest]:
+    """Catch ``STOP_SIGNALS`` while the block runs (handlers restored on exit); yields the
+    ``StopRequest`` to poll. Outside the main thread, where Python cannot catch signals, the
+    request never fires."""
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    request = StopRequest(grace=2.0 if torchrun else 0.0)
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    before = {s: signal.signal(s, request) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 # --- CPU threads ---------------------------------------------------------------------------

@@ -6,8 +6,16 @@ Reads top to bottom: ``setup_data`` (the only place the two modes differ), ``set
 
 The seed determines the run: it seeds the head's initialisation and the epoch plan (a pure
 function of seed and epoch, see ``bombkd_io.sampling``). Checkpoints hold the model, optimizer,
-RNG state and config, so ``--resume`` ends with the same weights as an uninterrupted run. Under
-``torchrun`` the head is wrapped in DDP and each rank reads its own part of every epoch.
+RNG state, config, the plan's inputs and the cache manifest's sha256; an epoch checkpoint is
+written after every epoch, a step checkpoint every ``--save-every`` steps or
+``--save-every-minutes`` minutes (the last ``--keep`` kept), and one when a stop signal comes
+(``runtime.stop_signals``: the step finishes, the checkpoint is written, ``train`` returns with
+``stopped`` set). A step checkpoint also holds the loader's position (``loader.state_dict()``)
+and every rank's running epoch sums, so ``--resume`` continues mid-epoch without reading what was
+consumed and ends with the same weights and step records as an uninterrupted run. Under
+``torchrun`` the head is wrapped in DDP, each rank reads its own part of every epoch, and the
+ranks agree after each step whether to checkpoint or stop (one all-reduce of two flags), so all
+stop at the same step.
 
 One run per save dir: rank 0 locks it (``bombkd_io.lock``) from the start to ``close()``, and
 clears the temporary files a killed run left of its checkpoints and metrics.
@@ -17,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -32,19 +39,19 @@ from bombkd_io.atomic import atomic_path, remove_temps
 from bombkd_io.errors import ConfigError, TrainingError
 from bombkd_io.lock import lock_folder
 from bombkd_io.video.route import is_cuda
-from bombkd_train.checkpoint import (FUSION_KIND, checkpoint_header, load_checkpoint,
-                                     save_checkpoint)
+from bombkd_train.checkpoint import (FUSION_KIND, checkpoint_header, is_step_checkpoint,
+                                     newest_valid, prune_steps, run_checkpoints, save_checkpoint)
 from bombkd_train.config import TrainConfig
 from bombkd_train.converters import load_converters
 from bombkd_train.data import open_source
 from bombkd_train.evaluate import evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
-from bombkd_train.runtime import (all_reduce_sum, init_distributed, is_distributed, launch_rank,
-                                  model_threads, parity_settings)
+from bombkd_train.runtime import (all_gather_rows, all_reduce_sum, init_distributed,
+                                  is_distributed, launch_rank, model_threads, parity_settings,
+                                  stop_signals)
 
 # Settings a resumed run must share with the run that wrote the checkpoint (besides the plan).
 RESUME_KEYS = ("split", "teachers", "classes", "lr", "weight_decay", "gate_l1", "fusion_rank")
-CHECKPOINT_RE = re.compile(r"^fusion_ep(\d+)\.pt$")
 RUN_FILES = ["fusion_ep*.pt", "metrics.jsonl"]  # what a run writes into its save dir
 
 
@@ -52,9 +59,11 @@ RUN_FILES = ["fusion_ep*.pt", "metrics.jsonl"]  # what a run writes into its sav
 class TrainResult:
     epochs: int              # epochs completed in total (including resumed ones)
     steps: int
-    checkpoint: Path | None  # the last checkpoint written
+    checkpoint: Path | None  # the last checkpoint written (rank 0; None on the other ranks)
     last: dict               # the last epoch's metrics record
     wall_s: float            # this process's training time (setup excluded)
+    stopped: str | None = None  # the signal that stopped the run early (SIGTERM, ...), if one did
+    save_s: float = 0.0      # of wall_s, the time spent writing checkpoints
 
 
 class Trainer:
@@ -75,7 +84,11 @@ class Trainer:
     def _start(self) -> None:
         """The rest of ``__init__``, with the save dir locked (unlocked again if it fails)."""
         cfg = self.cfg
-        self.start_epoch, self.step, self.state = 0, 0, self._resume_state()
+        self.start_epoch, self.step = 0, 0
+        self.resumed_from: Path | None = None
+        self.resumed_at: tuple[int, bool] | None = None  # (step, epoch checkpoint?) resumed from
+        self.midway = None  # a step checkpoint's loader state, epoch sums and time, to resume
+        self.state = self._resume_state()
         if self.lock is not None:  # with the lock held, these temporary files are a killed run's
             remove_temps(self.save_dir, RUN_FILES)
         # Process-wide state from here on; close() gives it back.
@@ -141,36 +154,60 @@ class Trainer:
             self.optim.load_state_dict(self.state["optimizer"])
             self.start_epoch, self.step = self.state["epoch"], self.state["step"]
             _set_rng(self.state["rng"])
+            if "loader" in self.state:  # a step checkpoint: the rest of its epoch comes first
+                self.midway = (self.state["loader"], self.state["sums"][self.rank],
+                               self.state["elapsed"])
             self.state = None  # the weights now live in the model and optimizer
 
     # --- the loop ----------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
-        log = MetricsLog(self.save_dir / "metrics.jsonl", step=self.step, enabled=self.main)
-        start, last, path = time.perf_counter(), {}, None
-        for epoch in range(self.start_epoch, self.cfg.epochs):
-            last = self.train_epoch(epoch, log)
-            if self.val is not None:
-                # the bare model: evaluation needs no gradient sync (ranks sum their counts)
-                val = evaluate_model(self.fusion, self.val.loader, self.val.classes,
-                                     self.cfg.classes, device=self.device,
-                                     progress=self.main and self.cfg.progress)
-                last.update(val_top1=val.top1, val_top5=val.top5, val_samples=val.count)
-            log.write(last)
-            path = self.save(epoch + 1)
-        return TrainResult(epochs=self.cfg.epochs, steps=self.step, checkpoint=path, last=last,
-                           wall_s=time.perf_counter() - start)
+        log = MetricsLog(self.save_dir / "metrics.jsonl", upto=self.resumed_at,
+                         enabled=self.main)
+        start, last, self.saved, self.save_s = time.perf_counter(), {}, self.resumed_from, 0.0
+        self.last_save = time.monotonic()
+        done = lambda epochs, stopped=None: TrainResult(  # noqa: E731
+            epochs=epochs, steps=self.step, checkpoint=self.saved, last=last,
+            wall_s=time.perf_counter() - start, stopped=stopped, save_s=self.save_s)
+        with stop_signals() as self.stop:
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                record = self.train_epoch(epoch, log)
+                if record is None:  # a stop signal: a step checkpoint is written
+                    return done(epoch, self._stopped())
+                last = record
+                if self.val is not None:
+                    # the bare model: evaluation needs no gradient sync (ranks sum their counts)
+                    val = evaluate_model(self.fusion, self.val.loader, self.val.classes,
+                                         self.cfg.classes, device=self.device,
+                                         progress=self.main and self.cfg.progress)
+                    last.update(val_top1=val.top1, val_top5=val.top5, val_samples=val.count)
+                log.write(last)
+                self.saved = self.save(epoch + 1)
+                if self._agree(self.stop.signal is not None, False)[0] and \
+                        epoch + 1 < self.cfg.epochs:  # a signal during evaluation or the save
+                    return done(epoch + 1, self._stopped())
+        return done(self.cfg.epochs)
 
-    def train_epoch(self, epoch: int, log: MetricsLog) -> dict:
-        """One pass over this rank's batches; returns the epoch record (all ranks summed)."""
+    def train_epoch(self, epoch: int, log: MetricsLog) -> dict | None:
+        """One pass over this rank's batches (the rest of it, after a step checkpoint); returns
+        the epoch record (all ranks summed), or None when a stop signal ended it early."""
         loader = self.source.loader
-        loader.set_epoch(epoch)
-        self.model.train()
         names = self.head.teacher_names
         # loss, top1, top5, count, skipped, gate per teacher
         sums = torch.zeros(5 + len(names), dtype=torch.float64)
-        t_epoch = t_step = time.perf_counter()
-        bar = tqdm(loader, total=loader.num_batches(epoch), unit="it",
+        first, elapsed = 0, 0.0
+        if self.midway is not None:
+            # this rank's own sums (and skip count) from the step checkpoint; the loader starts
+            # at the batch after the checkpoint's (every rank at rank 0's position)
+            state, row, elapsed = self.midway
+            sums, self.midway = row.clone(), None
+            loader.load_state_dict({**state, "skipped": int(sums[4])})
+            first, sums[4] = state["batch"], 0.0  # the loader counts the skipped from here on
+        loader.set_epoch(epoch)
+        self.model.train()
+        t_epoch = time.perf_counter() - elapsed
+        t_step = time.perf_counter()
+        bar = tqdm(loader, total=loader.num_batches(epoch) - first, unit="it",
                    desc=f"epoch {epoch + 1}/{self.cfg.epochs}",
                    disable=not (self.main and self.cfg.progress))
         for batch in bar:
@@ -190,19 +227,21 @@ class Trainer:
             self.optim.step()
             self.step += 1
             # one device->host copy per step: loss, top-1, top-5, mean gate per teacher
-            if n == 0:
-                continue
-            loss_v, top1, top5, *gates = _step_stats(loss, out, labels, names).tolist()
-            if not math.isfinite(loss_v):
-                raise _non_finite(loss_v, epoch, self.step, batch.get("key"), self.cfg)
-            sums += torch.tensor([loss_v * n, top1, top5, n, 0, *(g * n for g in gates)],
-                                 dtype=torch.float64)
-            now = time.perf_counter()
-            log.write({"kind": "step", "epoch": epoch + 1, "step": self.step, "loss": loss_v,
-                       "top1": 100.0 * top1 / n,
-                       "samples_per_s": n * self.world / max(now - t_step, 1e-9)})
-            bar.set_postfix(loss=f"{loss_v:.4f}")
-            t_step = now
+            if n:
+                loss_v, top1, top5, *gates = _step_stats(loss, out, labels, names).tolist()
+                if not math.isfinite(loss_v):
+                    raise _non_finite(loss_v, epoch, self.step, batch.get("key"), self.cfg)
+                sums += torch.tensor([loss_v * n, top1, top5, n, 0, *(g * n for g in gates)],
+                                     dtype=torch.float64)
+                now = time.perf_counter()
+                log.write({"kind": "step", "epoch": epoch + 1, "step": self.step,
+                           "loss": loss_v, "top1": 100.0 * top1 / n,
+                           "samples_per_s": n * self.world / max(now - t_step, 1e-9)})
+                bar.set_postfix(loss=f"{loss_v:.4f}")
+                t_step = now
+            if self._checkpoint_step(epoch, sums, time.perf_counter() - t_epoch):
+                bar.close()
+                return None
         wall = time.perf_counter() - t_epoch
         # samples this rank's loader left out: corrupt ones (--on-error skip), unreadable videos
         sums[4] = loader.skipped
@@ -215,43 +254,111 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
 
+    def _checkpoint_step(self, epoch: int, sums: torch.Tensor, elapsed: float) -> bool:
+        """After each step: write a step checkpoint when one is due (``--save-every``,
+        ``--save-every-minutes``; not at the epoch's last batch, whose epoch checkpoint follows)
+        or a stop signal came, on this rank or another. True: stop now."""
+        cfg, loader = self.cfg, self.source.loader
+        due = bool((cfg.save_every and self.step % cfg.save_every == 0) or
+                   (cfg.save_every_minutes and
+                    time.monotonic() - self.last_save >= 60 * cfg.save_every_minutes))
+        due = due and loader.state_dict()["batch"] < loader.num_batches(epoch)
+        stop, due = self._agree(self.stop.signal is not None, due)
+        if stop or due:
+            self.saved = self.save_step(epoch, sums, elapsed)
+        return stop
+
+    def _agree(self, stop: bool, save: bool) -> tuple[bool, bool]:
+        """Whether any rank asks to stop, and to save: every rank acts on the same answer."""
+        if self.world == 1:
+            return stop, save
+        flags = all_reduce_sum(torch.tensor([stop, save], dtype=torch.float64), self.device)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
+
+    def _stopped(self) -> str:
+        """Wait for rank 0's checkpoint (torchrun ends every rank once one exits), then name the
+        signal that stopped the run."""
+        if is_distributed():
+            dist.barrier()
+        return self.stop.signal or "a signal to another rank"
+
     def save(self, epochs_done: int) -> Path | None:
         """``fusion_ep{N}.pt``: weights, optimizer, progress, RNG and the run's config."""
         if not self.main:
             return None
-        ckpt = {**checkpoint_header(FUSION_KIND), "model": self.head.state_dict(),
+        return self._write(self._contents(epochs_done), f"fusion_ep{epochs_done}.pt")
+
+    def save_step(self, epoch: int, sums: torch.Tensor, elapsed: float) -> Path | None:
+        """``fusion_ep{N}_step{S}.pt``: what ``save`` writes, plus the loader's position and
+        every rank's epoch sums so far (rank r's: row r), then only the last ``--keep`` kept.
+        Every rank calls it (the sums are gathered); rank 0 writes."""
+        loader = self.source.loader
+        mine = sums.clone()
+        mine[4] = loader.skipped
+        rows = all_gather_rows(mine, self.device)  # [world, 5 + teachers]
+        self.last_save = time.monotonic()
+        if not self.main:
+            return None
+        ckpt = {**self._contents(epoch), "loader": loader.state_dict(), "sums": rows,
+                "elapsed": elapsed}
+        path = self._write(ckpt, f"fusion_ep{epoch + 1}_step{self.step}.pt")
+        prune_steps(self.save_dir, self.cfg.keep)
+        return path
+
+    def _contents(self, epochs_done: int) -> dict:
+        return {**checkpoint_header(FUSION_KIND), "model": self.head.state_dict(),
                 "head": self.head.spec(), "optimizer": self.optim.state_dict(),
                 "epoch": epochs_done, "step": self.step, "rng": _get_rng(),
                 "config": asdict(self.cfg), "student": asdict(self.source.student),
                 "classes": list(self.source.classes), "num_samples": self.source.num_samples,
-                "plan": self.plan()}
-        return save_checkpoint(ckpt, self.save_dir / f"fusion_ep{epochs_done}.pt")
+                "plan": self.plan(), "manifest_sha256": self.source.manifest_sha256}
+
+    def _write(self, ckpt: dict, name: str) -> Path:
+        start = time.perf_counter()
+        path = save_checkpoint(ckpt, self.save_dir / name)
+        self.save_s += time.perf_counter() - start
+        return path
 
     def plan(self) -> dict[str, int]:
         """What the epoch plan (``bombkd_io.sampling.epoch_batches``) is a function of, besides
         the epoch: a resumed run must replay the same plan to end with the same weights. Its keys
-        are the ones checkpoints have always recorded (``batch``: ``batch_size``, ``workers``:
-        ``loader_workers``), so older checkpoints still resume."""
+        are the ones checkpoints have always recorded (``batch``: ``batch_size``), so older
+        checkpoints still resume; loader workers are not among them (they only prefetch)."""
         data = self.cfg.data
-        return {"world_size": self.world, "workers": max(1, data.loader_workers),
-                "shard_size": self.source.shard_size, "batch": data.batch_size, "seed": data.seed,
+        return {"world_size": self.world, "shard_size": self.source.shard_size,
+                "batch": data.batch_size, "seed": data.seed,
                 "num_samples": self.source.num_samples}
 
     def _resume_state(self) -> dict | None:
-        found = sorted((int(m.group(1)), p) for p in self.save_dir.glob("fusion_ep*.pt")
-                       if (m := CHECKPOINT_RE.match(p.name)))
+        """The newest valid checkpoint in the save dir with ``--resume`` (None without one)."""
+        found = run_checkpoints(self.save_dir)
         if found and not self.cfg.resume:
-            raise ConfigError(f"--save-dir {self.save_dir}: already holds {found[-1][1].name}; "
+            raise ConfigError(f"--save-dir {self.save_dir}: already holds {found[-1].name}; "
                               "pass --resume to continue that run, or another --save-dir")
         if not found or not self.cfg.resume:
             return None
-        return load_checkpoint(found[-1][1], kind=FUSION_KIND, argument="--resume")
+        picked = newest_valid(found, kind=FUSION_KIND, argument="--resume")
+        if picked is None:
+            raise ConfigError(f"--resume: none of the {len(found)} checkpoints in "
+                              f"{self.save_dir} can be read; pass another --save-dir")
+        self.resumed_from, state = picked
+        self.resumed_at = (state["step"], not is_step_checkpoint(self.resumed_from))
+        return state
 
     def _check_resume(self, ckpt: dict) -> None:
         old, new = ckpt["config"], asdict(self.cfg)
+        saved = _saved_plan(ckpt)
+        if "loader" not in ckpt:  # an epoch checkpoint: the next epoch is this world size's
+            saved.pop("world_size", None)
+        elif saved["world_size"] != self.world:
+            raise _other_world(self.resumed_from, ckpt["epoch"], saved["world_size"], self.world)
         problems = (_differences("", new, {k: old.get(k) for k in RESUME_KEYS})
                     + _differences("student ", asdict(self.source.student), ckpt["student"])
-                    + _differences("epoch plan ", self.plan(), _saved_plan(ckpt)))
+                    + _differences("epoch plan ", self.plan(), saved))
+        if ckpt.get("manifest_sha256") not in (None, self.source.manifest_sha256):
+            problems.append(f"cache manifest sha256: {self.source.manifest_sha256} here, "
+                            f"{ckpt['manifest_sha256']} in the checkpoint (the cache changed "
+                            "since)")
         if problems:
             raise ConfigError([f"--resume: the checkpoint in {self.save_dir} is from another "
                                f"configuration ({'; '.join(problems)}); resume with the same "
@@ -288,21 +395,22 @@ def train(cfg: TrainConfig) -> TrainResult:
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per line.
 
-    Opened at ``step``: records of later steps (from a run interrupted after its last
-    checkpoint) are dropped, so a resumed run continues the file without repeating steps, and a
-    fresh run starts an empty one. So is a line that does not decode: the last line of a run
-    killed while appending to the file.
+    Opened ``upto`` the checkpoint a run resumes from (its step, and whether it is an epoch
+    checkpoint, which comes after that step's epoch record): records written after it (by a run
+    interrupted after its last checkpoint) are dropped, so a resumed run continues the file
+    without repeating steps, and a fresh run (``None``) starts an empty one. So is a line that
+    does not decode: the last line of a run killed while appending to the file.
     """
 
-    def __init__(self, path: Path, *, step: int, enabled: bool = True):
+    def __init__(self, path: Path, *, upto: tuple[int, bool] | None, enabled: bool = True):
         self.path, self.enabled = path, enabled
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
-        if path.is_file() and step > 0:
+        if path.is_file() and upto is not None:
             kept = [line for line in path.read_text(errors="replace").splitlines()
-                    if _record_step(line) <= step]
+                    if _record_at(line) <= upto]
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in kept))
 
@@ -312,14 +420,15 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _record_step(line: str) -> float:
-    """The step of a metrics line; infinity for one that is not a whole record."""
+def _record_at(line: str) -> tuple[float, bool]:
+    """Where a metrics line stands: (its step, whether it is an epoch record, which follows that
+    step's record); infinity for one that is not a whole record."""
     try:
         record = json.loads(line)
     except ValueError:
-        return float("inf")
+        return float("inf"), True
     step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) else float("inf")
+    return (step, record.get("kind") == "epoch") if isinstance(step, int) else (float("inf"), True)
 
 
 def _step_stats(loss: torch.Tensor, out, labels: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -339,11 +448,21 @@ def _differences(what: str, here: dict, recorded: dict) -> list[str]:
 def _saved_plan(ckpt: dict) -> dict:
     """The checkpoint's epoch plan; for one written before plans were saved, what its config
     tells of it (a flat config of that time: ``batch``, ``seed``, ``workers`` at the top)."""
-    if "plan" in ckpt:
-        return dict(ckpt["plan"])
+    if "plan" in ckpt:  # loader workers were part of it once; they no longer change the order
+        return {k: v for k, v in ckpt["plan"].items() if k != "workers"}
     cfg = ckpt["config"]
-    return {"batch": cfg["batch"], "seed": cfg["seed"], "workers": max(1, cfg["workers"]),
-            "num_samples": ckpt["num_samples"]}
+    return {"batch": cfg["batch"], "seed": cfg["seed"], "num_samples": ckpt["num_samples"]}
+
+
+def _other_world(path: Path, epochs_done: int, saved: int, world: int) -> ConfigError:
+    """A step checkpoint resumed with another number of ranks: the rest of its epoch was
+    planned for the ranks it was written with."""
+    before = f"fusion_ep{epochs_done}.pt" if epochs_done else "the start"
+    return ConfigError(f"--resume: {path} stopped in the middle of epoch {epochs_done + 1} with "
+                       f"{saved} rank(s), this run has {world}; resume with {saved} rank(s) "
+                       f"(torchrun --nproc_per_node {saved}) to finish that epoch, or delete the "
+                       f"step checkpoints fusion_ep*_step*.pt in {path.parent} to restart epoch "
+                       f"{epochs_done + 1} from {before} with {world}")
 
 
 def _get_rng() -> dict:

@@ -11,6 +11,7 @@ limits below, checked without allocating in proportion to what the file claims.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -162,6 +163,14 @@ def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
     a valid name (``--split ../x`` must not reach outside ``root``)."""
     name = manifest_name(check_name(dataset, "dataset"), check_name(split, "split"))
     return Path(locate(str(root), name))
+
+
+def manifest_sha256(manifest: Manifest) -> str:
+    """sha256 of the manifest's content (its JSON, keys sorted): where it is stored and how it
+    is indented do not count, any change to what it records does. A training checkpoint records
+    it, so a resume against a cache that changed since is refused."""
+    text = json.dumps(manifest.to_json(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def progress_path(root: str | Path, dataset: str, split: str) -> Path:

@@ -1,4 +1,8 @@
-"""``bombkd train-converters``, ``bombkd train``, ``bombkd eval`` and ``bombkd demo``."""
+"""``bombkd train-converters``, ``bombkd train``, ``bombkd eval`` and ``bombkd demo``.
+
+``bombkd train`` stopped by SIGTERM, SIGINT or SIGUSR1 writes a step checkpoint, says where and
+how to resume, and exits with ``EXIT_PREEMPTED``.
+"""
 from __future__ import annotations
 
 import os
@@ -12,6 +16,10 @@ from bombkd_io.errors import ON_ERROR
 from bombkd_train.cli._common import (BACKBONES, DATASET_SPLITS, Device, Quiet, fail, names,
                                       show_progress, user_errors)
 from bombkd_train.config import CONVERTER_KINDS, LOADERS
+
+# `bombkd train` stopped by a signal after writing its checkpoint: sysexits.h's EX_TEMPFAIL,
+# "a temporary failure; retry later" (a second signal ends it at once, as that signal does)
+EXIT_PREEMPTED = 75
 
 Loader = Annotated[Optional[Literal[LOADERS]], typer.Option(
     "--loader", help="wds: cached features (bombkd featurize); dali: decode the videos "
@@ -123,8 +131,16 @@ def train_cmd(
         "teacher interactions")] = 64,
     seed: Seed = 0,
     save_dir: SaveDir = "runs/fusion",
-    resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint")
-                      ] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="continue from the newest valid checkpoint in --save-dir")] = False,
+    save_every: Annotated[Optional[int], typer.Option(
+        "--save-every", "--save_every", min=1, help="also write a step checkpoint every N "
+        "steps")] = None,
+    save_every_minutes: Annotated[Optional[float], typer.Option(
+        "--save-every-minutes", "--save_every_minutes", help="also write a step checkpoint "
+        "every M minutes")] = None,
+    keep: Annotated[int, typer.Option(
+        "--keep", min=1, help="step checkpoints kept (the epoch checkpoints are all kept)")] = 2,
     val_split: Annotated[Optional[str], typer.Option(
         "--val-split", "--val_split", help="split to evaluate on after every epoch (as --split)")
     ] = None,
@@ -145,9 +161,17 @@ def train_cmd(
             data=data, split=split, teachers=names(teachers), converters=converters,
             classes=classes, epochs=epochs, lr=lr, weight_decay=weight_decay, gate_l1=gate_l1,
             fusion_rank=fusion_rank, save_dir=save_dir, resume=resume, val_split=val_split,
+            save_every=save_every, save_every_minutes=save_every_minutes, keep=keep,
             progress=show_progress(quiet)))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return  # under torchrun rank 0 reports for all ranks (the other ranks write nothing)
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for all ranks
+        if result.stopped:
+            raise typer.Exit(code=EXIT_PREEMPTED)
+        return
+    if result.stopped:
+        again = "the same command" if resume else "the same command with --resume"
+        typer.echo(f"stopped by {result.stopped} after step {result.steps}: wrote "
+                   f"{result.checkpoint}; resume with {again}")
+        raise typer.Exit(code=EXIT_PREEMPTED)
     last = result.last
     if last:
         skipped = f", {last['skipped']} samples skipped" if last["skipped"] else ""

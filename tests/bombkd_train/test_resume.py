@@ -1,0 +1,172 @@
+"""Mid-epoch checkpoints and exact resume, in process: step checkpoints every N steps (the last K
+kept), a resume from any of them ends as the uninterrupted run did, the newest readable one is
+taken, and checkpoints of another configuration, plan, cache or world size are refused."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from bombkd_io.errors import ConfigError, DataWarning
+from bombkd_io.shards.manifest import load_manifest, save_manifest
+from bombkd_train.config import ConverterTrainConfig, DataConfig, TrainConfig
+from bombkd_train.converters import train_converters
+from bombkd_train.trainer import train
+from synthetic_cache import TEACHERS, make_feature_cache
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    """fp32 and fp16 caches of the same 48 samples (3 shards of 16), converters fitted on one."""
+    base = tmp_path_factory.mktemp("caches")
+    roots = {dtype: make_feature_cache(base / dtype, dtype=dtype)
+             for dtype in ("float32", "float16")}
+    conv = train_converters(ConverterTrainConfig(root=str(roots["float32"]), split="train",
+                                                 teachers=list(TEACHERS), epochs=0,
+                                                 save_dir=str(base / "conv"), batch_size=16,
+                                                 progress=False))
+    return roots, conv.path
+
+
+def _config(caches, run: Path, dtype="float32", **changes) -> TrainConfig:
+    roots, conv = caches
+    data = DataConfig(loader="wds", root=str(roots[dtype]), batch_size=8, device="cpu")
+    cfg = TrainConfig(data=data, split="train", teachers=list(TEACHERS), converters=str(conv),
+                      classes=4, epochs=2, lr=3e-3, save_dir=str(run), progress=False)
+    ours = {f.name for f in fields(DataConfig)}
+    data = replace(data, **{k: v for k, v in changes.items() if k in ours})
+    return replace(cfg, data=data, **{k: v for k, v in changes.items() if k not in ours})
+
+
+def _names(run: Path) -> list[str]:
+    return sorted(p.name for p in run.glob("fusion_*.pt"))
+
+
+def _steps(run: Path) -> list[dict]:
+    """The step records, without their timing (the one field that differs between runs)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records
+            if r["kind"] == "step"]
+
+
+def _assert_same_run(a: Path, b: Path, name: str) -> None:
+    """Bit-identical weights and optimizer state, and the same step records."""
+    ca, cb = (torch.load(d / name, weights_only=True) for d in (a, b))
+    assert ca["model"].keys() == cb["model"].keys()
+    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for i in sa:
+        assert sa[i].keys() == sb[i].keys()
+        assert all(torch.equal(sa[i][k], sb[i][k]) for k in sa[i]), i
+    assert _steps(a) == _steps(b)
+    epochs = [[{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+               for line in (d / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["kind"] == "epoch"] for d in (a, b)]
+    assert epochs[0] == epochs[1]
+
+
+def test_step_checkpoints_every_n_steps_keep_the_last_k(caches, tmp_path):
+    # 6 steps an epoch: step checkpoints at 2 and 4 of each epoch (at 6 and 12 the epoch's
+    # own checkpoint is written), the last 2 kept
+    result = train(_config(caches, tmp_path / "run", save_every=2, keep=2))
+    assert result.steps == 12 and result.stopped is None and result.save_s > 0
+    assert _names(tmp_path / "run") == ["fusion_ep1.pt", "fusion_ep2.pt", "fusion_ep2_step10.pt",
+                                        "fusion_ep2_step8.pt"]
+    ckpt = torch.load(tmp_path / "run" / "fusion_ep2_step10.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 10 and ckpt["loader"]["batch"] == 4
+    assert ckpt["loader"]["plan"] == {"seed": 0, "num_samples": 48, "shard_size": 16,
+                                      "batch_size": 8, "world_size": 1}
+    assert ckpt["sums"].shape == (1, 5 + len(TEACHERS)) and ckpt["sums"][0, 3] == 32
+    assert len(ckpt["manifest_sha256"]) == 64
+
+
+@pytest.mark.parametrize("dtype,workers", [("float32", 0), ("float16", 2)])
+def test_resume_from_any_step_checkpoint_ends_as_the_uninterrupted_run(caches, tmp_path, dtype,
+                                                                       workers):
+    full = tmp_path / "full"
+    train(_config(caches, full, dtype, loader_workers=workers, save_every=1, keep=100))
+    # (none is written at an epoch's last step: the epoch checkpoint follows it)
+    assert not list(full.glob("fusion_ep*_step6.pt")) and not list(full.glob("*_step12.pt"))
+    for step in (1, 5, 7, 11):  # in epoch 1, and the first and last left in epoch 2
+        run = tmp_path / f"from{step}"
+        run.mkdir()
+        # what a run killed after this step's checkpoint leaves: that checkpoint (and the
+        # ones before it), and metrics written past it
+        for p in full.glob(f"fusion_ep*_step{step}.pt"):
+            shutil.copy(p, run)
+        shutil.copy(full / "metrics.jsonl", run)
+        result = train(_config(caches, run, dtype, loader_workers=workers, resume=True))
+        assert result.steps == 12
+        _assert_same_run(full, run, "fusion_ep2.pt")
+
+
+def test_a_half_written_newest_checkpoint_is_reported_and_the_one_before_used(caches, tmp_path):
+    full, run = tmp_path / "full", tmp_path / "run"
+    train(_config(caches, full))
+    train(_config(caches, run, save_every=4, epochs=1))
+    train(_config(caches, run, save_every=4, epochs=2, resume=True))  # a step 8 checkpoint
+    (run / "fusion_ep2.pt").unlink()
+    newest = run / "fusion_ep2_step8.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # cut short (a disk that filled up)
+    with pytest.warns(DataWarning, match="fusion_ep2_step8.pt: cannot be read as a checkpoint"):
+        result = train(_config(caches, run, resume=True))
+    assert result.steps == 12
+    _assert_same_run(full, run, "fusion_ep2.pt")
+
+
+def test_a_checkpoint_of_another_configuration_plan_or_cache_is_refused(caches, tmp_path):
+    run = tmp_path / "run"
+    train(_config(caches, run, save_every=4, epochs=1))
+    with pytest.raises(ConfigError, match=r"lr: 0.01 here, 0.003 in the checkpoint"):
+        train(_config(caches, run, resume=True, lr=1e-2))
+    with pytest.raises(ConfigError, match=r"epoch plan batch: 4 here, 8 in the checkpoint"):
+        train(_config(caches, run, resume=True, batch_size=4))
+    # the cache changed since (here: a sample marked suspect); its manifest's hash tells
+    roots, _ = caches
+    cache = tmp_path / "cache"
+    shutil.copytree(roots["float32"], cache)
+    run2 = tmp_path / "run2"
+    train(_config(caches, run2, root=str(cache), save_every=4, epochs=1))
+    manifest = load_manifest(cache, "train")
+    manifest.suspect = [{"path": "v0.webm", "reason": "decoded with warnings"}]
+    save_manifest(manifest, cache)
+    with pytest.raises(ConfigError, match=r"cache manifest sha256: [0-9a-f]{64} here, "
+                                          r"[0-9a-f]{64} in the checkpoint \(the cache changed"):
+        train(_config(caches, run2, root=str(cache), resume=True))
+
+
+def test_another_world_size_resumes_an_epoch_checkpoint_but_not_a_step_one(caches, tmp_path):
+    run = tmp_path / "run"
+    train(_config(caches, run, save_every=4, epochs=1))
+    train(_config(caches, run, save_every=4, epochs=2, resume=True))
+    (run / "fusion_ep2.pt").unlink()
+    # as if written by 2 ranks: the plan and one row of epoch sums per rank
+    step = run / "fusion_ep2_step8.pt"
+    ckpt = torch.load(step, weights_only=True)
+    ckpt["plan"]["world_size"] = ckpt["loader"]["plan"]["world_size"] = 2
+    ckpt["sums"] = ckpt["sums"].repeat(2, 1)
+    torch.save(ckpt, step)
+    with pytest.raises(ConfigError, match=r"stopped in the middle of epoch 2 with 2 rank\(s\), "
+                                          r"this run has 1; resume with 2 rank\(s\) \(torchrun "
+                                          r"--nproc_per_node 2\).*delete the step checkpoints "
+                                          r"fusion_ep\*_step\*.pt .* from fusion_ep1.pt"):
+        train(_config(caches, run, resume=True))
+    for p in run.glob("fusion_ep*_step*.pt"):
+        p.unlink()
+    epoch = torch.load(run / "fusion_ep1.pt", weights_only=True)
+    epoch["plan"]["world_size"] = 2
+    torch.save(epoch, run / "fusion_ep1.pt")
+    assert train(_config(caches, run, resume=True)).steps == 12  # epoch 2 with 1 rank's plan
+
+
+def test_bad_checkpoint_settings_are_refused_before_any_io(caches, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        train(_config(caches, tmp_path / "run", save_every=0, keep=0, save_every_minutes=0.0))
+    assert err.value.problems == ["--save-every 0: must be >= 1", "--keep 0: must be >= 1",
+                                  "--save-every-minutes 0.0: must be > 0"]
+    assert not (tmp_path / "run").exists()
