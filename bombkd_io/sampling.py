@@ -3,15 +3,16 @@
 - ``sample_indices``: which frames of a video make a clip. Every decoder uses it, and the indices
   are stored with each cached sample, so any clip can be reproduced.
 - the epoch plan: which samples make each batch of an epoch. ``stream_plan`` is the one place it
-  is derived: one (rank, worker) stream's shards, in reading order, and its batch sizes. The
-  cached loader reads and cuts its shards by it; ``epoch_batches`` turns it into a rank's batches
-  of sample indices, which the video loader replays over the video index, so the same seed gives
-  the same batches in both modes.
+  is derived: one rank's shards, in reading order, and its batch sizes. The cached loader reads
+  and cuts its shards by it; ``epoch_batches`` turns it into a rank's batches of sample indices,
+  which the video loader replays over the video index, so the same seed gives the same batches
+  in both modes.
 
 The epoch order is a pure function of (seed, epoch, number of samples, shard size, batch size,
-world size, workers per rank): change any of them and the batches change. Every (rank, worker)
-stream reads whole shards, so there must be at least world size x workers shards; both loaders
-refuse fewer when they are made (``check_streams``), with the same message.
+world size) (``plan_inputs``): change any of them and the batches change. Loader workers,
+prefetch depth and decode threads are not inputs: they only fetch ahead. Every rank's stream
+reads whole shards, so there must be at least world size shards; both loaders refuse fewer when
+they are made (``check_streams``), with the same message.
 """
 from __future__ import annotations
 
@@ -47,29 +48,27 @@ def shard_ranges(num_samples: int, shard_size: int) -> list[range]:
     return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
 
 
-def check_streams(num_shards: int, world_size: int, num_workers: int, *, where: str = "") -> None:
-    """Every (rank, worker) stream reads whole shards: ``ConfigError`` when there are fewer shards
-    than ``world_size * max(1, num_workers)`` streams (DataLoader's 0 workers is one stream)."""
-    workers = max(1, num_workers)
-    if num_shards < world_size * workers:
+def check_streams(num_shards: int, world_size: int, *, where: str = "") -> None:
+    """Every rank's stream reads whole shards: ``ConfigError`` when there are fewer shards than
+    ranks."""
+    if num_shards < world_size:
         at = f"{where}: " if where else ""
         raise ConfigError(
-            f"{at}{num_shards} shard(s), too few for {world_size} rank(s) x {workers} "
-            "worker(s): each (rank, worker) stream reads whole shards; lower --workers, or lower "
-            "--shard-size (for a feature cache: featurize again with a smaller --shard-size)")
+            f"{at}{num_shards} shard(s), too few for {world_size} rank(s): each rank's stream "
+            "reads whole shards; lower --shard-size (for a feature cache: featurize again with "
+            "a smaller --shard-size), or use fewer ranks")
 
 
-def stream_shards(seed: int, epoch: int, num_shards: int, *, rank: int = 0, world_size: int = 1,
-                  worker: int = 0, num_workers: int = 1) -> list[int]:
-    """The shards one (rank, worker) stream reads this epoch, in reading order.
+def stream_shards(seed: int, epoch: int, num_shards: int, *, rank: int = 0,
+                  world_size: int = 1) -> list[int]:
+    """The shards one rank's stream reads this epoch, in reading order.
 
-    The shard permutation is drawn before the split, so the ranks and workers together read every
-    shard exactly once.
+    The shard permutation is drawn before the split, so the ranks together read every shard
+    exactly once.
     """
-    check_streams(num_shards, world_size, num_workers)
+    check_streams(num_shards, world_size)
     order = np.random.default_rng([seed, epoch]).permutation(num_shards)
-    streams = world_size * num_workers
-    return [int(k) for k in order[rank * num_workers + worker::streams]]
+    return [int(k) for k in order[rank::world_size]]
 
 
 def shard_order(seed: int, epoch: int, shard: int, size: int) -> np.ndarray:
@@ -78,11 +77,10 @@ def shard_order(seed: int, epoch: int, shard: int, size: int) -> np.ndarray:
 
 
 def stream_samples(seed: int, epoch: int, num_samples: int, shard_size: int, *, rank: int = 0,
-                   world_size: int = 1, worker: int = 0, num_workers: int = 1) -> np.ndarray:
-    """Sample indices one (rank, worker) stream yields this epoch, in order."""
+                   world_size: int = 1) -> np.ndarray:
+    """Sample indices one rank's stream yields this epoch, in order."""
     ranges = shard_ranges(num_samples, shard_size)
-    shards = stream_shards(seed, epoch, len(ranges), rank=rank, world_size=world_size,
-                           worker=worker, num_workers=num_workers)
+    shards = stream_shards(seed, epoch, len(ranges), rank=rank, world_size=world_size)
     parts = [np.asarray(ranges[k])[shard_order(seed, epoch, k, len(ranges[k]))] for k in shards]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -104,17 +102,15 @@ def batch_sizes(count: int, batch_size: int, num_batches: int) -> list[int]:
 
 
 def stream_plan(seed: int, epoch: int, num_samples: int, shard_size: int, batch_size: int, *,
-                rank: int = 0, world_size: int = 1, worker: int = 0,
-                num_workers: int = 1) -> tuple[list[int], list[int]]:
-    """One (rank, worker) stream's epoch: the shards it reads, in reading order, and the sizes of
-    the batches it cuts their samples (each shard in ``shard_order``) into.
+                rank: int = 0, world_size: int = 1) -> tuple[list[int], list[int]]:
+    """One rank's epoch: the shards it reads, in reading order, and the sizes of the batches
+    its samples (each shard in ``shard_order``) are cut into.
 
-    The stream takes as many batches as the longest stream of the same worker on any rank, so
-    every rank takes the same number of steps (``batch_sizes``).
+    The rank takes as many batches as the longest rank, so every rank takes the same number of
+    steps (``batch_sizes``).
     """
     ranges = shard_ranges(num_samples, shard_size)
-    streams = [stream_shards(seed, epoch, len(ranges), rank=r, world_size=world_size,
-                             worker=worker, num_workers=num_workers)
+    streams = [stream_shards(seed, epoch, len(ranges), rank=r, world_size=world_size)
                for r in range(world_size)]
     lengths = [sum(len(ranges[k]) for k in s) for s in streams]
     steps = max(-(-n // batch_size) for n in lengths)  # ceil, the longest rank's count
@@ -122,22 +118,31 @@ def stream_plan(seed: int, epoch: int, num_samples: int, shard_size: int, batch_
 
 
 def epoch_batches(seed: int, epoch: int, num_samples: int, shard_size: int, batch_size: int, *,
-                  rank: int = 0, world_size: int = 1, num_workers: int = 1) -> list[np.ndarray]:
-    """The batches (arrays of sample indices) that ``rank`` sees this epoch, in the order seen.
+                  rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    """The batches (arrays of sample indices) that ``rank`` sees this epoch, in the order seen:
+    its stream (``stream_samples``) cut into the sizes of ``stream_plan``."""
+    _, sizes = stream_plan(seed, epoch, num_samples, shard_size, batch_size, rank=rank,
+                           world_size=world_size)
+    samples = stream_samples(seed, epoch, num_samples, shard_size, rank=rank,
+                             world_size=world_size)
+    return np.split(samples, np.cumsum(sizes)[:-1])
 
-    Worker ``w`` of a rank cuts its own stream as ``stream_plan`` says; batches come round-robin
-    over the workers that still have batches, which is how ``torch.utils.data.DataLoader``
-    interleaves an iterable dataset. ``num_workers=0`` (in-process loading) behaves as one worker.
-    """
-    num_workers = max(1, num_workers)
-    per_worker = []
-    for w in range(num_workers):
-        stream = dict(rank=rank, world_size=world_size, worker=w, num_workers=num_workers)
-        _, sizes = stream_plan(seed, epoch, num_samples, shard_size, batch_size, **stream)
-        samples = stream_samples(seed, epoch, num_samples, shard_size, **stream)
-        per_worker.append(np.split(samples, np.cumsum(sizes)[:-1]))
-    order, j = [], 0
-    while any(j < len(b) for b in per_worker):
-        order.extend(b[j] for b in per_worker if j < len(b))
-        j += 1
-    return order
+
+def plan_inputs(seed: int, num_samples: int, shard_size: int, batch_size: int,
+                world_size: int) -> dict:
+    """What the plan of every epoch is a function of, besides the epoch: a loader's
+    ``state_dict()["plan"]``."""
+    return {"seed": seed, "num_samples": num_samples, "shard_size": shard_size,
+            "batch_size": batch_size, "world_size": world_size}
+
+
+def check_plan(saved: dict, mine: dict, *, where: str = "") -> None:
+    """``ConfigError`` naming every input of a saved plan that differs from this one's."""
+    at = f"{where}: " if where else ""
+    problems = [f"{at}the saved plan has {key}={saved.get(key)!r}, this loader {value!r}"
+                for key, value in mine.items() if saved.get(key) != value]
+    problems += [f"{at}the saved plan has {key}={saved[key]!r}, unknown here"
+                 for key in saved if key not in mine]
+    if problems:
+        raise ConfigError(problems + ["resume with the seed, batch size, world size and data "
+                                      "the state was saved with"])

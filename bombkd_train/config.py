@@ -3,9 +3,10 @@
 ``DataConfig`` says where batches come from (either loader); ``TrainConfig`` and ``EvalConfig``
 nest one. ``problems()`` lists every bad argument by its CLI flag, ``validate()`` raises them all
 at once. One name per idea: ``batch_size``, ``pooling``, ``decode_threads`` (featurize's decoder
-threads) vs ``loader_workers`` (DataLoader processes, which also shape the epoch plan); every
-``device`` is read by ``bombkd_io.video.route.parse_device``. ``cache_contradictions`` is what
-a run's settings contradict in a feature cache it reads or adds to.
+threads) vs ``loader_workers`` (DataLoader processes: they only read ahead, they never change
+the epoch plan); every ``device`` is read by ``bombkd_io.video.route.parse_device``.
+``cache_contradictions`` is what a run's settings contradict in a feature cache it reads or adds
+to.
 """
 from __future__ import annotations
 
@@ -118,7 +119,7 @@ class DataConfig(_Checked):
     size: int | None = None       # dali: default the backbone's (or the cache's)
     pooling: str | None = None    # dali: default "time" (or the cache's)
     batch_size: int = 8
-    loader_workers: int = 0       # DataLoader processes (they shape the epoch plan)
+    loader_workers: int = 0       # DataLoader processes (they only read ahead)
     seed: int = 0                 # the epoch plan's (and the trainer's initial weights)
     shard_size: int | None = None  # dali: the cache's, else DEFAULT_SHARD_SIZE; wds: checked
     cache: str | None = None       # dali: a feature cache whose plan and student settings to replay

@@ -132,8 +132,7 @@ def _video(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSo
     loader = VideoFeatureLoader(cfg.dataset, cfg.root, split, student=cfg.student,
                                 frames=cfg.frames, size=cfg.size, pooling=cfg.pooling,
                                 batch_size=cfg.batch_size, seed=cfg.seed,
-                                shard_size=cfg.shard_size, num_workers=cfg.loader_workers,
-                                rank=rank, world_size=world_size, device=cfg.device,
+                                shard_size=cfg.shard_size, rank=rank, world_size=world_size, device=cfg.device,
                                 exclude=exclude, revision=cfg.revision)
     problems = (_index_mismatches(cfg, split, loader, manifest) +
                 _weights_mismatch(cfg, loader.backbone, manifest)) if manifest else []
@@ -220,15 +219,14 @@ class VideoFeatureLoader(VideoClipLoader):
 
     def __init__(self, dataset: str, root, split: str, *, student: str, frames: int = 16,
                  size: int | None = None, pooling: str = "time", batch_size: int = 8,
-                 seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, num_workers: int = 1,
-                 rank: int = 0, world_size: int = 1, device: str = "cpu",
-                 decode_threads: int | None = None, prefetch: int = 2,
-                 exclude: Collection[str] = (), revision: str | None = None):
+                 seed: int = 0, shard_size: int = DEFAULT_SHARD_SIZE, rank: int = 0,
+                 world_size: int = 1, device: str = "cpu", decode_threads: int | None = None,
+                 prefetch: int = 2, exclude: Collection[str] = (), revision: str | None = None):
         from bombkd_train.backbones import create_backbone  # pulls in DALI: video mode only
 
         super().__init__(dataset, root, split, batch_size=batch_size, seed=seed,
-                         shard_size=shard_size, num_workers=num_workers, rank=rank,
-                         world_size=world_size, device=device, exclude=exclude)
+                         shard_size=shard_size, rank=rank, world_size=world_size,
+                         device=device, exclude=exclude)
         self.backbone = create_backbone(student, frames=frames, size=size, pool=pooling,
                                         device=device, revision=revision)
         self.decode_threads = decode_threads or decode_threads_for()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bombkd_io.loaders import cached, handover
-from bombkd_io.loaders.cached import make_cached_loader
+from bombkd_io.loaders.cached import make_cached_loader, pieces_per_batch
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, load_manifest, save_manifest
 from bombkd_io.shards.reader import BufferPool, read_shard
@@ -74,18 +74,22 @@ def test_batches_are_the_stored_bytes_in_plan_order(request, cache, workers):
     root, want = request.getfixturevalue(cache)
     loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B, seed=3,
                                 num_workers=workers)
-    held = []
+    held, whole = [], []
     for epoch in (0, 1, 2):  # every batch kept: no buffer may be reused under it
         loader.set_epoch(epoch)
         got = list(loader)
-        plan = epoch_batches(3, epoch, N, S, B, num_workers=workers)
+        plan = epoch_batches(3, epoch, N, S, B)
         assert [b["index"].tolist() for b in got] == [p.tolist() for p in plan]
         held += got
+        units, sizes = loader.dataset.units(epoch)
+        whole += [n == 1 for n in pieces_per_batch(units, sizes)]  # else parts joined here
     check_exact(held, want)
-    # from a worker, large features arrive in shared memory, small ones as bytes
-    for b in held:
+    # from a worker, large features arrive in shared memory, small ones as bytes; a batch that
+    # straddles two shards (two workers' parts) is joined in this process
+    for b, one in zip(held, whole):
         for name in ("student", "t"):
-            assert b[name].is_shared() == (workers > 0 and b[name].nbytes >= handover.SHM_BYTES)
+            assert b[name].is_shared() == (workers > 0 and one and
+                                           b[name].nbytes >= handover.SHM_BYTES)
     if workers and cache == "large":  # both paths taken: full batches, and a 1-sample one
         assert {b["student"].is_shared() for b in held} == {True, False}
 

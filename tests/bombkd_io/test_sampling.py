@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from bombkd_io.errors import ConfigError
-from bombkd_io.sampling import (batch_sizes, check_streams, epoch_batches, sample_indices,
-                                shard_ranges, stream_samples)
+from bombkd_io.sampling import (batch_sizes, check_plan, check_streams, epoch_batches,
+                                plan_inputs, sample_indices, shard_ranges, stream_samples)
 
 
 def test_uniform_indices_are_segment_centres():
@@ -55,35 +55,42 @@ def test_same_seed_same_batches_other_seed_other_order():
     assert sorted(flat(a)) == list(range(50))
 
 
-@pytest.mark.parametrize("world,workers", [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1)])
-def test_ranks_and_workers_cover_every_sample_once_with_equal_steps(world, workers):
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_cover_every_sample_once_with_equal_steps(world):
     n, shard, batch = 97, 8, 5
-    per_rank = [epoch_batches(0, 2, n, shard, batch, rank=r, world_size=world,
-                              num_workers=workers) for r in range(world)]
+    per_rank = [epoch_batches(0, 2, n, shard, batch, rank=r, world_size=world)
+                for r in range(world)]
     assert len({len(b) for b in per_rank}) == 1, "every rank takes the same number of steps"
     seen = np.concatenate([np.concatenate(b) for b in per_rank])
     assert sorted(seen.tolist()) == list(range(n))
     assert all(1 <= len(x) <= batch for b in per_rank for x in b)
 
 
-def test_workers_interleave_round_robin():
-    # Each worker batches its own stream; batches alternate worker 0, worker 1, ...
-    batches = epoch_batches(0, 0, 40, 10, 5, num_workers=2)
-    w0 = stream_samples(0, 0, 40, 10, worker=0, num_workers=2)
-    w1 = stream_samples(0, 0, 40, 10, worker=1, num_workers=2)
-    assert batches[0].tolist() == w0[:5].tolist()
-    assert batches[1].tolist() == w1[:5].tolist()
-    assert batches[2].tolist() == w0[5:10].tolist()
+def test_a_rank_cuts_its_own_stream_into_batches():
+    # one stream per rank, batches cut across shard boundaries: nothing about loader workers
+    batches = epoch_batches(0, 0, 40, 10, 6, rank=1, world_size=2)
+    stream = stream_samples(0, 0, 40, 10, rank=1, world_size=2)
+    assert np.concatenate(batches).tolist() == stream.tolist()
+    assert [len(b) for b in batches] == [6, 6, 6, 2]
 
 
-def test_too_few_shards_for_the_streams_is_a_clear_error():
+def test_too_few_shards_for_the_ranks_is_a_clear_error():
     with pytest.raises(ValueError, match="shard-size"):
         epoch_batches(0, 0, 10, 10, 4, world_size=2)
-    with pytest.raises(ConfigError, match=r"^ds: 3 shard\(s\), too few for 2 rank\(s\) x 2 "
-                       r"worker\(s\).*lower --workers, or lower --shard-size"):
-        check_streams(3, 2, 2, where="ds")
-    check_streams(4, 2, 2)
-    check_streams(1, 1, 0)  # DataLoader's 0 workers: one stream
+    with pytest.raises(ConfigError, match=r"^ds: 1 shard\(s\), too few for 2 rank\(s\).*lower "
+                       r"--shard-size"):
+        check_streams(1, 2, where="ds")
+    check_streams(2, 2)
+    check_streams(1, 1)
+
+
+def test_plan_inputs_differences_are_named():
+    mine = plan_inputs(0, 100, 10, 8, 2)
+    check_plan(dict(mine), mine)
+    with pytest.raises(ConfigError) as info:
+        check_plan({**mine, "seed": 1, "batch_size": 4}, mine, where="state")
+    assert info.value.problems[:2] == ["state: the saved plan has seed=1, this loader 0",
+                                       "state: the saved plan has batch_size=4, this loader 8"]
 
 
 def test_a_rank_with_fewer_samples_than_steps_gets_empty_batches_not_negative_ones():
@@ -98,10 +105,8 @@ def test_a_rank_with_fewer_samples_than_steps_gets_empty_batches_not_negative_on
 
 
 def test_stream_samples_takes_the_split_as_named_arguments():
-    # rank 1 of 2, worker 1 of 2: the 4th of 4 streams; together the streams cover every sample
-    streams = [stream_samples(3, 1, 80, 10, rank=r, world_size=2, worker=w, num_workers=2)
-               for r in range(2) for w in range(2)]
+    streams = [stream_samples(3, 1, 80, 10, rank=r, world_size=4) for r in range(4)]
     assert sorted(np.concatenate(streams).tolist()) == list(range(80))
     assert all(len(s) == 20 for s in streams)
-    with pytest.raises(TypeError, match="unexpected keyword argument 'ranks'"):
-        stream_samples(0, 0, 40, 10, ranks=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'num_workers'"):
+        stream_samples(0, 0, 40, 10, num_workers=1)

@@ -77,7 +77,7 @@ def test_two_cpu_ranks_split_the_data_and_agree_on_the_weights(tmp_path):
         assert not set(a) & set(b), "the ranks read overlapping samples"
         assert sorted(a + b) == list(range(48)), "together the ranks read every sample once"
         for rank, got in enumerate((a, b)):  # each rank follows the shared plan
-            plan = epoch_batches(0, int(epoch), 48, 8, 4, rank=rank, world_size=2, num_workers=1)
+            plan = epoch_batches(0, int(epoch), 48, 8, 4, rank=rank, world_size=2)
             assert got == [int(i) for batch in plan for i in batch]
     w0, w1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)

@@ -87,10 +87,13 @@ def test_fp16_cache_features_are_the_video_features_rounded(data):
 
 
 @pytest.mark.slow
-def test_plan_with_two_workers_is_the_same_in_both_modes(data):
+def test_workers_change_no_batch_in_either_mode(data):
     cached, video = _sources(data, "float32", workers=2)
-    assert [x["index"].tolist() for x in _epochs(cached, (0,))] == \
+    plain, _ = _sources(data, "float32", workers=0)
+    got, want = _epochs(cached, (0,)), _epochs(plain, (0,))
+    assert [x["index"].tolist() for x in got] == [x["index"].tolist() for x in want] == \
         [x["index"].tolist() for x in _epochs(video, (0,))]
+    assert all(torch.equal(x["student"], y["student"]) for x, y in zip(got, want))
 
 
 @pytest.mark.slow
@@ -167,7 +170,7 @@ def test_an_unreadable_video_is_left_out_the_same_way_in_both_modes(tmp_path, sa
 
 
 @pytest.mark.slow
-def test_too_many_streams_are_refused_at_once_the_same_way_in_both_modes(data):
+def test_too_many_ranks_are_refused_at_once_the_same_way_in_both_modes(data):
     from bombkd_io.errors import ConfigError
 
     videos, caches, _ = data
@@ -176,8 +179,8 @@ def test_too_many_streams_are_refused_at_once_the_same_way_in_both_modes(data):
                 DataConfig(loader="dali", root=str(videos), dataset="ucf101", shard_size=4, **common),
                 DataConfig(loader="dali", root=str(videos), dataset="ucf101",
                            cache=str(caches["float32"]), **common)):
-        with pytest.raises(ConfigError, match=r"3 shard\(s\), too few for 1 rank\(s\) x 4 worker"):
-            open_source(cfg, "train")
+        with pytest.raises(ConfigError, match=r"3 shard\(s\), too few for 4 rank\(s\)"):
+            open_source(cfg, "train", rank=0, world_size=4)
 
 
 @pytest.mark.slow
