@@ -108,8 +108,8 @@ class StopRequest:
         if self.signal is None:
             self.signal, self.at = signal.Signals(signum).name, now
         elif now - self.at >= self.grace:
-            print(f"{signal.Signals(signum).name} again: stopping now, without a checkpoint",
-                  file=sys.stderr, flush=True)
+            print(f"a second stop signal ({signal.Signals(signum).name}): stopping now, "
+                  "without a checkpoint", file=sys.stderr, flush=True)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 

@@ -3,7 +3,6 @@ kept), a resume from any of them ends as the uninterrupted run did, the newest r
 taken, and checkpoints of another configuration, plan, cache or world size are refused."""
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import fields, replace
 from pathlib import Path
@@ -16,6 +15,7 @@ from bombkd_io.shards.manifest import load_manifest, save_manifest
 from bombkd_train.config import ConverterTrainConfig, DataConfig, TrainConfig
 from bombkd_train.converters import train_converters
 from bombkd_train.trainer import train
+from same_run import assert_same_run
 from synthetic_cache import TEACHERS, make_feature_cache
 
 
@@ -44,30 +44,6 @@ def _config(caches, run: Path, dtype="float32", **changes) -> TrainConfig:
 
 def _names(run: Path) -> list[str]:
     return sorted(p.name for p in run.glob("fusion_*.pt"))
-
-
-def _steps(run: Path) -> list[dict]:
-    """The step records, without their timing (the one field that differs between runs)."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in records
-            if r["kind"] == "step"]
-
-
-def _assert_same_run(a: Path, b: Path, name: str) -> None:
-    """Bit-identical weights and optimizer state, and the same step records."""
-    ca, cb = (torch.load(d / name, weights_only=True) for d in (a, b))
-    assert ca["model"].keys() == cb["model"].keys()
-    assert all(torch.equal(ca["model"][k], cb["model"][k]) for k in ca["model"])
-    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
-    assert sa.keys() == sb.keys() and len(sa) > 0
-    for i in sa:
-        assert sa[i].keys() == sb[i].keys()
-        assert all(torch.equal(sa[i][k], sb[i][k]) for k in sa[i]), i
-    assert _steps(a) == _steps(b)
-    epochs = [[{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
-               for line in (d / "metrics.jsonl").read_text().splitlines()
-               if json.loads(line)["kind"] == "epoch"] for d in (a, b)]
-    assert epochs[0] == epochs[1]
 
 
 def test_step_checkpoints_every_n_steps_keep_the_last_k(caches, tmp_path):
@@ -102,7 +78,7 @@ def test_resume_from_any_step_checkpoint_ends_as_the_uninterrupted_run(caches, t
         shutil.copy(full / "metrics.jsonl", run)
         result = train(_config(caches, run, dtype, loader_workers=workers, resume=True))
         assert result.steps == 12
-        _assert_same_run(full, run, "fusion_ep2.pt")
+        assert_same_run(full, run, "fusion_ep2.pt")
 
 
 def test_a_half_written_newest_checkpoint_is_reported_and_the_one_before_used(caches, tmp_path):
@@ -116,7 +92,7 @@ def test_a_half_written_newest_checkpoint_is_reported_and_the_one_before_used(ca
     with pytest.warns(DataWarning, match="fusion_ep2_step8.pt: cannot be read as a checkpoint"):
         result = train(_config(caches, run, resume=True))
     assert result.steps == 12
-    _assert_same_run(full, run, "fusion_ep2.pt")
+    assert_same_run(full, run, "fusion_ep2.pt")
 
 
 def test_a_checkpoint_of_another_configuration_plan_or_cache_is_refused(caches, tmp_path):
