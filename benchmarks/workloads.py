@@ -93,7 +93,7 @@ class EpochRunner:
 
     def __init__(self, cfg: TrainConfig):
         self.trainer = Trainer(cfg).setup()
-        self.log = MetricsLog(Path(cfg.save_dir) / "metrics.jsonl", step=self.trainer.step)
+        self.log = MetricsLog(Path(cfg.save_dir) / "metrics.jsonl", upto=None)
         self.samples = self.trainer.source.num_samples  # one epoch on one rank: every sample
 
     def run(self, epochs: int = 1) -> int:

@@ -46,7 +46,7 @@ from bombkd_train.converters import load_converters
 from bombkd_train.data import open_source
 from bombkd_train.evaluate import evaluate_model, topk_hits
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
-from bombkd_train.runtime import (all_gather_rows, all_reduce_sum, init_distributed,
+from bombkd_train.runtime import (StopRequest, all_gather_rows, all_reduce_sum, init_distributed,
                                   is_distributed, launch_rank, model_threads, parity_settings,
                                   stop_signals)
 
@@ -89,6 +89,8 @@ class Trainer:
         self.resumed_at: tuple[int, bool] | None = None  # (step, epoch checkpoint?) resumed from
         self.midway = None  # a step checkpoint's loader state, epoch sums and time, to resume
         self.state = self._resume_state()
+        self.stop = StopRequest()  # train() catches the stop signals while it runs
+        self.saved, self.save_s, self.last_save = self.resumed_from, 0.0, time.monotonic()
         if self.lock is not None:  # with the lock held, these temporary files are a killed run's
             remove_temps(self.save_dir, RUN_FILES)
         # Process-wide state from here on; close() gives it back.
@@ -164,8 +166,7 @@ class Trainer:
     def train(self) -> TrainResult:
         log = MetricsLog(self.save_dir / "metrics.jsonl", upto=self.resumed_at,
                          enabled=self.main)
-        start, last, self.saved, self.save_s = time.perf_counter(), {}, self.resumed_from, 0.0
-        self.last_save = time.monotonic()
+        start, last = time.perf_counter(), {}
         done = lambda epochs, stopped=None: TrainResult(  # noqa: E731
             epochs=epochs, steps=self.step, checkpoint=self.saved, last=last,
             wall_s=time.perf_counter() - start, stopped=stopped, save_s=self.save_s)
