@@ -96,7 +96,7 @@ def load_checkpoint(path: str | Path, *, kind: str, argument: str) -> dict[str, 
 
 def run_checkpoints(save_dir: Path) -> list[Path]:
     """The run's checkpoints in ``save_dir``, oldest first: within epoch N its step checkpoints
-    by step, then ``fusion_ep{N}.pt`` (which a step checkpoint of the epoch's last step precedes)."""
+    by step, then ``fusion_ep{N}.pt`` (written after any step checkpoint of the epoch)."""
     def order(path: Path) -> tuple[int, int, int]:
         epoch, step = RUN_CHECKPOINT_RE.match(path.name).groups()
         return (int(epoch), 0, int(step)) if step else (int(epoch), 1, 0)

@@ -83,7 +83,7 @@ def test_two_cpu_ranks_split_the_data_and_agree_on_the_weights(tmp_path):
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     ckpt = torch.load(tmp_path / "run" / "fusion_ep2.pt", weights_only=True)
     assert all(torch.equal(w0[k], ckpt["model"][k]) for k in w0)
-    assert ckpt["plan"] == {"world_size": 2, "workers": 1, "shard_size": 8, "batch": 4, "seed": 0,
+    assert ckpt["plan"] == {"world_size": 2, "shard_size": 8, "batch": 4, "seed": 0,
                             "num_samples": 48}  # what --resume must match
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]

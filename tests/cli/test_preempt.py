@@ -143,7 +143,8 @@ def _ranks(torchrun: int) -> dict[int, int]:
             stat = (environ.parent / "stat").read_text().rsplit(")", 1)[1].split()
             if int(stat[1]) != torchrun:
                 continue
-            env = dict(v.split("=", 1) for v in environ.read_bytes().decode().split("\0") if "=" in v)
+            env = dict(v.split("=", 1) for v in environ.read_bytes().decode().split("\0")
+                       if "=" in v)
         except (OSError, ValueError, IndexError):
             continue
         found[int(env["RANK"])] = int(environ.parent.name)
