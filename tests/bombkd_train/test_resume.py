@@ -12,8 +12,9 @@ import torch
 
 from bombkd_io.errors import ConfigError, DataWarning
 from bombkd_io.shards.manifest import load_manifest, save_manifest
-from bombkd_train.config import ConverterTrainConfig, DataConfig, TrainConfig
+from bombkd_train.config import ConverterTrainConfig, DataConfig, FeaturizeConfig, TrainConfig
 from bombkd_train.converters import train_converters
+from bombkd_train.featurize import featurize
 from bombkd_train.trainer import train
 from same_run import assert_same_run
 from synthetic_cache import TEACHERS, make_feature_cache
@@ -146,3 +147,28 @@ def test_bad_checkpoint_settings_are_refused_before_any_io(caches, tmp_path):
     assert err.value.problems == ["--save-every 0: must be >= 1", "--keep 0: must be >= 1",
                                   "--save-every-minutes 0.0: must be > 0"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_video_mode_resumes_from_a_step_checkpoint_as_the_uninterrupted_run(sample_root,
+                                                                             tmp_path):
+    # the 12 training videos through the tiny student, replaying a cache's plan (6 shards of 2)
+    cache = tmp_path / "cache"
+    featurize(FeaturizeConfig(dataset="ucf101", root=str(sample_root), split="train",
+                              student="tiny-vjepa2", out=str(cache), teachers=["tiny-vivit"],
+                              shard_size=2, batch_size=3, decode_threads=2, progress=False))
+    conv = train_converters(ConverterTrainConfig(root=str(cache), split="train",
+                                                 teachers=["tiny-vivit"], epochs=0, val_frac=0.0,
+                                                 save_dir=str(tmp_path / "conv"), progress=False))
+    data = DataConfig(loader="dali", root=str(sample_root), dataset="ucf101",
+                      student="tiny-vjepa2", cache=str(cache), batch_size=4, device="cpu")
+    cfg = TrainConfig(data=data, split="train", teachers=["tiny-vivit"], converters=str(conv.path),
+                      epochs=2, save_dir=str(tmp_path / "full"), save_every=1, keep=10,
+                      progress=False)
+    train(cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tmp_path / "full" / "fusion_ep2_step4.pt", run)  # 1 batch into epoch 2
+    shutil.copy(tmp_path / "full" / "metrics.jsonl", run)
+    assert train(replace(cfg, save_dir=str(run), resume=True)).steps == 6
+    assert_same_run(tmp_path / "full", run, "fusion_ep2.pt")
