@@ -148,7 +148,10 @@ def train_cmd(
     revision: Revision = None, on_error: OnError = "raise", device: Device = "auto",
     quiet: Quiet = False,
 ) -> None:
-    """Train the fusion head on cached features (--loader wds) or on videos (--loader dali)."""
+    """Train the fusion head on cached features (--loader wds) or on videos (--loader dali).
+
+    SIGTERM, SIGINT, SIGUSR1: finish the step, write a step checkpoint, exit 75; then --resume.
+    """
     from bombkd_train.config import DataConfig, TrainConfig
     from bombkd_train.trainer import train
 
