@@ -132,8 +132,8 @@ def _video(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSo
     loader = VideoFeatureLoader(cfg.dataset, cfg.root, split, student=cfg.student,
                                 frames=cfg.frames, size=cfg.size, pooling=cfg.pooling,
                                 batch_size=cfg.batch_size, seed=cfg.seed,
-                                shard_size=cfg.shard_size, rank=rank, world_size=world_size, device=cfg.device,
-                                exclude=exclude, revision=cfg.revision)
+                                shard_size=cfg.shard_size, rank=rank, world_size=world_size,
+                                device=cfg.device, exclude=exclude, revision=cfg.revision)
     problems = (_index_mismatches(cfg, split, loader, manifest) +
                 _weights_mismatch(cfg, loader.backbone, manifest)) if manifest else []
     if problems:

@@ -21,8 +21,9 @@ only carries them); large ones are gathered into a slot of a ring of shared buff
 made once per worker, and only the slot's number crosses; the loader frees a slot when no
 tensor views its batch any more, and a worker with no free slot sends fresh shared memory
 (``bombkd_io.loaders.handover``). Memory is bounded by two shards per model, plus the ring in
-workers and the early batches waiting in the loader's process, whatever the split's size. Workers die with the process that iterates the loader,
-also when it is killed (``bombkd_io.workers``).
+workers and the early batches waiting in the loader's process, whatever the split's size.
+Workers die with the process that iterates the loader, also when it is killed
+(``bombkd_io.workers``).
 """
 from __future__ import annotations
 
@@ -255,8 +256,9 @@ class CachedFeatureDataset(IterableDataset):
         return locate(str(self.root), name)
 
     def _pack(self, j: int, u: int, pieces: list[Piece], alloc) -> dict:
-        """Batch ``j`` (or its part in unit ``u``): each model's rows copied once, from the shard buffers into
-        memory from ``alloc()`` (``_in_process``, ``handover.WorkerAlloc``), in the cache dtype.
+        """Batch ``j`` (or its part in unit ``u``): each model's rows copied once, from the shard
+        buffers into memory from ``alloc()`` (``_in_process``, ``handover.WorkerAlloc``), in the
+        cache dtype.
 
         A row is a whole sample, contiguous in the shard: numpy copies it with one memcpy and no
         thread pool (torch's ``index_select`` on a busy 2-core machine, and numpy's fancy

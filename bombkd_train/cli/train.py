@@ -45,7 +45,7 @@ Lr = Annotated[float, typer.Option("--lr", help="learning rate (AdamW)")]
 Seed = Annotated[int, typer.Option(
     "--seed", help="fixes the initial weights and the sample order: same seed, same run")]
 Workers = Annotated[int, typer.Option(
-    "--workers", min=0, help="loader worker processes (they only read ahead; the batches stay the same)")]
+    "--workers", min=0, help="loader processes: they read ahead, the batches stay the same")]
 ShardSize = Annotated[Optional[int], typer.Option(
     "--shard-size", "--shard_size", help="dali: epoch-plan shard size (default the cache's)")]
 Cache = Annotated[Optional[str], typer.Option(
