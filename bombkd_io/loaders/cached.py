@@ -146,9 +146,12 @@ class CachedFeatureDataset(IterableDataset):
         self.pin_memory = False  # gather straight into pinned memory
         self._pools: dict[str, BufferPool] = {}  # reused across epochs (fresh pages are slow)
         self.slots: ShardSlots | None = None  # shards read by workers (``CachedLoader``)
+        self._populated = False  # this worker has mapped its slots
+        self._iterations = 0  # the DataLoader's iterations this worker has begun
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pools": {}}  # a worker started by spawn makes its own
+        # a worker started by spawn makes its own pools and maps its slots itself
+        return {**self.__dict__, "_pools": {}, "_populated": False, "_iterations": 0}
 
     @property
     def num_shards(self) -> int:
@@ -201,8 +204,9 @@ class CachedFeatureDataset(IterableDataset):
         """In a DataLoader worker: the shards of its units, sent (``_send``). In process: the
         batch dicts of the current epoch from ``start`` on (``batches``)."""
         info = get_worker_info()
-        if info is not None:
-            return self._send(info.id, info.num_workers)
+        if info is not None:  # the DataLoader's i-th iteration in this worker (see handover)
+            i, self._iterations = self._iterations, self._iterations + 1
+            return self._send(info.id, info.num_workers, i)
         return (batch for _, batch in self.batches(self.epoch, self.start))
 
     def batches(self, epoch: int, start: int = 0,
@@ -224,20 +228,25 @@ class CachedFeatureDataset(IterableDataset):
             del pieces  # a shard is free once no batch of it waits (see handover)
             yield j, batch
 
-    def _send(self, worker: int, num_workers: int) -> Iterator[dict]:
-        """A worker's part: the shards of units ``worker, worker + W, ...`` read into its
-        slots, each sent as ``ShardSlots.sent`` plus its unit, shard and the samples this
-        worker skipped so far."""
-        units, _ = self.units(self.epoch, self.start)
+    def _send(self, worker: int, num_workers: int, i: int) -> Iterator[dict]:
+        """A worker's part of the DataLoader's ``i``-th iteration: the shards of units
+        ``worker, worker + W, ...`` read into its slots, each sent as ``ShardSlots.sent`` plus
+        its unit, shard and the samples this worker skipped so far."""
+        epoch, start, tag = self.slots.iteration(i)
+        if not tag:  # long over
+            return
+        units, _ = self.units(epoch, start)
         mine = list(enumerate(units))[worker::num_workers]  # (u, unit)
         self.policy = self.policy.fresh()
         slots = self.slots
-        for s in range(len(slots.buffers[worker])):
-            for buffer in slots.arrays(worker, s).values():
-                populate(buffer)  # pages this epoch's process has not mapped yet
+        if not self._populated:  # once per worker process: its mapping lasts
+            for s in range(len(slots.buffers[worker])):
+                for buffer in slots.arrays(worker, s).values():
+                    populate(buffer)
+            self._populated = True
 
         def read(k: int, urgent: threading.Event) -> tuple[int, dict[str, ShardData]]:
-            slot, buffers = slots.take(worker)  # waits for the loader's process to free one
+            slot, buffers = slots.take(worker, tag)  # waits for this process to free one
             return slot, self._read_one(k, lambda name, nbytes: buffers[name])
 
         for (u, _), (k, (slot, data)) in zip(mine, self._read([x.shard for _, x in mine], read)):
@@ -383,13 +392,29 @@ class CachedLoader:
         self._skipped: dict[int, int] = {}  # per worker, this iteration
         self._skipped_before = 0  # skipped before the start of a resumed epoch
         self.cursor = EpochCursor()  # the epoch, and where its next iteration starts
-        self._slots: ShardSlots | None = None  # made at the first iteration with workers
-        # The workers only read shards; each item is one shard, in a slot. collate_fn: the
-        # items are final. prefetch_factor: a worker reads ahead as far as it has slots.
-        # worker_init_fn: workers die with this process, also when it is killed (kill -9)
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                 collate_fn=_as_is, prefetch_factor=PREFETCH if num_workers else None,
-                                 worker_init_fn=DieWithParent() if num_workers else None)
+        self._slots = self._new_slots() if num_workers else None  # the persistent workers'
+        self.loader = self._data_loader(persistent=True) if num_workers else None
+
+    def _new_slots(self) -> ShardSlots:
+        workers = self.num_workers
+        return ShardSlots(workers, self.dataset.slots_per_worker(workers),
+                          self.dataset.shard_bytes)
+
+    def _data_loader(self, *, persistent: bool) -> DataLoader:
+        """The workers only read shards; each item is one shard, in a slot. collate_fn: the
+        items are final. persistent: a worker maps its slots once, not every epoch.
+        worker_init_fn: workers die with this process, also when it is killed (kill -9)."""
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                          collate_fn=_as_is, prefetch_factor=PREFETCH,
+                          persistent_workers=persistent, worker_init_fn=DieWithParent())
+
+    def close(self) -> None:
+        """Stop the worker processes (they persist across epochs); the next iteration starts
+        new ones. Safe to call twice."""
+        if self.loader is not None:
+            self.loader._iterator = None  # its __del__ stops and joins the workers
+            self._slots = self._new_slots()  # the new workers count iterations from 0
+            self.loader = self._data_loader(persistent=True)
 
     def set_epoch(self, epoch: int) -> None:
         """Call before iterating each epoch: the batches of epoch ``epoch`` come next (from the
@@ -415,19 +440,6 @@ class CachedLoader:
                               f"{self.num_batches(self.cursor.epoch)} batches of epoch "
                               f"{self.cursor.epoch}")
 
-    def _take_slots(self) -> ShardSlots:
-        """The slots this iteration's workers read shards into (``handover``): made once, and
-        fresh ones while another iteration uses them."""
-        if self._slots is None or self._slots.busy:
-            slots = ShardSlots(self.num_workers, self.dataset.slots_per_worker(self.num_workers),
-                               self.dataset.shard_bytes)
-            self._slots = self._slots or slots
-        else:
-            slots = self._slots
-        slots.busy = True
-        slots.start()
-        return slots
-
     def num_batches(self, epoch: int | None = None) -> int:
         """Batches this rank gets in ``epoch`` (default: the current one) before any skip."""
         return len(self.dataset.plan(self.dataset.epoch if epoch is None else epoch)[1])
@@ -439,15 +451,20 @@ class CachedLoader:
         """Batches in ``epoch_batches`` order, from the cursor's start on (an empty batch where
         the plan has one)."""
         epoch, start = self.dataset.epoch, self.cursor.begin()
-        self.dataset.start = start  # the workers started below inherit it
         self._skipped, self._skipped_before = {}, self.cursor.skipped if start else 0
         sizes = self.dataset.plan(epoch)[1]
-        slots = items = None
+        slots = items = received = None
         if self.num_workers:
-            slots = self.dataset.slots = self._take_slots()
-            items = iter(self.loader)
-        batches = self.dataset.batches(epoch, start, self._received(items, slots, epoch, start)
-                                       if items is not None else None)
+            slots, loader = self._slots, self.loader
+            if slots.busy:  # another iteration is running: workers of its own, for this one
+                slots, loader = self._new_slots(), self._data_loader(persistent=False)
+            slots.busy = True
+            slots.begin(epoch, start)
+            self.dataset.slots = slots  # what workers started now inherit
+            items = iter(loader)
+            self.dataset.slots = self._slots
+            received = self._received(items, slots, epoch, start)
+        batches = self.dataset.batches(epoch, start, received)
         try:
             for j in range(start, len(sizes)):
                 got, batch = next(batches) if sizes[j] else (j, self.dataset.empty_batch())
@@ -461,10 +478,7 @@ class CachedLoader:
         finally:
             batches.close()
             if slots is not None:
-                slots.stop()  # a worker waiting for a slot gives up
-            del items  # its workers are stopped and joined: none writes into a slot now
-            if slots is not None:
-                slots.busy = False
+                slots.busy = False  # (a persistent worker still busy gives up: see handover)
 
     def _received(self, items: Iterator[dict], slots: ShardSlots, epoch: int,
                   start: int) -> Iterator[tuple[int, dict[str, ShardData]]]:

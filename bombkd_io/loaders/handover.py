@@ -10,9 +10,13 @@ batches there, as it does in process. It marks a slot free again once nothing vi
 its shard is in use. A worker's memory is its two shards, whatever the batch and sample sizes;
 the loader's process maps the slots of all workers.
 
-Shared memory made once is faulted in once per process: a worker started for a new epoch maps
-pages that already exist (``populate`` maps them all in one call where the kernel can), where
-fresh memory would cost a zeroed page per 4 KiB every epoch. A shard whose features are not a
+The workers persist across epochs, so each maps its slots once (``populate``: in one call
+where the kernel can): a worker started per epoch paid a page fault per 4 KiB of its two shards
+every epoch, half the time of an epoch of token-level features. Each iteration has a tag
+(``begin``), and the worker's iterator for the DataLoader's ``i``-th iteration reads that
+iteration's (epoch, start, tag) from row ``i`` of a shared table, never the newest row: a
+worker started late, or one of an ended iteration still waiting for a slot, works under an old
+tag; it gives up waiting, and the next iteration frees every slot an old tag holds. A shard whose features are not a
 view of its slot (an irregular shard decoded sample by sample, one left out on error) sends its
 arrays through the pipe instead.
 """
@@ -29,6 +33,7 @@ from bombkd_io.shards.reader import ShardData
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14: map every page of a range, writable, in one call
 POLL_S = 0.001
+ROWS = 64  # iterations remembered for workers that start late
 
 
 def _shared(nbytes: int) -> torch.Tensor:
@@ -57,8 +62,12 @@ class ShardSlots:
     def __init__(self, workers: int, slots: int, nbytes: dict[str, int]):
         self.buffers = [[{m: _shared(n) for m, n in nbytes.items()} for _ in range(slots)]
                         for _ in range(workers)]
-        self.taken = torch.zeros((workers, slots), dtype=torch.uint8).share_memory_()
-        self.stopped = torch.zeros(1, dtype=torch.uint8).share_memory_()  # the iteration ended
+        # per slot: 0 free, else the tag of the iteration whose worker took it
+        self.taken = torch.zeros((workers, slots), dtype=torch.int64).share_memory_()
+        self.tag = torch.zeros(1, dtype=torch.int64).share_memory_()  # the iteration's, >= 1
+        # row i % ROWS: (epoch, start, tag) of the DataLoader's i-th iteration
+        self.iterations = torch.zeros((ROWS, 3), dtype=torch.int64).share_memory_()
+        self.begun = 0  # iterations begun (in the loader's process)
         self.handed: set[tuple[int, int]] = set()  # slots whose shard this process viewed
         self.busy = False  # one iteration at a time: a second one makes its own slots
         self._arrays: dict | None = None  # this process's numpy views, made on first use
@@ -76,20 +85,27 @@ class ShardSlots:
 
     # ---- in the loader's process
 
-    def start(self) -> None:
-        """Before the workers start: every slot is free (the workers of an ended iteration are
-        gone, and what this process made of their shards is dropped)."""
-        self.taken.zero_()
-        self.stopped.zero_()
+    def begin(self, epoch: int, start: int) -> None:
+        """Before an iteration asks its workers for shards: its epoch and start batch, a new
+        tag (a worker still waiting for the last iteration gives up), and nothing of the last
+        one handed out."""
+        self.tag += 1
+        self.iterations[self.begun % ROWS] = torch.tensor([epoch, start, int(self.tag)])
+        self.begun += 1
         self.handed.clear()
 
-    def stop(self) -> None:
-        """The iteration ended: a worker still waiting for a slot gives up."""
-        self.stopped.fill_(1)
+    def iteration(self, i: int) -> tuple[int, int, int]:
+        """(epoch, start, tag) of the DataLoader's ``i``-th iteration (counted in a worker);
+        tag 0 when that row has been reused since (the iteration is long over)."""
+        epoch, start, tag = (int(x) for x in self.iterations[i % ROWS])
+        return epoch, start, tag if tag == i + 1 else 0
 
     def release(self) -> None:
         """Mark free the slots this process received whose buffers nothing views any more (a
-        slot taken but not received yet holds a shard on its way)."""
+        slot taken but not received yet holds a shard on its way), and those an ended
+        iteration's workers took (their workers have moved on: see ``begin``)."""
+        taken = self.taken.numpy()
+        taken[(taken != 0) & (taken != int(self.tag))] = 0
         for w, s in list(self.handed):
             # references: the dict's, the loop's and getrefcount's own; more are views
             if all(sys.getrefcount(a) <= 3 for a in self.arrays(w, s).values()):
@@ -111,15 +127,16 @@ class ShardSlots:
 
     # ---- in a worker
 
-    def take(self, worker: int) -> tuple[int, dict[str, np.ndarray]]:
-        """A free slot of ``worker``'s row, now marked taken, and its buffers (waits for the
-        loader's process to free one; ``RuntimeError`` once the iteration has ended)."""
+    def take(self, worker: int, tag: int) -> tuple[int, dict[str, np.ndarray]]:
+        """A free slot of ``worker``'s row, now marked taken by iteration ``tag``, and its
+        buffers (waits for the loader's process to free one; ``RuntimeError`` once another
+        iteration has begun)."""
         row = self.taken[worker].numpy()
         while not (free := np.flatnonzero(row == 0)).size:
-            if self.stopped[0]:
+            if int(self.tag) != tag:
                 raise RuntimeError("the loader's iteration ended while this worker waited")
             time.sleep(POLL_S)
-        row[free[0]] = 1
+        row[free[0]] = tag
         buffers = self.arrays(worker, int(free[0]))
         return int(free[0]), buffers
 

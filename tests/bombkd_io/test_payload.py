@@ -8,6 +8,7 @@ tokens as they are.
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -236,3 +237,21 @@ def test_converter_and_fusion_take_token_level_inputs():
     assert logits.shape == (2, 5)
     assert not torch.equal(model(nudged).logits[0], logits[0])
     assert torch.equal(model(nudged).logits[1], logits[1])
+
+
+def test_workers_persist_across_epochs_until_closed(large):
+    root, want = large
+    loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
+                                num_workers=2)
+    pids = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        check_exact(list(loader), want)
+        pids.append(sorted(w.pid for w in loader.loader._iterator._workers))
+    assert pids[0] == pids[1]  # the same processes: each maps its slots once
+    loader.close()
+    for pid in pids[0]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert [b["index"].tolist() for b in loader] == \
+        [p.tolist() for p in epoch_batches(0, 1, N, S, B)]
