@@ -8,7 +8,7 @@ own mapping of the slot (``shard_data``: no copy, no new mapping) and cuts and g
 batches there, as it does in process. It marks a slot free again once nothing views it
 (``release``); a worker waits for a free slot of its own row, so a slot is never written while
 its shard is in use. A worker's memory is its two shards, whatever the batch and sample sizes;
-the loader's process maps the slots of all workers.
+the loader's process maps only the slots it is cutting (``unmap`` once freed).
 
 The workers persist across epochs, so each maps its slots once (``populate``: in one call
 where the kernel can): a worker started per epoch paid a page fault per 4 KiB of its two shards
@@ -32,6 +32,8 @@ import torch
 from bombkd_io.shards.reader import ShardData
 
 MADV_POPULATE_WRITE = 23  # Linux >= 5.14: map every page of a range, writable, in one call
+MADV_DONTNEED = 4
+PAGE = 4096
 POLL_S = 0.001
 ROWS = 64  # iterations remembered for workers that start late
 
@@ -41,17 +43,28 @@ def _shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
 
 
+def _madvise(buffer: np.ndarray, advice: int) -> None:
+    """``madvise`` over ``buffer``'s pages; a no-op where libc or the advice is missing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = buffer.ctypes.data // PAGE * PAGE
+        libc.madvise(ctypes.c_void_p(start),
+                     ctypes.c_size_t(buffer.ctypes.data + buffer.nbytes - start), advice)
+    except (OSError, AttributeError):
+        pass
+
+
 def populate(buffer: np.ndarray) -> None:
     """Map every page of ``buffer`` in one call (where the kernel offers it), not one fault per
     page on first write."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        page = 4096
-        start = buffer.ctypes.data // page * page
-        libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(buffer.ctypes.data + buffer.nbytes
-                                                             - start), MADV_POPULATE_WRITE)
-    except (OSError, AttributeError):  # no libc madvise here: the pages fault in as written
-        pass
+    _madvise(buffer, MADV_POPULATE_WRITE)
+
+
+def unmap(buffer: np.ndarray) -> None:
+    """Drop ``buffer``'s pages from this process's mapping (the shared memory keeps them): a
+    process that only reads a slot maps it again cheaply (read faults map 16 pages at a time),
+    and its RSS holds the slots in use, not all of them."""
+    _madvise(buffer, MADV_DONTNEED)
 
 
 class ShardSlots:
@@ -109,6 +122,8 @@ class ShardSlots:
         for w, s in list(self.handed):
             # references: the dict's, the loop's and getrefcount's own; more are views
             if all(sys.getrefcount(a) <= 3 for a in self.arrays(w, s).values()):
+                for buffer in self.arrays(w, s).values():
+                    unmap(buffer)
                 self.handed.discard((w, s))
                 self.taken[w, s] = 0
 
