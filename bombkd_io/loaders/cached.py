@@ -55,7 +55,6 @@ BATCH_BUFFERS = 4  # reused batch buffers (more are allocated while batches are 
 PREFETCH = 2  # shards a worker sends ahead (DataLoader's prefetch_factor)
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 Piece = tuple[int, dict[str, ShardData], np.ndarray]  # (shard k, data per model, positions)
-Reader = Callable[[int, threading.Event], dict[str, ShardData]]  # shard k -> its data
 
 
 class Unit(NamedTuple):

@@ -2,13 +2,14 @@
 
 A worker only reads: it reads a shard of every model into a slot of ``ShardSlots`` (shared
 buffers the loader's process made before the workers started, as large as the models' largest
-shards, two per worker), parses it there and sends the slot's number with the shard's keys,
-labels and where its features lie (``sent``); the loader's process views the features in its
-own mapping of the slot (``shard_data``: no copy, no new mapping) and cuts and gathers the
-batches there, as it does in process. It marks a slot free again once nothing views it
-(``release``); a worker waits for a free slot of its own row, so a slot is never written while
-its shard is in use. A worker's memory is its two shards, whatever the batch and sample sizes;
-the loader's process maps only the slots it is cutting (``unmap`` once freed).
+shards, two per worker unless a batch spans more shards than that: ``slots_per_worker``),
+parses it there and sends the slot's number with the shard's keys, labels and where its
+features lie (``sent``); the loader's process views the features in its own mapping of the
+slot (``shard_data``: no copy, no new mapping) and cuts and gathers the batches there, as it
+does in process. It marks a slot free again once nothing views it (``release``); a worker
+waits for a free slot of its own row, so a slot is never written while its shard is in use. A
+worker's memory is its slots, whatever the sample size; the loader's process maps only the
+slots it is cutting (``unmap`` once freed).
 
 The workers persist across epochs, so each maps its slots once (``populate``: in one call
 where the kernel can): a worker started per epoch paid a page fault per 4 KiB of its two shards
@@ -16,9 +17,10 @@ every epoch, half the time of an epoch of token-level features. Each iteration h
 (``begin``), and the worker's iterator for the DataLoader's ``i``-th iteration reads that
 iteration's (epoch, start, tag) from row ``i`` of a shared table, never the newest row: a
 worker started late, or one of an ended iteration still waiting for a slot, works under an old
-tag; it gives up waiting, and the next iteration frees every slot an old tag holds. A shard whose features are not a
-view of its slot (an irregular shard decoded sample by sample, one left out on error) sends its
-arrays through the pipe instead.
+tag; it gives up waiting, and the next iteration frees every slot an old tag holds.
+
+A shard whose features are not a view of its slot (an irregular shard decoded sample by
+sample, one left out on error) sends its arrays through the pipe instead.
 """
 from __future__ import annotations
 

@@ -124,12 +124,12 @@ def test_a_batch_spanning_several_shards_comes_whole_from_any_workers(small):
     assert loader.dataset.slots_per_worker(1) == 4  # 9 samples touch up to 4 shards here
 
 
-def test_concurrent_iterations_do_not_share_the_ring(large):
+def test_concurrent_iterations_do_not_share_the_slots(large):
     root, want = large
     loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
                                 num_workers=2)
     a, b = iter(loader), iter(loader)
-    got = [x for pair in zip(a, b) for x in pair]  # interleaved: one has the ring, one not
+    got = [x for pair in zip(a, b) for x in pair]  # interleaved: the second has its own workers
     check_exact(got, want)
     assert len(got) == 2 * len(loader)
 
