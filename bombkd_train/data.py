@@ -59,7 +59,7 @@ class FeatureSource:
     def close(self) -> None:
         """Release the loader's decoders and threads (video mode); safe to call twice."""
         close = getattr(self.loader, "close", None)
-        if close is not None:  # the cached loader's DataLoader workers end with each epoch
+        if close is not None:  # video decoders; the cached loader's persistent workers
             close()
 
 

@@ -2,28 +2,29 @@
 
 A rank reads the shards ``stream_plan`` gives it, permutes each with ``shard_order`` and cuts
 the stream into the plan's batch sizes, so the batches equal ``bombkd_io.sampling.epoch_batches``
-exactly (and so equal the video loader's), whatever the number of workers. The stream's shards
-are units of work (``plan_units``): in process they are read in turn; with ``W`` workers, unit
-``u`` goes to worker ``u % W``, which cuts the batches that lie inside its shard and sends the
-parts of those that straddle a shard boundary as pieces tagged with their batch index. The
-loader's process puts the batches back in plan order (early ones wait in a buffer, at most a
-shard's batches per worker) and joins the pieces of a straddling batch (one more copy of those
-few). A loaded state (``state_dict``) starts the stream at its batch: shards before it are not
-read, the positions of its shard before it are not gathered.
+exactly (and so equal the video loader's), whatever the number of workers. The stages, in the
+loader's process (``CachedFeatureDataset.batches``):
 
-Each byte is copied twice: read into a reused shard buffer (the next shard is read in a thread
-while batches are cut from this one), then one gather per model and batch into the batch
-tensor. Batches keep
-the cache's dtype: the consumer casts on its device (``.to(device).float()``), which halves host
-memory traffic and PCIe bytes for fp16 caches and changes no value. From a worker, small
-batches cross as bytes in the pipe, in groups (the DataLoader runs with ``batch_size=None`` and
-only carries them); large ones are gathered into a slot of a ring of shared buffers the loader
-made once per worker, and only the slot's number crosses; the loader frees a slot when no
-tensor views its batch any more, and a worker with no free slot sends fresh shared memory
-(``bombkd_io.loaders.handover``). Memory is bounded by two shards per model, plus the ring in
-workers and the early batches waiting in the loader's process, whatever the split's size.
-Workers die with the process that iterates the loader, also when it is killed
-(``bombkd_io.workers``).
+    plan_units     this rank's shards from the start batch on, each cut at the batch boundaries
+    _read          each shard read whole, the next one in a thread meanwhile, into a reused
+                   buffer (in process); or received from the workers, unit by unit (below)
+    _permute       the shard's positions in ``shard_order``
+    _cut           (batch j, pieces): a batch that spans shards, once all its pieces are there
+    _pack          each model's rows gathered once into the batch tensor (reused or pinned)
+
+With ``W`` DataLoader workers, the workers only read: unit ``u`` (the ``u``-th shard of the
+stream) is read by worker ``u % W`` into a shared slot (``bombkd_io.loaders.handover``) and
+sent as the slot's number; the DataLoader delivers the workers' items round-robin, which is
+unit order, so the loader's process cuts and gathers exactly as in process. A loaded state
+(``state_dict``) starts the stream at its batch: no shard before it is read, no position of its
+shard before it gathered.
+
+Each byte is copied twice: read into a shard buffer, then one gather per model and batch into
+the batch tensor. Batches keep the cache's dtype: the consumer casts on its device
+(``.to(device).float()``), which halves host memory traffic and PCIe bytes for fp16 caches and
+changes no value. Memory is bounded by two shards per model, in process and per worker (the
+loader's process maps the workers' slots), whatever the split's size. Workers die with the
+process that iterates the loader, also when it is killed (``bombkd_io.workers``).
 """
 from __future__ import annotations
 
@@ -31,31 +32,28 @@ import functools
 import math
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, ShardError
-from bombkd_io.loaders.handover import TORCH_DTYPES, BatchRing, WorkerAlloc, received, ring_bytes
-from bombkd_io.names import locate
+from bombkd_io.loaders.handover import ShardSlots, populate
 from bombkd_io.loaders.state import EpochCursor
+from bombkd_io.names import locate
 from bombkd_io.sampling import check_streams, plan_inputs, shard_order, shard_ranges, stream_plan
 from bombkd_io.shards.codec import DTYPES
 from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
 from bombkd_io.shards.reader import BufferPool, ShardData, read_shard
 from bombkd_io.workers import DieWithParent
 
-GROUP = 8  # batches per worker-to-loader transfer: amortises the DataLoader's per-item cost
-GROUP_BYTES = 4 << 20  # ... but a group of more than one batch holds at most this many bytes
-RING_SLOTS = 3  # ring slots per worker beyond the DataLoader's prefetch_factor (see handover)
-
-
-BATCH_BUFFERS = 4  # reused batch buffers in process (more are allocated while batches are held)
+BATCH_BUFFERS = 4  # reused batch buffers (more are allocated while batches are held)
+PREFETCH = 2  # shards a worker sends ahead (DataLoader's prefetch_factor)
+TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 Piece = tuple[int, dict[str, ShardData], np.ndarray]  # (shard k, data per model, positions)
 
 
@@ -108,9 +106,9 @@ def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int
 
 
 class CachedFeatureDataset(IterableDataset):
-    """Yields ready batches ``{"student": [B,T',D] in the cache dtype, "label": int64 [B],
-    "key": [str], "index": int64 [B]}`` (+ one entry per teacher in ``models``) from a
-    format-1 cache."""
+    """The cached loader's stages (see the module docstring) over a format-1 cache: batch dicts
+    ``{"student": [B,T',D] in the cache dtype, "label": int64 [B], "key": [str], "index": int64
+    [B]}`` (+ one entry per teacher in ``models``); in a DataLoader worker, its shards."""
 
     def __init__(self, root: str | Path, split: str, *, models: Sequence[str] = ("student",),
                  batch_size: int = 8, seed: int = 0, dataset: str | None = None,
@@ -143,14 +141,16 @@ class CachedFeatureDataset(IterableDataset):
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.start = 0  # the batch of ``epoch`` the next iteration starts at (a loaded state)
         self.rank, self.world_size = rank, world_size
-        self.policy, self.worker = policy, 0  # raise or skip, and what this epoch left out
-        self.group = 0  # > 0: yield lists of `group` packed batches, the loader unpacks them
-        self.pin_memory = False  # in process: gather straight into pinned memory
+        self.policy = policy  # raise or skip, and what this epoch left out
+        self.pin_memory = False  # gather straight into pinned memory
         self._pools: dict[str, BufferPool] = {}  # reused across epochs (fresh pages are slow)
-        self.ring: BatchRing | None = None  # large batches from workers (``CachedLoader``)
+        self.slots: ShardSlots | None = None  # shards read by workers (``CachedLoader``)
+        self._populated = False  # this worker has mapped its slots
+        self._iterations = 0  # the DataLoader's iterations this worker has begun
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pools": {}}  # a worker started by spawn makes its own
+        # a worker started by spawn makes its own pools and maps its slots itself
+        return {**self.__dict__, "_pools": {}, "_populated": False, "_iterations": 0}
 
     @property
     def num_shards(self) -> int:
@@ -187,78 +187,119 @@ class CachedFeatureDataset(IterableDataset):
         return plan_units(shards, [len(ranges[k]) for k in shards], sizes, start), sizes
 
     @property
-    def model_batch_bytes(self) -> list[int]:
-        """Feature bytes of a full batch, per model."""
-        return [self.batch_size * e.tokens * e.dim * DTYPES[e.dtype].itemsize
-                for e in self.entries.values()]
+    def shard_bytes(self) -> dict[str, int]:
+        """Bytes of each model's largest shard: a shard buffer's size."""
+        return {name: max(s.bytes for s in e.shards) for name, e in self.entries.items()}
 
-    @property
-    def batch_bytes(self) -> int:
-        """Feature bytes of a full batch, all models."""
-        return sum(self.model_batch_bytes)
+    def slots_per_worker(self, workers: int) -> int:
+        """Shard slots each of ``workers`` workers needs: the loader's process holds every
+        shard of a batch until the batch is whole, and the worker of the next shard needs a
+        slot besides its shards among them; at least two (one cut, one read ahead)."""
+        size, count = self.manifest.shard_size, self.manifest.count
+        span = -(-(self.batch_size - 1) // size) + 1 + (count % size > 0)  # shards a batch spans
+        return max(2, (span - 1) // workers + 1)
 
-    def __iter__(self) -> Iterator[list[dict]]:
-        """Lists of packed batches (``_pack``), each tagged with its batch index ``"batch"``: in
-        process, whole batches in plan order; in worker ``w`` of ``W``, the parts of batches in
-        units ``w, w + W, ...`` (``CachedLoader`` puts them in order and joins them)."""
+    def __iter__(self) -> Iterator:
+        """In a DataLoader worker: the shards of its units, sent (``_send``). In process: the
+        batch dicts of the current epoch from ``start`` on (``batches``)."""
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        units, sizes = self.units(self.epoch, self.start)
-        expected = pieces_per_batch(units, sizes) if not info else None  # in process: join here
-        units = list(enumerate(units))[worker::num_workers]  # (u, unit): unit u, worker u % W
-        self.policy, self.worker = self.policy.fresh(), worker  # per epoch
-        batch_pool = self._pools.setdefault("", BufferPool(BATCH_BUFFERS))  # "": the batches
-        alloc = (functools.partial(WorkerAlloc, self.ring, worker) if info else  # per batch
-                 lambda: functools.partial(_in_process, batch_pool, pin=self.pin_memory))
-        stream = self._read([u.shard for _, u in units])  # (k, {model: ShardData}), one ahead
-        stream = self._permute(stream)           # (k, data, positions in shard_order)
-        parts = _cut(stream, units, expected)    # (batch j, unit u, [(k, data, positions), ...])
-        packed = (self._pack(j, u, p, alloc) for j, u, p in parts)  # gathered, tagged j and u
-        return _groups(packed, max(1, self.group))  # lists of `group` packed batches
+        if info is not None:  # the DataLoader's i-th iteration in this worker (see handover)
+            i, self._iterations = self._iterations, self._iterations + 1
+            return self._send(info.id, info.num_workers, i)
+        return (batch for _, batch in self.batches(self.epoch, self.start))
 
-    def _read(self, shards: list[int]) -> Iterator[tuple[int, dict[str, ShardData]]]:
-        """Each shard read whole; shard i+1 is read in a thread while shard i is cut into
-        batches (the read releases the GIL), into a reused buffer (``BufferPool``)."""
-        pools = {name: self._pools.setdefault(name, BufferPool()) for name in self.entries}
+    def batches(self, epoch: int, start: int = 0,
+                received: Iterator | None = None) -> Iterator[tuple[int, dict]]:
+        """(j, batch j) for each non-empty batch of ``epoch`` from ``start`` on; the shards read
+        here, or ``received`` from workers ((k, data) in unit order)."""
+        units, _ = self.units(epoch, start)
+        self.policy = self.policy.fresh()  # per epoch
+        batch_pool = self._pools.setdefault("", BufferPool(BATCH_BUFFERS))  # "": the batches
+        alloc = functools.partial(_in_process, batch_pool, pin=self.pin_memory)
+        if received is None:
+            pools = {name: self._pools.setdefault(name, BufferPool()) for name in self.entries}
+            received = self._read([u.shard for u in units], functools.partial(
+                self._read_pooled, pools))         # (k, {model: ShardData}) per unit, one ahead
+        stream = self._permute(received, epoch)  # (k, data, positions in shard_order)
+        parts = _cut(stream, units, pieces_per_batch(units, self.plan(epoch)[1]))
+        for j, pieces in parts:                  # (j, gathered batch j)
+            batch = self._pack(pieces, alloc)
+            del pieces  # a shard is free once no batch of it waits (see handover)
+            yield j, batch
+
+    def _send(self, worker: int, num_workers: int, i: int) -> Iterator[dict]:
+        """A worker's part of the DataLoader's ``i``-th iteration: the shards of units
+        ``worker, worker + W, ...`` read into its slots, each sent as ``ShardSlots.sent`` plus
+        its unit, shard and the samples this worker skipped so far."""
+        epoch, start, tag = self.slots.iteration(i)
+        if not tag:  # long over
+            return
+        units, _ = self.units(epoch, start)
+        mine = list(enumerate(units))[worker::num_workers]  # (u, unit)
+        self.policy = self.policy.fresh()
+        slots = self.slots
+        if not self._populated:  # once per worker process: its mapping lasts
+            for s in range(len(slots.buffers[worker])):
+                for buffer in slots.arrays(worker, s).values():
+                    populate(buffer)
+            self._populated = True
+
+        def read(k: int, urgent: threading.Event) -> tuple[int, dict[str, ShardData]]:
+            slot, buffers = slots.take(worker, tag)  # waits for this process to free one
+            return slot, self._read_one(k, lambda name, nbytes: buffers[name])
+
+        for (u, _), (k, (slot, data)) in zip(mine, self._read([x.shard for _, x in mine], read)):
+            sent = slots.sent(worker, slot, data)
+            del data
+            yield {**sent, "unit": u, "shard": k, "skipped": (worker, self.policy.samples)}
+
+    def _read(self, shards: list[int], read_one) -> Iterator[tuple[int, object]]:
+        """(k, ``read_one(k, urgent)``) for each shard; shard i+1 is read in a thread while
+        shard i is cut into batches (the read releases the GIL)."""
         urgent = threading.Event()  # set while the stream waits: take a buffer, do not wait
         executor = ThreadPoolExecutor(1, thread_name_prefix="bombkd-shard-read")
         try:
-            ahead = executor.submit(self._read_one, shards[0], pools, urgent) if shards else None
+            ahead = executor.submit(read_one, shards[0], urgent) if shards else None
             for i, k in enumerate(shards):
                 urgent.set()
                 shard = ahead.result()
                 urgent.clear()
                 if i + 1 < len(shards):
-                    ahead = executor.submit(self._read_one, shards[i + 1], pools, urgent)
+                    ahead = executor.submit(read_one, shards[i + 1], urgent)
                 yield k, shard
                 del shard  # let its buffers come free as soon as its batches are cut
         finally:
             urgent.set()
             executor.shutdown(wait=True, cancel_futures=True)
 
-    def _read_one(self, k: int, pools: dict[str, BufferPool],
-                  urgent: threading.Event) -> dict[str, ShardData]:
+    def _read_pooled(self, pools: dict[str, BufferPool], k: int,
+                     urgent: threading.Event) -> dict[str, ShardData]:
+        """Shard k, into reused buffers (``BufferPool``): in process."""
+        return self._read_one(k, lambda name, nbytes: pools[name].take(nbytes, urgent))
+
+    def _read_one(self, k: int, buffer: Callable[[str, int], np.ndarray]) -> dict[str, ShardData]:
+        """Shard k of every model, each read into ``buffer(model, nbytes)``: the one place a
+        shard is opened."""
         data = {name: read_shard(self._url(entry.shards[k].name), entry.shards[k], entry,
                                  labels=name == "student", classes=self.classes,
                                  policy=self.policy,
-                                 buffer=pools[name].take(entry.shards[k].bytes, urgent))
+                                 buffer=buffer(name, entry.shards[k].bytes))
                 for name, entry in self.entries.items()}
         _check_keys(data, {n: self._url(e.shards[k].name) for n, e in self.entries.items()})
         return data
 
-    def _permute(self, stream) -> Iterator[Piece]:
+    def _permute(self, stream, epoch: int) -> Iterator[Piece]:
         for k, data in stream:
             size = len(data["student"].keys)
-            yield k, data, shard_order(self.seed, self.epoch, k, size)
+            yield k, data, shard_order(self.seed, epoch, k, size)
             del data  # see _read
 
     def _url(self, name: str):
         return locate(str(self.root), name)
 
-    def _pack(self, j: int, u: int, pieces: list[Piece], alloc) -> dict:
-        """Batch ``j`` (or its part in unit ``u``): each model's rows copied once, from the shard
-        buffers into memory from ``alloc()`` (``_in_process``, ``handover.WorkerAlloc``), in the
-        cache dtype.
+    def _pack(self, pieces: list[Piece], alloc) -> dict:
+        """One batch dict: each model's rows copied once, from the shard buffers into memory
+        from ``alloc`` (``_in_process``), in the cache dtype.
 
         A row is a whole sample, contiguous in the shard: numpy copies it with one memcpy and no
         thread pool (torch's ``index_select`` on a busy 2-core machine, and numpy's fancy
@@ -267,47 +308,23 @@ class CachedFeatureDataset(IterableDataset):
         if self.policy.skips:
             pieces = [(k, d, p[_present(d)[p]]) for k, d, p in pieces]
         size, b = self.manifest.shard_size, sum(len(p) for _, _, p in pieces)
-        features, alloc = {}, alloc()
+        batch = {}
         for name, entry in self.entries.items():
-            sent, out = alloc((b, entry.tokens, entry.dim), DTYPES[entry.dtype])  # [B, T', D]
+            tensor, out = alloc((b, entry.tokens, entry.dim), DTYPES[entry.dtype])  # [B, T', D]
             rows = (d[name].features[i] for _, d, p in pieces for i in p.tolist())
             for r, row in enumerate(rows):
                 out[r] = row
-            features[name] = sent
-        return {
-            "batch": j,
-            "unit": u,
-            "features": features,
-            "label": np.concatenate([np.zeros(0, np.int64)] +
-                                    [d["student"].labels[p] for _, d, p in pieces]),
-            "index": np.concatenate([np.zeros(0, np.int64)] + [k * size + p for k, _, p in pieces]),
-            "key": [d["student"].keys[i] for _, d, p in pieces for i in p],
-            "skipped": (self.worker, self.policy.samples)}  # this worker's count so far
+            batch[name] = tensor
+        labels = [d["student"].labels[p] for _, d, p in pieces]
+        batch["label"] = torch.from_numpy(np.concatenate([np.zeros(0, np.int64)] + labels))
+        index = [k * size + p for k, _, p in pieces]
+        batch["index"] = torch.from_numpy(np.concatenate([np.zeros(0, np.int64)] + index))
+        batch["key"] = [d["student"].keys[i] for _, d, p in pieces for i in p]
+        return batch
 
     def empty_batch(self) -> dict:
         """A batch of no samples (a rank with fewer samples than steps under DDP)."""
-        return self.unpack(self._pack(-1, -1, [], lambda: functools.partial(
-            _in_process, BufferPool(1), pin=False)))
-
-    def unpack(self, packed: dict, pin_memory: bool = False,
-               ring: BatchRing | None = None) -> dict:
-        """The batch dict of a packed batch: features ``[B, T', D]`` in the cache dtype (copied
-        into pinned memory if asked and not there yet), labels and indices int64. ``ring``: the
-        one the batch's worker wrote into."""
-        b = len(packed["key"])
-        batch = {}
-        for name, entry in self.entries.items():
-            dtype = TORCH_DTYPES[entry.dtype]
-            nbytes = b * entry.tokens * entry.dim * dtype.itemsize
-            rows = received(packed["features"][name], nbytes, dtype, ring)
-            rows = rows.view(b, entry.tokens, entry.dim)  # [B, T', D]
-            if pin_memory and not rows.is_pinned():
-                rows = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True).copy_(rows)
-            batch[name] = rows
-        batch["label"] = torch.from_numpy(packed["label"])
-        batch["index"] = torch.from_numpy(packed["index"])
-        batch["key"] = packed["key"]
-        return batch
+        return self._pack([], functools.partial(_in_process, BufferPool(1), pin=False))
 
 
 def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -> tuple:
@@ -324,18 +341,6 @@ def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -
 
 def _as_is(item):
     return item
-
-
-def _groups(items: Iterator, size: int) -> Iterator[list]:
-    """Consecutive items in lists of ``size`` (the last may be shorter)."""
-    group = []
-    for item in items:
-        group.append(item)
-        if len(group) == size:
-            yield group
-            group = []
-    if group:
-        yield group
 
 
 def _present(data: dict[str, ShardData]) -> np.ndarray:
@@ -356,51 +361,59 @@ def _check_keys(data: dict[str, ShardData], urls: dict[str, str]) -> None:
                                  f"{name}")
 
 
-def _cut(stream: Iterator[Piece], units: list[tuple[int, Unit]],
-         expected: list[int] | None) -> Iterator[tuple[int, int, list[Piece]]]:
-    """Cut each unit's permuted shard at its ``cuts``: (batch j, unit u, its pieces). With
-    ``expected`` (pieces per batch), the pieces of a batch that spans shards are yielded
-    together (u: the first unit's), once all are there; without, each piece alone."""
+def _cut(stream: Iterator[Piece], units: list[Unit],
+         expected: list[int]) -> Iterator[tuple[int, list[Piece]]]:
+    """Cut each unit's permuted shard at its ``cuts``: (batch j, its pieces), once all
+    ``expected[j]`` pieces are there (a batch that spans shards waits for the next one)."""
     waiting: dict[int, list[Piece]] = {}
-    for (u, unit), (k, data, order) in zip(units, stream):
-        for j, lo, hi in unit.cuts:
-            piece = (k, data, order[lo:hi])
-            if expected is None:
-                yield j, u, [piece]
-                continue
-            waiting.setdefault(j, []).append(piece)
+    units = iter(units)
+    for k, data, order in stream:  # (not zip: its reused result tuple would hold a shard)
+        for j, lo, hi in next(units).cuts:
+            waiting.setdefault(j, []).append((k, data, order[lo:hi]))
             if len(waiting[j]) == expected[j]:
-                yield j, u, waiting.pop(j)
+                yield j, waiting.pop(j)
         del data  # see _read
 
 
 class CachedLoader:
-    """A DataLoader over ``CachedFeatureDataset`` with ``set_epoch`` and ``num_batches``."""
+    """A DataLoader over ``CachedFeatureDataset`` with ``set_epoch``, ``num_batches`` and
+    ``state_dict`` / ``load_state_dict``: the workers read shards, this process makes the
+    batches."""
 
     def __init__(self, dataset: CachedFeatureDataset, *, num_workers: int, pin_memory: bool):
         dataset.check_streams()
-        # batches per transfer: many small ones, one large one (each waits in the queue)
-        dataset.group = max(1, min(GROUP, GROUP_BYTES // max(1, dataset.batch_bytes)))
         self.dataset, self.num_workers = dataset, num_workers
         self.manifest: Manifest = dataset.manifest
         if pin_memory and not torch.cuda.is_available():
             warnings.warn("pin_memory=True but CUDA is not available; not pinning", stacklevel=3)
             pin_memory = False
-        # in process, batches are gathered straight into pinned memory; from workers, copied
-        dataset.pin_memory = pin_memory and not num_workers
-        self.unpack = functools.partial(dataset.unpack, pin_memory=pin_memory)
-        self.pin_memory = pin_memory
-        self._skipped_before = 0  # skipped before the start of a resumed epoch
+        dataset.pin_memory = pin_memory  # batches are gathered straight into pinned memory
         self._skipped: dict[int, int] = {}  # per worker, this iteration
+        self._skipped_before = 0  # skipped before the start of a resumed epoch
         self.cursor = EpochCursor()  # the epoch, and where its next iteration starts
-        self._ring: BatchRing | None = None  # made at the first iteration with workers
-        # Batches are made whole in the workers; the DataLoader only carries them.
-        # collate_fn: the packed groups are final; DataLoader's default conversion would walk
-        # every key string of every batch (a third of the in-process loader's time)
-        # worker_init_fn: workers die with this process, also when it is killed (kill -9)
-        self.loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                 collate_fn=_as_is, prefetch_factor=2 if num_workers else None,
-                                 worker_init_fn=DieWithParent() if num_workers else None)
+        self._slots = self._new_slots() if num_workers else None  # the persistent workers'
+        self.loader = self._data_loader(persistent=True) if num_workers else None
+
+    def _new_slots(self) -> ShardSlots:
+        workers = self.num_workers
+        return ShardSlots(workers, self.dataset.slots_per_worker(workers),
+                          self.dataset.shard_bytes)
+
+    def _data_loader(self, *, persistent: bool) -> DataLoader:
+        """The workers only read shards; each item is one shard, in a slot. collate_fn: the
+        items are final. persistent: a worker maps its slots once, not every epoch.
+        worker_init_fn: workers die with this process, also when it is killed (kill -9)."""
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                          collate_fn=_as_is, prefetch_factor=PREFETCH,
+                          persistent_workers=persistent, worker_init_fn=DieWithParent())
+
+    def close(self) -> None:
+        """Stop the worker processes (they persist across epochs); the next iteration starts
+        new ones. Safe to call twice."""
+        if self.loader is not None:
+            self.loader._iterator = None  # its __del__ stops and joins the workers
+            self._slots = self._new_slots()  # the new workers count iterations from 0
+            self.loader = self._data_loader(persistent=True)
 
     def set_epoch(self, epoch: int) -> None:
         """Call before iterating each epoch: the batches of epoch ``epoch`` come next (from the
@@ -426,23 +439,6 @@ class CachedLoader:
                               f"{self.num_batches(self.cursor.epoch)} batches of epoch "
                               f"{self.cursor.epoch}")
 
-    def _take_ring(self) -> BatchRing | None:
-        """The ring this iteration's workers write large batches into (``handover``): made
-        once, with ``prefetch_factor + RING_SLOTS`` slots per worker (those in the queue, the
-        one being gathered, the one the consumer holds and the one before it); None in
-        process, when no model's batch is large, and while another iteration uses it."""
-        nbytes = ring_bytes(self.dataset.model_batch_bytes)
-        if not self.num_workers or not nbytes:
-            return None
-        if self._ring is None:
-            slots = self.loader.prefetch_factor + RING_SLOTS
-            self._ring = BatchRing(self.num_workers, slots, nbytes)
-        if self._ring.busy:
-            return None
-        self._ring.busy = True
-        self._ring.start()
-        return self._ring
-
     def num_batches(self, epoch: int | None = None) -> int:
         """Batches this rank gets in ``epoch`` (default: the current one) before any skip."""
         return len(self.dataset.plan(self.dataset.epoch if epoch is None else epoch)[1])
@@ -451,64 +447,57 @@ class CachedLoader:
         return self.num_batches()
 
     def __iter__(self) -> Iterator[dict]:
-        """Batches in ``epoch_batches`` order, from the cursor's start on.
-
-        The DataLoader delivers the workers' groups round-robin; each packed batch or part
-        names its batch, so the parts are gathered per batch (early ones wait) and a batch is
-        yielded, its parts joined, once all are there and all before it are out.
-        """
-        start = self.dataset.start = self.cursor.begin()
+        """Batches in ``epoch_batches`` order, from the cursor's start on (an empty batch where
+        the plan has one)."""
+        epoch, start = self.dataset.epoch, self.cursor.begin()
         self._skipped, self._skipped_before = {}, self.cursor.skipped if start else 0
-        units, sizes = self.dataset.units(self.dataset.epoch, start)
-        expected = pieces_per_batch(units, sizes) if self.num_workers else [
-            int(n > 0) for n in pieces_per_batch(units, sizes)]
-        ring = self.dataset.ring = self._take_ring()  # the workers started below inherit it
-        groups = iter(self.loader)
-        waiting: dict[int, list[dict]] = {}
+        sizes = self.dataset.plan(epoch)[1]
+        slots = items = received = None
+        if self.num_workers:
+            slots, loader = self._slots, self.loader
+            if slots.busy:  # another iteration is running: workers of its own, for this one
+                slots, loader = self._new_slots(), self._data_loader(persistent=False)
+            slots.busy = True
+            slots.begin(epoch, start)
+            self.dataset.slots = slots  # what workers started now inherit
+            items = iter(loader)
+            self.dataset.slots = self._slots
+            received = self._received(items, slots, epoch, start)
+        batches = self.dataset.batches(epoch, start, received)
         try:
             for j in range(start, len(sizes)):
-                while len(waiting.get(j, ())) < expected[j]:
-                    for packed in next(groups):
-                        worker, count = packed["skipped"]
-                        self._skipped[worker] = count
-                        waiting.setdefault(packed["batch"], []).append(packed)
-                if ring is not None:
-                    ring.release()  # slots of the batches the consumer dropped
-                parts = sorted(waiting.pop(j, ()), key=lambda p: p["unit"])  # stream order
-                parts = [self.unpack(p, ring=ring) for p in parts]
-                batch = _join(parts, self.dataset.empty_batch, self.pin_memory)
+                got, batch = next(batches) if sizes[j] else (j, self.dataset.empty_batch())
+                if got != j:
+                    raise RuntimeError(f"batch {got} came where the plan has batch {j}")
                 self.cursor.batch = j + 1  # handed to the consumer (also when dropped below)
                 # a batch whose every sample was skipped is dropped, but not under DDP: every
                 # rank must take every step (its gradient all-reduce waits for all)
                 if len(batch["key"]) or self.dataset.world_size > 1:
                     yield batch
         finally:
-            del groups  # its workers are stopped and joined: none writes into the ring now
-            if ring is not None:
-                ring.busy = False
+            batches.close()
+            if slots is not None:
+                slots.busy = False  # (a persistent worker still busy gives up: see handover)
+
+    def _received(self, items: Iterator[dict], slots: ShardSlots, epoch: int,
+                  start: int) -> Iterator[tuple[int, dict[str, ShardData]]]:
+        """(k, data) of each unit the workers send, in unit order, its features viewed in the
+        slots; slots nothing views any more are freed before waiting for the next one."""
+        for u in range(len(self.dataset.units(epoch, start)[0])):
+            slots.release()
+            sent = next(items)
+            if sent["unit"] != u:
+                raise RuntimeError(f"unit {sent['unit']} came where the plan has unit {u}")
+            worker, count = sent["skipped"]
+            self._skipped[worker] = count
+            yield sent["shard"], slots.shard_data(sent)
 
     @property
     def skipped(self) -> int:
         """Samples left out so far this epoch with ``on_error="skip"`` (all workers; a resumed
         epoch counts on from its state)."""
-        return self._skipped_before + sum(self._skipped.values())
-
-
-def _join(parts: list[dict], empty, pin_memory: bool) -> dict:
-    """One batch dict of the parts of a batch, in order: the part itself when it is the only
-    one; ``empty()`` when there is none; else each tensor concatenated (into pinned memory if
-    asked)."""
-    if len(parts) == 1:
-        return parts[0]
-    if not parts:
-        return empty()
-    batch = {"key": [key for p in parts for key in p["key"]]}
-    for name in (n for n in parts[0] if n != "key"):
-        tensors = [p[name] for p in parts]
-        shape = (sum(len(t) for t in tensors), *tensors[0].shape[1:])
-        out = torch.empty(shape, dtype=tensors[0].dtype, pin_memory=pin_memory)
-        batch[name] = torch.cat(tensors, out=out)
-    return batch
+        now = sum(self._skipped.values()) if self.num_workers else self.dataset.policy.samples
+        return self._skipped_before + now
 
 
 def make_cached_loader(root: str | Path, split: str, *, models: Sequence[str] = ("student",),

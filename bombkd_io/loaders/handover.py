@@ -1,44 +1,43 @@
-"""Worker batches into the loader's process: small ones as bytes in the pipe, large ones in a
-``BatchRing`` of reused shared memory (fresh shared memory when none is free).
+"""Shards from loader workers into the loader's process, over shared memory made once.
 
-Gathering a large batch into fresh shared memory costs a page fault per page in the worker, a
-copy (``share_memory_``) and a page fault per page again in the loader's process: at 6.5 MB a
-sample that made 2 workers slower than one process. So the loader's process makes, once, a ring
-of ``slots`` shared buffers per worker, each as large as a full batch, and a shared table of the
-slots that are taken. A worker takes a free slot of its own row, marks it taken, gathers into it
-and sends only ``Slot(worker, slot, offset)`` per model; the loader's process makes the batch
-tensors as views of its own mapping of that slot (no copy, no mapping) and marks the slot free
-again once no tensor views it any more (its storage's use count is back to the ring's own:
-tensor views hold the storage, not the Python tensor, so Python reference counts cannot tell).
-A worker never waits for a slot: with none free (the consumer holds its batches) it sends a
-fresh shared tensor, so a slot is never written while anything in the loader's process can see
-it. A worker's memory is its two shards plus its ring, however many batches are in flight.
+A worker only reads: it reads a shard of every model into a slot of ``ShardSlots`` (shared
+buffers the loader's process made before the workers started, as large as the models' largest
+shards, two per worker unless a batch spans more shards than that: ``slots_per_worker``),
+parses it there and sends the slot's number with the shard's keys, labels and where its
+features lie (``sent``); the loader's process views the features in its own mapping of the
+slot (``shard_data``: no copy, no new mapping) and cuts and gathers the batches there, as it
+does in process. It marks a slot free again once nothing views it (``release``); a worker
+waits for a free slot of its own row, so a slot is never written while its shard is in use. A
+worker's memory is its slots, whatever the sample size; the loader's process maps only the
+slots it is cutting (``unmap`` once freed).
+
+The workers persist across epochs, so each maps its slots once (``populate``: in one call
+where the kernel can): a worker started per epoch paid a page fault per 4 KiB of its two shards
+every epoch, half the time of an epoch of token-level features. Each iteration has a tag
+(``begin``), and the worker's iterator for the DataLoader's ``i``-th iteration reads that
+iteration's (epoch, start, tag) from row ``i`` of a shared table, never the newest row: a
+worker started late, or one of an ended iteration still waiting for a slot, works under an old
+tag; it gives up waiting, and the next iteration frees every slot an old tag holds.
+
+A shard whose features are not a view of its slot (an irregular shard decoded sample by
+sample, one left out on error) sends its arrays through the pipe instead.
 """
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+import ctypes
+import sys
+import time
 
 import numpy as np
 import torch
 
-SHM_BYTES = 1 << 20  # a worker's batch features at least this large go over shared memory
-ALIGN = 64  # each model's features in a slot start at a multiple of this
-TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
-# the storage use count comes from a private torch function; without it, no ring
-RING_WORKS = hasattr(torch._C, "_storage_Use_Count")
+from bombkd_io.shards.reader import ShardData
 
-
-class Slot(NamedTuple):
-    """Where a worker put one model's features: this many bytes into its ring slot."""
-    worker: int
-    slot: int
-    offset: int
-
-
-def _use_count(buffer: torch.Tensor) -> int:
-    """References to ``buffer``'s storage: its own, plus one per tensor viewing it."""
-    return torch._C._storage_Use_Count(buffer.untyped_storage()._cdata)
+MADV_POPULATE_WRITE = 23  # Linux >= 5.14: map every page of a range, writable, in one call
+MADV_DONTNEED = 4
+PAGE = 4096
+POLL_S = 0.001
+ROWS = 64  # iterations remembered for workers that start late
 
 
 def _shared(nbytes: int) -> torch.Tensor:
@@ -46,95 +45,135 @@ def _shared(nbytes: int) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
 
 
-class BatchRing:
-    """``slots`` shared buffers of ``nbytes`` per worker, made in the loader's process before
-    the workers start (they inherit them, or receive them pickled as file descriptors)."""
+def _madvise(buffer: np.ndarray, advice: int) -> None:
+    """``madvise`` over ``buffer``'s pages; a no-op where libc or the advice is missing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        start = buffer.ctypes.data // PAGE * PAGE
+        libc.madvise(ctypes.c_void_p(start),
+                     ctypes.c_size_t(buffer.ctypes.data + buffer.nbytes - start), advice)
+    except (OSError, AttributeError):
+        pass
 
-    def __init__(self, workers: int, slots: int, nbytes: int):
-        self.nbytes = nbytes
-        self.buffers = [[_shared(nbytes) for _ in range(slots)] for _ in range(workers)]
-        self.taken = torch.zeros((workers, slots), dtype=torch.uint8).share_memory_()
-        self.idle = _use_count(self.buffers[0][0])  # the ring's own references
-        self.handed: set[tuple[int, int]] = set()  # slots whose batch this process made
-        self.busy = False  # one iteration at a time: a second one sends fresh memory
+
+def populate(buffer: np.ndarray) -> None:
+    """Map every page of ``buffer`` in one call (where the kernel offers it), not one fault per
+    page on first write."""
+    _madvise(buffer, MADV_POPULATE_WRITE)
+
+
+def unmap(buffer: np.ndarray) -> None:
+    """Drop ``buffer``'s pages from this process's mapping (the shared memory keeps them): a
+    process that only reads a slot maps it again cheaply (read faults map 16 pages at a time),
+    and its RSS holds the slots in use, not all of them."""
+    _madvise(buffer, MADV_DONTNEED)
+
+
+class ShardSlots:
+    """``slots`` shared buffers per worker and model (``nbytes``: each model's largest shard),
+    and a shared table of the taken ones; made in the loader's process before the workers
+    start (they inherit them, or receive them pickled as file descriptors)."""
+
+    def __init__(self, workers: int, slots: int, nbytes: dict[str, int]):
+        self.buffers = [[{m: _shared(n) for m, n in nbytes.items()} for _ in range(slots)]
+                        for _ in range(workers)]
+        # per slot: 0 free, else the tag of the iteration whose worker took it
+        self.taken = torch.zeros((workers, slots), dtype=torch.int64).share_memory_()
+        self.tag = torch.zeros(1, dtype=torch.int64).share_memory_()  # the iteration's, >= 1
+        # row i % ROWS: (epoch, start, tag) of the DataLoader's i-th iteration
+        self.iterations = torch.zeros((ROWS, 3), dtype=torch.int64).share_memory_()
+        self.begun = 0  # iterations begun (in the loader's process)
+        self.handed: set[tuple[int, int]] = set()  # slots whose shard this process viewed
+        self.busy = False  # one iteration at a time: a second one makes its own slots
+        self._arrays: dict | None = None  # this process's numpy views, made on first use
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def arrays(self, worker: int, slot: int) -> dict[str, np.ndarray]:
+        """The slot's buffers as numpy arrays of this process (the same objects every time, so
+        their reference counts say whether anything views them)."""
+        if self._arrays is None:
+            self._arrays = {(w, s): {m: t.numpy() for m, t in row[s].items()}
+                            for w, row in enumerate(self.buffers) for s in range(len(row))}
+        return self._arrays[worker, slot]
 
     # ---- in the loader's process
 
-    def start(self) -> None:
-        """Before the workers start: slots the workers of an ended iteration took but never
-        sent are free (those workers are gone); the others once no batch views them."""
-        self.release()
-        taken = self.taken.numpy()
-        for w, s in zip(*np.nonzero(taken)):
-            if (w, s) not in self.handed:
-                taken[w, s] = 0
+    def begin(self, epoch: int, start: int) -> None:
+        """Before an iteration asks its workers for shards: its epoch and start batch, a new
+        tag (a worker still waiting for the last iteration gives up), and nothing of the last
+        one handed out."""
+        self.tag += 1
+        self.iterations[self.begun % ROWS] = torch.tensor([epoch, start, int(self.tag)])
+        self.begun += 1
+        self.handed.clear()
+
+    def iteration(self, i: int) -> tuple[int, int, int]:
+        """(epoch, start, tag) of the DataLoader's ``i``-th iteration (counted in a worker);
+        tag 0 when that row has been reused since (the iteration is long over)."""
+        epoch, start, tag = (int(x) for x in self.iterations[i % ROWS])
+        return epoch, start, tag if tag == i + 1 else 0
 
     def release(self) -> None:
-        """Mark free the slots whose batches nothing views any more."""
-        for w, s in [ws for ws in self.handed if _use_count(self.buffers[ws[0]][ws[1]])
-                     == self.idle]:
-            self.handed.discard((w, s))
-            self.taken[w, s] = 0
+        """Mark free the slots this process received whose buffers nothing views any more (a
+        slot taken but not received yet holds a shard on its way), and those an ended
+        iteration's workers took (their workers have moved on: see ``begin``)."""
+        taken = self.taken.numpy()
+        taken[(taken != 0) & (taken != int(self.tag))] = 0
+        for w, s in list(self.handed):
+            # references: the dict's, the loop's and getrefcount's own; more are views
+            if all(sys.getrefcount(a) <= 3 for a in self.arrays(w, s).values()):
+                for buffer in self.arrays(w, s).values():
+                    unmap(buffer)
+                self.handed.discard((w, s))
+                self.taken[w, s] = 0
 
-    def view(self, where: Slot, nbytes: int, dtype: torch.dtype) -> torch.Tensor:
-        """The flat features a worker put at ``where`` (a view: the slot is handed out)."""
-        self.handed.add((where.worker, where.slot))
-        return self.buffers[where.worker][where.slot][where.offset:where.offset + nbytes] \
-            .view(dtype)
+    def shard_data(self, sent: dict) -> dict[str, ShardData]:
+        """The shard a worker sent (``sent``), its features viewed in this process's mapping."""
+        self.handed.add(tuple(sent["slot"]))
+        out = {}
+        for name, d in sent["models"].items():
+            features = d["features"]
+            if isinstance(features, tuple):  # (offset, shape, strides, dtype) in the slot
+                offset, shape, strides, dtype = features
+                base = self.arrays(*sent["slot"])[name]
+                features = np.ndarray(shape, dtype, buffer=base, offset=offset, strides=strides)
+            out[name] = ShardData(d["keys"], features, d["labels"], d["present"])
+        return out
 
     # ---- in a worker
 
-    def take(self, worker: int) -> int | None:
-        """A free slot of ``worker``'s row, now marked taken; None when all are taken."""
+    def take(self, worker: int, tag: int) -> tuple[int, dict[str, np.ndarray]]:
+        """A free slot of ``worker``'s row, now marked taken by iteration ``tag``, and its
+        buffers (waits for the loader's process to free one; ``RuntimeError`` once another
+        iteration has begun)."""
         row = self.taken[worker].numpy()
-        free = np.flatnonzero(row == 0)
-        if not len(free):
-            return None
-        row[free[0]] = 1
-        return int(free[0])
+        while not (free := np.flatnonzero(row == 0)).size:
+            if int(self.tag) != tag:
+                raise RuntimeError("the loader's iteration ended while this worker waited")
+            time.sleep(POLL_S)
+        row[free[0]] = tag
+        buffers = self.arrays(worker, int(free[0]))
+        return int(free[0]), buffers
+
+    def sent(self, worker: int, slot: int, data: dict[str, ShardData]) -> dict:
+        """What crosses to the loader's process for a shard read into ``slot``: its keys,
+        labels and presence, and its features as a place in the slot (or, when they are not a
+        view of it, the array itself)."""
+        models = {}
+        for name, d in data.items():
+            base = self.arrays(worker, slot)[name]
+            offset = d.features.ctypes.data - base.ctypes.data
+            inside = 0 <= offset and offset + _span(d.features) <= base.nbytes
+            where = (offset, d.features.shape, d.features.strides, d.features.dtype)
+            models[name] = {"keys": d.keys, "labels": d.labels, "present": d.present,
+                            "features": where if inside and d.features.size else d.features}
+        return {"slot": (worker, slot), "models": models}
 
 
-class WorkerAlloc:
-    """The memory one batch's features are gathered into in a worker: called per model with
-    (shape, dtype), it returns (what crosses to the loader's process, the numpy view to fill).
-
-    Below ``SHM_BYTES``, a bytearray the pipe carries in the batch's one pickle (shared memory
-    costs more than the copy); above, the batch's ring slot, taken at the first such model;
-    else (no ring, or no slot free) a fresh shared-memory tensor (passed as a file descriptor).
-    """
-
-    def __init__(self, ring: BatchRing | None, worker: int):
-        self.ring, self.worker = ring, worker
-        self.slot, self.offset = None, 0
-
-    def __call__(self, shape: tuple, dtype: np.dtype) -> tuple:
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < SHM_BYTES:
-            buf = bytearray(nbytes)
-            return buf, np.frombuffer(buf, dtype).reshape(shape)
-        if self.ring is not None and self.slot is None:
-            self.slot = self.ring.take(self.worker)
-        if self.slot is not None and self.offset + nbytes <= self.ring.nbytes:
-            start = self.offset
-            self.offset += -(-nbytes // ALIGN) * ALIGN
-            out = self.ring.buffers[self.worker][self.slot].numpy()[start:start + nbytes]
-            return Slot(self.worker, self.slot, start), out.view(dtype).reshape(shape)
-        out = torch.empty(shape, dtype=TORCH_DTYPES[dtype.name]).share_memory_()
-        return out, out.numpy()
-
-
-def received(sent, nbytes: int, dtype: torch.dtype, ring: BatchRing | None) -> torch.Tensor:
-    """What ``WorkerAlloc`` sent (or a tensor made in process), as a tensor in this process:
-    a view of a ``ring`` slot, a shared tensor, or a flat tensor over the pipe's bytes."""
-    if isinstance(sent, Slot):
-        return ring.view(sent, nbytes, dtype)
-    if torch.is_tensor(sent):
-        return sent
-    # torch.frombuffer refuses an empty buffer
-    return torch.frombuffer(sent, dtype=dtype) if sent else torch.empty(0, dtype=dtype)
-
-
-def ring_bytes(batch_bytes: list[int]) -> int:
-    """A slot's size: the full-batch bytes of every model that goes over shared memory (0: no
-    ring, also when this torch cannot count a storage's uses)."""
-    return RING_WORKS * sum(-(-n // ALIGN) * ALIGN for n in batch_bytes if n >= SHM_BYTES)
+def _span(a: np.ndarray) -> int:
+    """Bytes from the first to past the last element of ``a`` (a view with positive strides)."""
+    if not a.size:
+        return 0
+    return sum((n - 1) * s for n, s in zip(a.shape, a.strides)) + a.itemsize

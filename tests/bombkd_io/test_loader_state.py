@@ -174,3 +174,19 @@ def test_video_and_cached_loaders_share_the_plan_state(videos, cache):
     finally:
         loader.close()
     assert np.array_equal([len(b) for b in loader.plan(0)], [3] * (loader.num_samples // 3))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_decode_threads_and_prefetch_do_not_change_the_video_batches(videos, world_size):
+    seen = []
+    for threads, prefetch in ((1, 1), (2, 3)):
+        loader = VideoClipLoader("ucf101", videos, "train", batch_size=3, seed=4, shard_size=4,
+                                 rank=world_size - 1, world_size=world_size)
+        loader.open(frames=2, size=32, decode_threads=threads, prefetch=prefetch)
+        try:
+            loader.set_epoch(3)
+            seen.append([(b.index, b.keys, b.clips.clone()) for b in loader])
+        finally:
+            loader.close()
+    assert [s[:2] for s in seen[0]] == [s[:2] for s in seen[1]] and len(seen[0]) >= 2
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(*seen))

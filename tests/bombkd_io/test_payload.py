@@ -8,6 +8,7 @@ tokens as they are.
 """
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -15,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from bombkd_io.loaders import cached, handover
-from bombkd_io.loaders.cached import make_cached_loader, pieces_per_batch
+from bombkd_io.loaders.cached import make_cached_loader
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, load_manifest, save_manifest
 from bombkd_io.shards.reader import BufferPool, read_shard
@@ -48,7 +48,7 @@ def token_cache(root: Path, tokens: int, dim: int, *, dtype: str = "float16") ->
 
 @pytest.fixture(scope="module")
 def large(tmp_path_factory):
-    """[256, 1024] fp16, 512 KiB a sample: a batch of 3 is over ``SHM_BYTES``."""
+    """[256, 1024] fp16, 512 KiB a sample: shards of 2 MiB."""
     root = tmp_path_factory.mktemp("large")
     return root, token_cache(root, 256, 1024)
 
@@ -74,61 +74,62 @@ def test_batches_are_the_stored_bytes_in_plan_order(request, cache, workers):
     root, want = request.getfixturevalue(cache)
     loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B, seed=3,
                                 num_workers=workers)
-    held, whole = [], []
+    held = []
     for epoch in (0, 1, 2):  # every batch kept: no buffer may be reused under it
         loader.set_epoch(epoch)
         got = list(loader)
         plan = epoch_batches(3, epoch, N, S, B)
         assert [b["index"].tolist() for b in got] == [p.tolist() for p in plan]
         held += got
-        units, sizes = loader.dataset.units(epoch)
-        whole += [n == 1 for n in pieces_per_batch(units, sizes)]  # else parts joined here
     check_exact(held, want)
-    # from a worker, large features arrive in shared memory, small ones as bytes; a batch that
-    # straddles two shards (two workers' parts) is joined in this process
-    for b, one in zip(held, whole):
-        for name in ("student", "t"):
-            assert b[name].is_shared() == (workers > 0 and one and
-                                           b[name].nbytes >= handover.SHM_BYTES)
-    if workers and cache == "large":  # both paths taken: full batches, and a 1-sample one
-        assert {b["student"].is_shared() for b in held} == {True, False}
+    # workers only read shards: every batch is gathered in this process, never shared memory
+    assert not any(b[name].is_shared() for b in held for name in ("student", "t"))
 
 
-def test_worker_ring_slots_are_reused_only_once_dropped(large):
-    """Large worker batches come in ring slots: reused once the consumer dropped a batch, never
-    while it holds one (every other batch kept over three epochs, and an epoch cut short)."""
+def test_worker_slots_are_reused_and_never_written_under_a_waiting_batch(large):
+    """Workers read shards into the loader's slots, made once and reused every epoch; a shard
+    is overwritten only once its batches are out (every other batch kept over three epochs,
+    and an epoch cut short)."""
     root, want = large
     loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B, seed=5,
                                 num_workers=2)
-    held, slots = [], set()
+    held = []
     for epoch in (0, 1, 2):
         loader.set_epoch(epoch)
         for i, b in enumerate(loader):
-            check_exact([b], want)  # as it arrives: nothing wrote into its slot before
-            if b["student"].nbytes >= handover.SHM_BYTES:
-                slots.add(b["student"].untyped_storage().data_ptr())
+            check_exact([b], want)  # as it arrives
             if i % 2:
                 held.append(b)
         check_exact(held, want)
-    ring = loader._ring
-    assert len(slots) <= sum(map(len, ring.buffers))  # reused, not fresh memory each time
+    slots = loader._slots
+    assert slots.taken.shape == (2, loader.dataset.slots_per_worker(2)) == (2, 2)
     stopped = iter(loader)
     first = next(stopped)
-    del stopped  # its workers are joined; a slot they took but never sent is free again
+    del stopped  # its workers are joined; the slots are free for the next iteration
     again = list(loader)
+    assert loader._slots is slots  # the same shared memory, not fresh pages
     check_exact(held + [first] + again, want)
-    del first, again
-    ring.release()
-    # taken now: only the slots of the batches still held
-    assert int(ring.taken.sum()) == len(ring.handed) <= len(held)
 
 
-def test_concurrent_iterations_do_not_share_the_ring(large):
+def test_a_batch_spanning_several_shards_comes_whole_from_any_workers(small):
+    root, want = small
+    plan = [p.tolist() for p in epoch_batches(0, 1, N, S, 9)]  # batches of 9, shards of 4
+    for workers in (0, 1, 2):
+        loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=9,
+                                    num_workers=workers)
+        loader.set_epoch(1)
+        got = list(loader)
+        assert [b["index"].tolist() for b in got] == plan
+        check_exact(got, want)
+    assert loader.dataset.slots_per_worker(1) == 4  # 9 samples touch up to 4 shards here
+
+
+def test_concurrent_iterations_do_not_share_the_slots(large):
     root, want = large
     loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
                                 num_workers=2)
     a, b = iter(loader), iter(loader)
-    got = [x for pair in zip(a, b) for x in pair]  # interleaved: one has the ring, one not
+    got = [x for pair in zip(a, b) for x in pair]  # interleaved: the second has its own workers
     check_exact(got, want)
     assert len(got) == 2 * len(loader)
 
@@ -138,13 +139,6 @@ def test_float32_cache_comes_as_float32(tmp_path):
     batches = list(make_cached_loader(tmp_path, "train", models=("student", "t"), batch_size=B,
                                       num_workers=0))
     check_exact(batches, want, torch.float32)
-
-
-def test_group_size_follows_the_batch_bytes(large, small):
-    big = make_cached_loader(large[0], "train", models=("student", "t"), batch_size=B,
-                             num_workers=0)
-    little = make_cached_loader(small[0], "train", batch_size=B, num_workers=0)
-    assert big.dataset.group == 1 and little.dataset.group == cached.GROUP
 
 
 def test_stopping_early_leaves_no_reader_thread(large):
@@ -243,3 +237,21 @@ def test_converter_and_fusion_take_token_level_inputs():
     assert logits.shape == (2, 5)
     assert not torch.equal(model(nudged).logits[0], logits[0])
     assert torch.equal(model(nudged).logits[1], logits[1])
+
+
+def test_workers_persist_across_epochs_until_closed(large):
+    root, want = large
+    loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
+                                num_workers=2)
+    pids = []
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        check_exact(list(loader), want)
+        pids.append(sorted(w.pid for w in loader.loader._iterator._workers))
+    assert pids[0] == pids[1]  # the same processes: each maps its slots once
+    loader.close()
+    for pid in pids[0]:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert [b["index"].tolist() for b in loader] == \
+        [p.tolist() for p in epoch_batches(0, 1, N, S, B)]
