@@ -207,6 +207,8 @@ class FeaturizeConfig(_Checked):
     strict: bool = False         # videos decoded with warnings are left out (failed), not cached
     revision: str | None = None  # the student's hub revision (None: the default branch)
     progress: bool = True
+    rank: int = 0                # this process writes shards k with k % world_size == rank
+    world_size: int = 1          # processes writing the cache together (torchrun or a job array)
 
     def problems(self) -> list[str]:
         p = [f"--{name} is required" for name in ("dataset", "root", "split", "student", "out")
@@ -220,7 +222,10 @@ class FeaturizeConfig(_Checked):
               + _one_of("--pool", self.pooling, POOLS))
         p += _at_least(1, ("--shard-size", self.shard_size), ("--batch", self.batch_size),
                        ("--workers", self.decode_threads), ("--frames", self.frames),
-                       ("--size", self.size))
+                       ("--size", self.size), ("--world-size", self.world_size))
+        if not 0 <= self.rank < max(self.world_size, 1):
+            p.append(f"--rank {self.rank}: must be in 0 .. --world-size - 1 "
+                     f"({self.world_size - 1}); ranks are numbered from 0")
         p += _device_problems(self.device)
         names = [self.student, *(pinned(t)[0] for t in self.teachers)]
         p += [problem for name in names if name and (problem := check_backbone_name(name))]

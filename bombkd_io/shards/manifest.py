@@ -11,6 +11,7 @@ limits below, checked without allocating in proportion to what the file claims.
 """
 from __future__ import annotations
 
+import glob
 import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -164,8 +165,23 @@ def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
     return Path(locate(str(root), name))
 
 
-def progress_path(root: str | Path, dataset: str, split: str) -> Path:
-    return Path(root) / f"{dataset}-{split}{PROGRESS_SUFFIX}"
+def progress_path(root: str | Path, dataset: str, split: str, rank: int | None = None) -> Path:
+    """One process's progress file; ``rank``: that of one of several processes writing the
+    cache together (``{dataset}-{split}.rank{R}.progress.json``)."""
+    own = "" if rank is None else f".rank{int(rank)}"
+    return Path(root) / f"{dataset}-{split}{own}{PROGRESS_SUFFIX}"
+
+
+def rank_progress_paths(root: str | Path, dataset: str, split: str) -> dict[int, Path]:
+    """rank -> progress file, for every rank's file in ``root`` (names matched exactly)."""
+    found = {}
+    for path in Path(root).glob(f"{glob.escape(dataset)}-{glob.escape(split)}.rank*"
+                                f"{PROGRESS_SUFFIX}"):
+        rank = path.name[len(f"{dataset}-{split}.rank"):-len(PROGRESS_SUFFIX)]
+        if rank.isascii() and rank.isdigit() and path.name == progress_path(
+                root, dataset, split, int(rank)).name:
+            found[int(rank)] = path
+    return dict(sorted(found.items()))
 
 
 def save_manifest(manifest: Manifest, root: str | Path) -> Path:
@@ -226,13 +242,14 @@ def _unfinished_message(root: Path, split: str, dataset: str | None, wanted: str
     """What to do about a featurize run into ``root`` that has not written its manifest (it
     left a progress file or shards); None if there is no sign of one."""
     pattern = f"{dataset or '*'}-{split}"
-    progress = sorted(root.glob(pattern + PROGRESS_SUFFIX))
+    progress = (sorted(root.glob(pattern + PROGRESS_SUFFIX))
+                + sorted(root.glob(pattern + ".rank*" + PROGRESS_SUFFIX)))
     shards = sorted(root.glob(pattern + "-*.tar")) + sorted(root.glob(pattern + "-*.tar.tmp"))
     if not progress and not shards:
         return None
     found = (progress or shards)[0].name
     if not dataset and progress:
-        dataset = found[:-len(f"-{split}{PROGRESS_SUFFIX}")]
+        dataset = found[:found.rindex(f"-{split}.")]
     return (f"{root}: the featurize run into this folder is unfinished ({found} is there, the "
             f"manifest {wanted} is not); finish it with `bombkd featurize --dataset "
             f"{dataset or '<dataset>'} --split {split} --out {root} --resume` and the first "

@@ -22,6 +22,7 @@ and listed in the manifest's ``suspect``; with ``--strict`` it is left out and l
 """
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -31,16 +32,18 @@ import torch
 from tqdm import tqdm
 
 from bombkd_io.datasets import VideoIndex, index_dataset, item_key
-from bombkd_io.errors import DatasetError, VideoError
+from bombkd_io.errors import ConfigError, DatasetError, VideoError
 from bombkd_io.lock import lock_folder
 from bombkd_io.names import locate
-from bombkd_io.shards.manifest import Manifest, save_manifest
+from bombkd_io.shards.manifest import Manifest, ShardEntry
 from bombkd_io.shards.verify import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
-from bombkd_io.video import ClipLoader, parse_device, probe_index
+from bombkd_io.video import ClipLoader, parse_device
 from bombkd_train.backbones import Backbone, create_backbone
 from bombkd_train.featurize.estimate import DiskEstimate, check_free_space, estimate_bytes
 from bombkd_train.config import FeaturizeConfig
+from bombkd_train.featurize.ranks import (Plan, Ranks, exchange, join_ranks, probe_shared,
+                                          shard_plan, write_manifest, written)
 from bombkd_train.featurize.sample import student_members
 from bombkd_train.featurize.state import CacheState, load_state, remove_stale_temps, save_progress
 from bombkd_train.runtime import model_threads, parity_settings
@@ -63,10 +66,20 @@ class FeaturizeStats:
     threads: int = 0             # torch intra-op threads the models ran with
     failed_videos: list[dict] = field(default_factory=list)   # the manifest's {"path", "reason"}
     suspect_videos: list[dict] = field(default_factory=list)  # cached, decoded with warnings
+    ranks: list[str] = field(default_factory=list)  # one line per rank (several processes)
+    found_failed: int = 0        # videos this process found unreadable (its probe, its shards)
+    again: int = 0               # samples written twice: their shard's start moved (ranks.py)
 
     @property
     def clips_per_s(self) -> float:
         return self.clips / self.total_s if self.total_s else 0.0
+
+    def rank_line(self, ranks: Ranks) -> str:
+        """This process's part of a run over several: clips, clips/s, failures it found."""
+        again = f" ({self.again} written again: a failure moved their shard)" if self.again \
+            else ""
+        return (f"{ranks.label}: {self.clips} clips{again} in {self.total_s:.1f}s "
+                f"({self.clips_per_s:.1f} clips/s), {self.found_failed} failed")
 
     def summary(self, out: str) -> str:
         """One line of counts and times, then the failed and suspect videos, a few by name."""
@@ -103,17 +116,30 @@ def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -
     start = time.perf_counter()
     config.validate()
     config = replace(config, device=parse_device(config.device))  # torch's name for "auto", "gpu"
+    config, ranks = join_ranks(config)
     index = index_dataset(config.dataset, config.root, config.split)
-    # one run per (dataset, split) in --out; with the lock, temporary files are a killed run's
-    with lock_folder(config.out, argument="--out", name=f"{config.dataset}-{config.split}"):
+    # one run per (dataset, split) in --out (one per rank of a run over several processes);
+    # with the lock, temporary files of what it owns are a killed run's
+    name = f"{config.dataset}-{config.split}" + (f".rank{ranks.rank}" if ranks.world > 1 else "")
+    with lock_folder(config.out, argument="--out", name=name):
         state = load_state(config, index)
-        remove_stale_temps(Path(config.out), config.dataset, config.split, state.all_roles())
+        if ranks.world == 1:  # several ranks: at the end, once none is writing
+            remove_stale_temps(Path(config.out), config.dataset, config.split, state.all_roles())
         # the backbones run as video mode's student does: full fp32, deterministic kernels
         with model_threads(config.device, config.decode_threads) as threads, parity_settings():
             stats.threads = threads
-            manifest = _Run(config, index, state, stats).execute()
+            manifest = _Run(config, index, state, stats, ranks).execute()
     stats.total_s = time.perf_counter() - start
+    if ranks.world > 1:
+        _gather_stats(stats, ranks)
     return manifest
+
+
+def _gather_stats(stats: FeaturizeStats, ranks: Ranks) -> None:
+    """One line per rank, and the run's totals (under torchrun: over every rank)."""
+    parts = ranks.gather((stats.rank_line(ranks), stats.clips, stats.shards, stats.bytes))
+    stats.ranks = [line for line, *_ in parts]
+    stats.clips, stats.shards, stats.bytes = (sum(p[i] for p in parts) for i in (1, 2, 3))
 
 
 def estimate_featurize(config: FeaturizeConfig) -> DiskEstimate:
@@ -137,12 +163,16 @@ class _Run:
     """One featurize run: plan the shards, decode per need, run the models, write."""
 
     def __init__(self, config: FeaturizeConfig, index: VideoIndex, state: CacheState,
-                 stats: FeaturizeStats):
+                 stats: FeaturizeStats, ranks: Ranks):
         self.config, self.index, self.state, self.stats = config, index, state, stats
+        self.ranks = ranks
         self.out = Path(config.out)
         self.labelled = index.labelled  # else the student's samples have no .cls
+        self.checked: dict[tuple[str, int], ShardEntry] = {}  # shards known to verify
+        self.clips: dict[int, int] = {}  # shard k -> samples this process wrote in it
 
-    def execute(self) -> Manifest:
+    def execute(self) -> Manifest | None:
+        """The manifest; None for a job array's task (``--finalize`` writes it)."""
         cfg, state = self.config, self.state
         if not state.roles_to_run(cfg) and not cfg.resume:
             return state.manifest()
@@ -152,39 +182,107 @@ class _Run:
         finally:
             for loader in self.loaders.values():  # decode threads and DALI pipelines
                 loader.close()
-        state.final = True
-        manifest = state.manifest()
-        save_manifest(manifest, self.out)
-        state.drop_progress()
-        self.stats.failed = len(manifest.failed)
-        self.stats.failed_videos, self.stats.suspect_videos = manifest.failed, manifest.suspect
+        manifest = self._manifest()
+        # a shard written again from its new start (a failure found by another rank) counts once
+        final = {k: n for k, n in self.clips.items() if k < len(self._plan())}
+        self.stats.clips, self.stats.again = sum(final.values()), self.stats.clips - sum(
+            final.values())
+        if manifest is not None:
+            self.stats.failed = len(manifest.failed)
+            self.stats.failed_videos, self.stats.suspect_videos = manifest.failed, manifest.suspect
         return manifest
 
+    def _manifest(self) -> Manifest | None:
+        """Written once, by rank 0 (every rank returns it); a job array's tasks leave it to
+        ``--finalize``."""
+        ranks, plan = self.ranks, self._plan()
+        if ranks.world > 1 and not ranks.group:
+            save_progress(self.state, self.out)
+            self.stats.failed = len(self.state.failed)
+            return None
+        error = None
+        if ranks.rank == 0:
+            try:
+                write_manifest(self.state, plan, verify=False)
+            except ConfigError as exc:
+                error = exc
+        if ranks.group and (error := ranks.gather(error)[0]) is None:
+            self.state.layout, self.state.final = [count for _, count in plan], True
+        if error is not None:
+            raise error
+        return self.state.manifest()
+
     def _write_shards(self) -> None:
-        """Every shard that is missing or (``--resume``) does not verify, then the new ones."""
+        """This rank's shards that are missing, planned from another start, or (``--resume``)
+        do not verify; under torchrun, again until no rank finds a new failure."""
         cfg, state = self.config, self.state
-        todo = self._todo()
-        run = {r for _, _, _, redo in todo for r in redo} | (
-            set() if state.final else set(state.all_roles()))
+        roles = state.roles_to_check(cfg)
+        todo = [(k, redo) for k, redo in self._todo(self._plan(), roles)]
+        run = {r for _, redo in todo for r in redo} | (set() if state.final else set(roles))
         self.backbones = {r: self._backbone(r) for r in state.all_roles() if r in run}
         check_free_space(self.out, estimate_bytes(cfg, self.index, state, {
             r: state.models[r] for r in self.backbones}).total)
-        total = sum(count for _, _, count, _ in todo) + (0 if state.final else state.remaining())
-        with tqdm(total=total, unit="clips", desc=f"featurize {cfg.dataset}-{cfg.split}",
+        total = sum(self._plan()[k][1] for k, _ in todo)
+        desc = " ".join(filter(None, (f"featurize {cfg.dataset}-{cfg.split}", self.ranks.label)))
+        with tqdm(total=total, unit="clips", desc=desc, position=self.ranks.rank,
                   disable=not cfg.progress, dynamic_ncols=True) as self.bar:
-            for k, start, count, redo in todo:
-                self._shard(k, start, count, redo, known=True)
-            if not state.final:
-                self._new_shards()
+            while True:
+                known = set(state.failed)
+                k = self.ranks.rank
+                while k < len(plan := self._plan()):
+                    if redo := self._redo(plan, k, roles):
+                        self._shard(k, plan[k], redo)
+                    k += self.ranks.world
+                if not self.ranks.group:
+                    return
+                exchange(state, self.ranks, self.out)
+                if set(state.failed) == known:  # the same set on every rank: all stop together
+                    return
+
+    def _plan(self) -> Plan:
+        """Every shard's (start, samples), from the failures known now; a finished cache's
+        layout is fixed."""
+        state = self.state
+        plan = shard_plan(len(self.index.items), state.failed, state.config.shard_size)
+        if state.final:
+            if [count for _, count in plan[:len(state.layout)]] != state.layout:
+                raise DatasetError(f"the cache in {self.config.out} holds {state.layout} samples "
+                                   "per shard; the videos now give others (the dataset "
+                                   "changed: featurize into a new --out)")
+            plan = plan[:len(state.layout)]
+        return plan
+
+    def _todo(self, plan: Plan, roles: list[str]) -> list[tuple[int, list[str]]]:
+        return [(k, redo) for k in range(self.ranks.rank, len(plan), self.ranks.world)
+                if (redo := self._redo(plan, k, roles))]
+
+    def _redo(self, plan: Plan, k: int, roles: list[str]) -> list[str]:
+        """The roles whose shard k is missing, written from another start, or (``--resume``)
+        does not verify (size, sha256, count)."""
+        start, count = plan[k]
+        return [r for r in roles if not (written(self.state, r, k, start, count)
+                                         and self._verifies(r, k))]
+
+    def _verifies(self, role: str, k: int) -> bool:
+        entry = self.state.done[role][k]
+        if not self.config.resume or self.checked.get((role, k)) == entry:
+            return True
+        if verify_shard(locate(str(self.out), entry.name), entry):
+            self.checked[role, k] = entry
+            return True
+        return False
 
     def _probe(self) -> None:
         start = time.perf_counter()
         # the video package maps "cpu" / "cuda[:N]" to its decoder device itself
-        self.ok, self.infos, failed = probe_index(  # ok pos -> index pos, and their infos
-            self.index, range(len(self.index.items)), self.config.device,
-            progress=self.config.progress)
+        self.ok, self.infos, failed = probe_shared(  # ok pos -> index pos, and their infos
+            self.index, self.config.device, self.ranks, self.config.progress)
         warned = [(info.path, list(info.warnings)) for info in self.infos if info.warnings]
         self.state.set_probe(self.ok, failed, warned)
+        self.stats.found_failed += len(failed)  # the process's own share under torchrun
+        if self.ranks.group:
+            self.stats.found_failed = sum(1 for i in self.state.failed
+                                          if i % self.ranks.world == self.ranks.rank)
         self.loaders: dict[Need, ClipLoader] = {}
         self.stats.probe_s = time.perf_counter() - start
 
@@ -196,45 +294,19 @@ class _Run:
         self.state.fill_model(role, bb)
         return bb
 
-    def _todo(self) -> list[tuple[int, int, int, list[str]]]:
-        """Known shards with at least one model to (re)write: (k, start, count, roles).
+    def _shard(self, k: int, planned: tuple[int, int], roles: list[str]) -> None:
+        """Write shard k of ``roles`` from its planned start (an index position).
 
-        ``--resume`` verifies each existing shard (size, sha256, count) and redoes the bad ones."""
-        state = self.state
-        roles = state.roles_to_check(self.config)
-        todo, starts = [], state.known_starts()
-        for k, count in enumerate(state.layout):
-            redo = [r for r in roles if self._needs_write(r, k)]
-            if redo:
-                todo.append((k, starts[k], count, redo))
-        return todo
-
-    def _needs_write(self, role: str, k: int) -> bool:
-        entry = self.state.done.get(role, {}).get(k)
-        if entry is None:
-            return True
-        if not self.config.resume:
-            return False
-        return not verify_shard(locate(str(self.out), entry.name), entry)
-
-    def _new_shards(self) -> None:
-        k, pos = len(self.state.layout), self.state.frontier()
-        roles = self.state.all_roles()
-        while pos < len(self.ok):
-            pos, count = self._shard(k, pos, self.config.shard_size, roles, known=False)
-            if count == 0:
-                break
-            k += 1
-
-    def _shard(self, k: int, start: int, target: int, roles: list[str],
-               known: bool) -> tuple[int, int]:
-        """Fill shard k of ``roles`` from ok position ``start``; returns (end, samples).
-
-        ``known``: the shard was written before, and must come out with the same samples."""
-        cfg = self.config
+        A shard another model already has must come out with the same samples (``known``);
+        a new one takes the next S videos that decode (fewer at the end)."""
+        cfg, state = self.config, self.state
+        start, count = planned
+        known = state.final or any(written(state, r, k, start, count) for r in state.all_roles()
+                                   if r not in roles)
+        target = count if known else cfg.shard_size
         writers = {r: ShardSetWriter(self.out, cfg.dataset, cfg.split, r, cfg.shard_size,
-                                     self.state.models[r].dtype, start_shard=k) for r in roles}
-        pos, kept = start, 0
+                                     state.models[r].dtype, start_shard=k) for r in roles}
+        pos, kept = bisect.bisect_left(self.ok, start), 0  # ok position of the start
         try:
             while kept < target and pos < len(self.ok):
                 want = min(target - kept, len(self.ok) - pos)
@@ -252,8 +324,7 @@ class _Run:
             raise DatasetError(f"shard {k} held {target} samples when the cache was written; "
                                f"the videos now give {kept} (the dataset changed: featurize "
                                f"into a new --out)")
-        self._finish_shard(k, writers, kept)
-        return pos, kept
+        self._finish_shard(k, writers, kept, start)
 
     def _decode(self, chunks: list[list[int]], roles: list[str],
                 known: bool) -> Iterator[tuple[list[int], dict[Need, torch.Tensor], dict]]:
@@ -300,6 +371,7 @@ class _Run:
             raise VideoError(path, f"decoded when the cache was written but fails now: {why}",
                              fix="featurize into a new --out")
         self.state.add_failure(self.ok[pos], why)
+        self.stats.found_failed += 1
 
     def _infer_and_write(self, writers: dict[str, ShardSetWriter], positions: list[int],
                          clips: dict[Need, torch.Tensor], decoded: dict) -> None:
@@ -325,20 +397,31 @@ class _Run:
         self.stats.write_s += time.perf_counter() - start
         self.bar.update(len(positions))
 
-    def _finish_shard(self, k: int, writers: dict[str, ShardSetWriter], kept: int) -> None:
-        start = time.perf_counter()
+    def _finish_shard(self, k: int, writers: dict[str, ShardSetWriter], kept: int,
+                      start: int) -> None:
+        began = time.perf_counter()
         entries = {role: w.close() for role, w in writers.items()}
-        self.stats.write_s += time.perf_counter() - start
+        self.stats.write_s += time.perf_counter() - began
         if kept == 0:
             return
         for role, (entry,) in entries.items():
-            self.state.record_shard(role, k, entry)
+            self.state.record_shard(role, k, entry, start)
+            self.checked[role, k] = entry
             self.stats.shards += 1
             self.stats.bytes += entry.bytes
-        if k >= len(self.state.layout):
-            self.state.layout.append(kept)
+        if not self.state.final:  # the shards every model has, from the start on
+            self.state.layout = self._written_prefix()
         self.stats.clips += kept
+        self.clips[k] = kept
         save_progress(self.state, self.out)
+
+    def _written_prefix(self) -> list[int]:
+        layout = []
+        for k, (start, count) in enumerate(self._plan()):
+            if not all(written(self.state, r, k, start, count) for r in self.state.all_roles()):
+                break
+            layout.append(count)
+        return layout
 
     def _need(self, role: str) -> Need:
         bb = self.backbones[role]

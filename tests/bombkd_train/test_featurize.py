@@ -25,6 +25,7 @@ from bombkd_train.config import DataConfig, FeaturizeConfig, pinned
 from bombkd_train.data import open_source
 from bombkd_train.featurize import estimate_featurize, featurize
 from bombkd_train.featurize import run as featurize_run
+from faults import failing_decode
 
 STUDENT, TEACHERS = "tiny-vjepa2", ["tiny-videomae", "tiny-timesformer", "tiny-vivit"]
 BROKEN = 4  # index position of the video overwritten with garbage
@@ -251,19 +252,7 @@ def test_decode_failure_mid_run_is_skipped_recorded_and_replayed(small_root, tmp
     next video so shards stay full; --resume replays the same plan to the same bytes."""
     index = index_dataset("ucf101", small_root, "train")
     victim = index.items[1].path
-    real = ClipLoader.decode_batch
-
-    def failing(self, positions):  # injected fault: the victim's decode fails on every call
-        batch = real(self, positions)
-        rows = [r for r, p in enumerate(batch.positions) if self.videos[p].path != victim]
-        lost = [(p, "injected decode error") for p in batch.positions
-                if self.videos[p].path == victim]
-        return type(batch)(positions=[batch.positions[r] for r in rows], clips=batch.clips[rows],
-                           frame_indices=[batch.frame_indices[r] for r in rows],
-                           failed=batch.failed + lost,
-                           decoded_by=[batch.decoded_by[r] for r in rows])
-
-    monkeypatch.setattr(ClipLoader, "decode_batch", failing)
+    monkeypatch.setattr(ClipLoader, "decode_batch", failing_decode(victim))
     out = tmp_path / "cache"
     m = featurize(config(small_root, out, teachers=["tiny-vivit"]))
     assert m.count == 7 and [s.count for s in m.models["student"].shards] == [3, 3, 1]

@@ -1,0 +1,132 @@
+"""featurize over several processes: torchrun with W = 1, 2, 3 (gloo on the CPU) and a job
+array (--rank/--world-size, then --finalize) write the one-process run's cache byte for byte,
+with a video that fails to probe and one that probes but fails to decode (which moves every
+later shard's start); a rank that never ran leaves a run that --resume finishes with any W."""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bombkd_io.datasets import index_dataset
+from bombkd_io.sample_data import make_sample_data
+from places import child_env
+
+STUDENT, TEACHER = "tiny-vjepa2", "tiny-vivit"  # two decode needs: 16x112 and 16x64
+BROKEN, VICTIM = 4, 1  # index positions: garbage (fails to probe); fails to decode
+
+# Every process: the victim's decode fails (injected), then `bombkd ARGS...`.
+CHILD = '''
+import sys
+from bombkd_io.video import ClipLoader
+from faults import failing_decode
+ClipLoader.decode_batch = failing_decode(sys.argv[1])
+from bombkd_train.cli.main import app
+app(sys.argv[2:], prog_name="bombkd")
+'''
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> Path:
+    """3 classes x 4 videos; the train split has 9: one unreadable, one that fails to decode."""
+    root = make_sample_data(tmp_path_factory.mktemp("videos"), classes=3, per_class=4, seed=0)
+    broken = Path(index_dataset("ucf101", root, "train").items[BROKEN].path)
+    broken.write_bytes(b"\x1aE\xdf\xa3 this is not a video" * 10)
+    return Path(root)
+
+
+@pytest.fixture(scope="module")
+def child(tmp_path_factory) -> Path:
+    script = tmp_path_factory.mktemp("child") / "featurize_child.py"
+    script.write_text(CHILD)
+    return script
+
+
+def bombkd(child: Path, videos: Path, out: Path, *extra: str, world: int = 0):
+    """``bombkd featurize`` into ``out`` (``world``: under torchrun with that many ranks)."""
+    victim = index_dataset("ucf101", videos, "train").items[VICTIM].path
+    args = ["featurize", "--dataset", "ucf101", "--root", str(videos), "--split", "train",
+            "--student", STUDENT, "--teachers", TEACHER, "--out", str(out), "--shard-size", "2",
+            "--batch", "2", "--workers", "1", "--device", "cpu", *extra]
+    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(world)] if world else [sys.executable])
+    return subprocess.run([*launch, str(child), victim, *args], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def files(out: Path) -> dict[str, str]:
+    """Every file in ``out``: name -> sha256."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def reference(child, videos, tmp_path_factory) -> dict[str, str]:
+    """The one-process run's cache (no torchrun)."""
+    out = tmp_path_factory.mktemp("one") / "cache"
+    proc = bombkd(child, videos, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = files(out)
+    # 9 videos, 2 failed: shards of 2, 2, 2, 1 for each of the two models, and the manifest
+    assert len(got) == 9 and "ucf101-train.index.json" in got, sorted(got)
+    return got
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_torchrun_writes_the_one_process_cache(world, child, videos, reference, tmp_path):
+    out = tmp_path / "cache"
+    proc = bombkd(child, videos, out, world=world)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert files(out) == reference  # every file, manifest included; no progress record left
+    if world > 1:
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
+        assert [line.split(":")[0] for line in lines] == [f"rank {r}/{world}"
+                                                          for r in range(world)]
+        assert all("clips/s" in line and "failed" in line for line in lines)
+        assert "featurized 7 clips (2 failed)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_job_array_then_finalize(child, videos, reference, tmp_path):
+    out = tmp_path / "cache"
+    for rank in range(3):  # the tasks one after another, as a busy scheduler runs them
+        proc = bombkd(child, videos, out, "--rank", str(rank), "--world-size", "3")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"rank {rank}/3: " in proc.stdout and "--finalize" in proc.stdout
+    assert not (out / "ucf101-train.index.json").exists()
+    # the planned shards 1..3 started before the video the decoder refuses was known
+    early = bombkd(child, videos, out, "--finalize")
+    message = early.stderr + early.stdout
+    assert early.returncode == 2, message
+    assert "ucf101-train-student-000001.tar" in message and "--resume" in message
+    for rank in range(2):  # the redo, as an array of two
+        proc = bombkd(child, videos, out, "--resume", "--rank", str(rank), "--world-size", "2")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    done = bombkd(child, videos, out, "--finalize")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert files(out) == reference
+
+
+@pytest.mark.slow
+def test_a_rank_that_never_ran_is_named_and_resume_writes_only_its_shards(child, videos,
+                                                                          reference, tmp_path):
+    out = tmp_path / "cache"
+    for rank in (0, 2):
+        assert bombkd(child, videos, out, "--rank", str(rank), "--world-size", "3",
+                      "--resume").returncode == 0
+    missing = bombkd(child, videos, out, "--finalize")
+    message = missing.stderr + missing.stdout
+    assert missing.returncode == 2 and "ucf101-train-tiny-vivit-000001.tar" in message
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    proc = bombkd(child, videos, out, "--resume")  # one process, no torchrun
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert files(out) == reference
+    # rank 2 read rank 0's record (--resume): it knew of the failed decode, so only shard 1
+    # (rank 1's) was missing
+    rewritten = {name for name in files(out) if name not in before
+                 or (out / name).stat().st_mtime_ns != before[name]}
+    assert rewritten == {"ucf101-train-student-000001.tar", "ucf101-train-tiny-vivit-000001.tar",
+                         "ucf101-train.index.json"}
