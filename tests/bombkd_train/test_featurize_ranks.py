@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from bombkd_io.datasets import index_dataset
 from bombkd_io.sample_data import make_sample_data
+from bombkd_train.cli.main import app
 from places import child_env
 
 STUDENT, TEACHER = "tiny-vjepa2", "tiny-vivit"  # two decode needs: 16x112 and 16x64
@@ -130,3 +132,23 @@ def test_a_rank_that_never_ran_is_named_and_resume_writes_only_its_shards(child,
                  or (out / name).stat().st_mtime_ns != before[name]}
     assert rewritten == {"ucf101-train-student-000001.tar", "ucf101-train-tiny-vivit-000001.tar",
                          "ucf101-train.index.json"}
+
+
+def test_bad_combinations_are_refused_with_the_fix(videos, tmp_path, monkeypatch):
+    runner = CliRunner()
+    args = ["featurize", "--dataset", "ucf101", "--root", str(videos), "--split", "train",
+            "--student", STUDENT, "--out", str(tmp_path / "c")]
+    for extra, words in ((["--rank", "1"], "--rank and --world-size go together"),
+                         (["--world-size", "2"], "--rank and --world-size go together"),
+                         (["--rank", "3", "--world-size", "3"],
+                          "--rank 3: must be in 0 .. --world-size - 1 (2)"),
+                         (["--rank", "-1", "--world-size", "2"], "--rank -1: must be in"),
+                         (["--finalize", "--rank", "0", "--world-size", "2"],
+                          "pass it without --rank/--world-size"),
+                         (["--finalize"], "no featurize run to finalize there")):
+        got = runner.invoke(app, [*args, *extra])
+        assert got.exit_code == 2 and words in got.output, (extra, got.output)
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    got = runner.invoke(app, [*args, "--rank", "0", "--world-size", "2"])
+    assert got.exit_code == 2 and "come from torchrun" in got.output, got.output
