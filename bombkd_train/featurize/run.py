@@ -4,8 +4,9 @@ The stages, in order (each clip is decoded once per distinct (frames, size) the 
 and the student and every teacher run on that one decode):
 
     index_dataset        VideoIndex, items in split order
-    probe_index          the decodable items (the "ok list"); unreadable ones are recorded
-    shard plan           shard k starts where shard k-1 ended and takes S decoded samples
+    probe_shared         the decodable items (the "ok list"); unreadable ones are recorded
+    shard plan           shard k starts after shard k-1's last sample and takes S decoded
+                         samples (ranks.shard_plan; again after each shard, as failures appear)
     ClipLoader.batches   uint8 clips per need, decoded in a background thread, with warnings
     Backbone             features [B, T', D] per model
     ShardSetWriter       shard k of every model: same samples, order and keys
@@ -13,7 +14,8 @@ and the student and every teacher run on that one decode):
 
 Shard k of a run is a pure function of where it starts: its batches are consecutive chunks of
 ``batch_size`` from that position (one more round per failed video), so a shard can be redone
-alone (``--resume``, or a teacher added later) and comes out byte-identical.
+alone (``--resume``, or a teacher added later) and comes out byte-identical, and so can a shard
+that another process writes (``ranks.py``: shard k by rank k % W).
 
 A video that probes or decodes with warnings (libav messages, fewer frames than its header
 claims, frames repeated although others were asked for: ``bombkd_io.video.health``) is cached
@@ -105,12 +107,17 @@ def _named(what: str, videos: list[dict], shown: int = 3, width: int = 160) -> l
     return lines
 
 
-def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -> Manifest:
+def featurize(config: FeaturizeConfig, *,
+              stats: FeaturizeStats | None = None) -> Manifest | None:
     """Write (or complete) the feature cache ``config`` describes; returns its manifest.
 
     A new teacher on an existing cache adds only its shard set; ``resume`` keeps the shards
     that verify and redoes the rest. Refuses a cache in ``out`` made with another student, and
     a second run into ``out`` for the same (dataset, split) while one is going.
+
+    Under torchrun, or with ``config.rank`` / ``config.world_size`` (a job array's task), this
+    process writes its share of the shards (``ranks.py``); a job array's task returns None (the
+    manifest is ``finalize_featurize``'s), torchrun's ranks all return the manifest rank 0 wrote.
     """
     stats = stats if stats is not None else FeaturizeStats()
     start = time.perf_counter()
@@ -184,9 +191,8 @@ class _Run:
                 loader.close()
         manifest = self._manifest()
         # a shard written again from its new start (a failure found by another rank) counts once
-        final = {k: n for k, n in self.clips.items() if k < len(self._plan())}
-        self.stats.clips, self.stats.again = sum(final.values()), self.stats.clips - sum(
-            final.values())
+        kept = sum(n for k, n in self.clips.items() if k < len(self._plan()))
+        self.stats.clips, self.stats.again = kept, self.stats.clips - kept
         if manifest is not None:
             self.stats.failed = len(manifest.failed)
             self.stats.failed_videos, self.stats.suspect_videos = manifest.failed, manifest.suspect
@@ -217,12 +223,13 @@ class _Run:
         do not verify; under torchrun, again until no rank finds a new failure."""
         cfg, state = self.config, self.state
         roles = state.roles_to_check(cfg)
-        todo = [(k, redo) for k, redo in self._todo(self._plan(), roles)]
+        plan = self._plan()
+        todo = self._todo(plan, roles)
         run = {r for _, redo in todo for r in redo} | (set() if state.final else set(roles))
         self.backbones = {r: self._backbone(r) for r in state.all_roles() if r in run}
         check_free_space(self.out, estimate_bytes(cfg, self.index, state, {
             r: state.models[r] for r in self.backbones}).total)
-        total = sum(self._plan()[k][1] for k, _ in todo)
+        total = sum(plan[k][1] for k, _ in todo)
         desc = " ".join(filter(None, (f"featurize {cfg.dataset}-{cfg.split}", self.ranks.label)))
         with tqdm(total=total, unit="clips", desc=desc, position=self.ranks.rank,
                   disable=not cfg.progress, dynamic_ncols=True) as self.bar:
@@ -279,10 +286,10 @@ class _Run:
             self.index, self.config.device, self.ranks, self.config.progress)
         warned = [(info.path, list(info.warnings)) for info in self.infos if info.warnings]
         self.state.set_probe(self.ok, failed, warned)
-        self.stats.found_failed += len(failed)  # the process's own share under torchrun
-        if self.ranks.group:
-            self.stats.found_failed = sum(1 for i in self.state.failed
-                                          if i % self.ranks.world == self.ranks.rank)
+        # under torchrun, the share this process probed (probe_shared)
+        own = self.index.items[self.ranks.rank::self.ranks.world] if self.ranks.group else None
+        mine = None if own is None else {item.path for item in own}
+        self.stats.found_failed += sum(1 for path, _ in failed if mine is None or path in mine)
         self.loaders: dict[Need, ClipLoader] = {}
         self.stats.probe_s = time.perf_counter() - start
 

@@ -186,7 +186,8 @@ class CacheState:
 
 
 def load_state(config: FeaturizeConfig, index: VideoIndex, *, dry_run: bool = False) -> CacheState:
-    """What ``config.out`` holds for this (dataset, split), checked against ``config``."""
+    """What ``config.out`` holds for this (dataset, split), checked against ``config``: every
+    progress record merged (all ranks'), else the manifest, else nothing."""
     out, ds, split = Path(config.out), config.dataset, config.split
     manifest = manifest_path(out, ds, split)
     records = [p for p in [progress_path(out, ds, split),
