@@ -2,6 +2,8 @@
 
 - ``sample_root``   Path: ``make_sample_data(tmp, classes=6, per_class=3, codec="vp9", seed=0)``,
                     18 VP9 clips in UCF101 layout (train 12 / test 6 of split 1).
+- ``small_root``    Path: 3 classes x 4 VP9 clips in UCF101 layout; the train split has 9, the
+                    one at index position ``BROKEN`` overwritten with garbage (featurize tests).
 - ``codec_videos``  dict codec -> Path: one clip per codec sample-data writes
                     (vp9 .webm, h264 .mp4, mpeg4 .avi, mjpeg .avi), 24 frames, 160x120.
 - ``bad_videos``    dict kind -> Path: ``missing``, ``empty``, ``text`` (not a video),
@@ -21,14 +23,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bombkd_io.datasets import index_dataset
 from bombkd_io.sample_data import (CODECS, GPU_CODECS, encode_video, make_codec_clips,
                                    make_sample_data, spinning_clip)
+
+BROKEN = 4  # small_root: index position (train split) of the video overwritten with garbage
 
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     return make_sample_data(tmp_path_factory.mktemp("sample") / "ucf", classes=6, per_class=3,
                             codec="vp9", seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory) -> Path:
+    root = make_sample_data(tmp_path_factory.mktemp("videos"), classes=3, per_class=4, seed=0)
+    broken = Path(index_dataset("ucf101", root, "train").items[BROKEN].path)
+    broken.write_bytes(b"\x1aE\xdf\xa3 this is not a video" * 10)
+    return Path(root)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from bombkd_io.datasets import index_dataset, item_key
 from bombkd_io.errors import ConfigError
-from bombkd_io.sample_data import make_sample_data
 from bombkd_io.shards.manifest import load_manifest, manifest_path
 from bombkd_io.shards.reader import read_shard
 from bombkd_io.video import ClipLoader, probe_videos
@@ -25,21 +24,10 @@ from bombkd_train.config import DataConfig, FeaturizeConfig, pinned
 from bombkd_train.data import open_source
 from bombkd_train.featurize import estimate_featurize, featurize
 from bombkd_train.featurize import run as featurize_run
+from conftest import BROKEN
 from faults import failing_decode
 
 STUDENT, TEACHERS = "tiny-vjepa2", ["tiny-videomae", "tiny-timesformer", "tiny-vivit"]
-BROKEN = 4  # index position of the video overwritten with garbage
-
-
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory) -> Path:
-    """3 classes x 4 videos (vp9); the train split has 9, one of them unreadable."""
-    root = make_sample_data(tmp_path_factory.mktemp("videos"), classes=3, per_class=4, seed=0)
-    broken = Path(index_dataset("ucf101", root, "train").items[BROKEN].path)
-    broken.write_bytes(b"\x1aE\xdf\xa3 this is not a video" * 10)
-    return Path(root)
-
-
 def config(root: Path, out: Path, teachers=TEACHERS, **kw) -> FeaturizeConfig:
     base = dict(dataset="ucf101", root=str(root), split="train", student=STUDENT, out=str(out),
                 teachers=list(teachers), shard_size=3, batch_size=2, decode_threads=1)

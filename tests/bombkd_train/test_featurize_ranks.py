@@ -1,7 +1,8 @@
 """featurize over several processes: torchrun with W = 1, 2, 3 (gloo on the CPU) and a job
 array (--rank/--world-size, then --finalize) write the one-process run's cache byte for byte,
-with a video that fails to probe and one that probes but fails to decode (which moves every
-later shard's start); a rank that never ran leaves a run that --resume finishes with any W."""
+with a video that fails to probe (conftest's ``small_root``) and one that probes but fails to
+decode (which moves every later shard's start); a rank that never ran leaves a run that --resume
+finishes with any W."""
 from __future__ import annotations
 
 import hashlib
@@ -13,12 +14,11 @@ import pytest
 from typer.testing import CliRunner
 
 from bombkd_io.datasets import index_dataset
-from bombkd_io.sample_data import make_sample_data
 from bombkd_train.cli.main import app
 from places import child_env
 
 STUDENT, TEACHER = "tiny-vjepa2", "tiny-vivit"  # two decode needs: 16x112 and 16x64
-BROKEN, VICTIM = 4, 1  # index positions: garbage (fails to probe); fails to decode
+VICTIM = 1  # index position of a video that probes but fails to decode (injected)
 
 # Every process: the victim's decode fails (injected), then `bombkd ARGS...`.
 CHILD = '''
@@ -29,15 +29,6 @@ ClipLoader.decode_batch = failing_decode(sys.argv[1])
 from bombkd_train.cli.main import app
 app(sys.argv[2:], prog_name="bombkd")
 '''
-
-
-@pytest.fixture(scope="module")
-def videos(tmp_path_factory) -> Path:
-    """3 classes x 4 videos; the train split has 9: one unreadable, one that fails to decode."""
-    root = make_sample_data(tmp_path_factory.mktemp("videos"), classes=3, per_class=4, seed=0)
-    broken = Path(index_dataset("ucf101", root, "train").items[BROKEN].path)
-    broken.write_bytes(b"\x1aE\xdf\xa3 this is not a video" * 10)
-    return Path(root)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +56,10 @@ def files(out: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reference(child, videos, tmp_path_factory) -> dict[str, str]:
+def reference(child, small_root, tmp_path_factory) -> dict[str, str]:
     """The one-process run's cache (no torchrun)."""
     out = tmp_path_factory.mktemp("one") / "cache"
-    proc = bombkd(child, videos, out)
+    proc = bombkd(child, small_root, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = files(out)
     # 9 videos, 2 failed: shards of 2, 2, 2, 1 for each of the two models, and the manifest
@@ -78,9 +69,9 @@ def reference(child, videos, tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2, 3])
-def test_torchrun_writes_the_one_process_cache(world, child, videos, reference, tmp_path):
+def test_torchrun_writes_the_one_process_cache(world, child, small_root, reference, tmp_path):
     out = tmp_path / "cache"
-    proc = bombkd(child, videos, out, world=world)
+    proc = bombkd(child, small_root, out, world=world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert files(out) == reference  # every file, manifest included; no progress record left
     if world > 1:
@@ -92,38 +83,40 @@ def test_torchrun_writes_the_one_process_cache(world, child, videos, reference, 
 
 
 @pytest.mark.slow
-def test_job_array_then_finalize(child, videos, reference, tmp_path):
+def test_job_array_then_finalize(child, small_root, reference, tmp_path):
     out = tmp_path / "cache"
     for rank in range(3):  # the tasks one after another, as a busy scheduler runs them
-        proc = bombkd(child, videos, out, "--rank", str(rank), "--world-size", "3")
+        proc = bombkd(child, small_root, out, "--rank", str(rank), "--world-size", "3")
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"rank {rank}/3: " in proc.stdout and "--finalize" in proc.stdout
     assert not (out / "ucf101-train.index.json").exists()
+    assert sorted(p.name for p in out.glob("*.json")) == [  # each task its own record
+        f"ucf101-train.rank{r}.progress.json" for r in range(3)]
     # the planned shards 1..3 started before the video the decoder refuses was known
-    early = bombkd(child, videos, out, "--finalize")
+    early = bombkd(child, small_root, out, "--finalize")
     message = early.stderr + early.stdout
     assert early.returncode == 2, message
     assert "ucf101-train-student-000001.tar" in message and "--resume" in message
     for rank in range(2):  # the redo, as an array of two
-        proc = bombkd(child, videos, out, "--resume", "--rank", str(rank), "--world-size", "2")
+        proc = bombkd(child, small_root, out, "--resume", "--rank", str(rank), "--world-size", "2")
         assert proc.returncode == 0, proc.stderr[-3000:]
-    done = bombkd(child, videos, out, "--finalize")
+    done = bombkd(child, small_root, out, "--finalize")
     assert done.returncode == 0, done.stderr[-3000:]
     assert files(out) == reference
 
 
 @pytest.mark.slow
-def test_a_rank_that_never_ran_is_named_and_resume_writes_only_its_shards(child, videos,
+def test_a_rank_that_never_ran_is_named_and_resume_writes_only_its_shards(child, small_root,
                                                                           reference, tmp_path):
     out = tmp_path / "cache"
     for rank in (0, 2):
-        assert bombkd(child, videos, out, "--rank", str(rank), "--world-size", "3",
+        assert bombkd(child, small_root, out, "--rank", str(rank), "--world-size", "3",
                       "--resume").returncode == 0
-    missing = bombkd(child, videos, out, "--finalize")
+    missing = bombkd(child, small_root, out, "--finalize")
     message = missing.stderr + missing.stdout
     assert missing.returncode == 2 and "ucf101-train-tiny-vivit-000001.tar" in message
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    proc = bombkd(child, videos, out, "--resume")  # one process, no torchrun
+    proc = bombkd(child, small_root, out, "--resume")  # one process, no torchrun
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert files(out) == reference
     # rank 2 read rank 0's record (--resume): it knew of the failed decode, so only shard 1
@@ -134,9 +127,9 @@ def test_a_rank_that_never_ran_is_named_and_resume_writes_only_its_shards(child,
                          "ucf101-train.index.json"}
 
 
-def test_bad_combinations_are_refused_with_the_fix(videos, tmp_path, monkeypatch):
+def test_bad_combinations_are_refused_with_the_fix(small_root, tmp_path, monkeypatch):
     runner = CliRunner()
-    args = ["featurize", "--dataset", "ucf101", "--root", str(videos), "--split", "train",
+    args = ["featurize", "--dataset", "ucf101", "--root", str(small_root), "--split", "train",
             "--student", STUDENT, "--out", str(tmp_path / "c")]
     for extra, words in ((["--rank", "1"], "--rank and --world-size go together"),
                          (["--world-size", "2"], "--rank and --world-size go together"),
