@@ -12,9 +12,9 @@ rank finds a new one, for a job array ``--finalize`` names the shards to redo (`
 
 The manifest is written once, after every shard exists and verifies (``write_manifest``): by
 rank 0 once the ranks are done under torchrun, by ``bombkd featurize --finalize`` for an array.
-Probing: under torchrun each rank probes its share of the videos and the ranks exchange what
-they found; a job array's tasks cannot, so each probes every video (it reads packets, not
-frames) to know where its shards start.
+Probing: under torchrun each rank probes the videos of its own shards (as planned before any
+failure is known) and the ranks exchange what they found; a job array's tasks cannot exchange,
+so each probes every video (it reads packets, not frames) to know where its shards start.
 """
 from __future__ import annotations
 
@@ -82,17 +82,24 @@ def shard_plan(count: int, failed, shard_size: int) -> Plan:
             for a in range(0, len(kept), shard_size)]
 
 
-def probe_shared(index: VideoIndex, device: str, ranks: Ranks, progress: bool):
-    """``probe_index`` of every video; under torchrun each rank probes every W-th one."""
+def probe_shared(index: VideoIndex, device: str, ranks: Ranks, shard_size: int,
+                 progress: bool):
+    """``probe_index`` of every video; under torchrun each rank probes the videos of its own
+    shards as planned before any failure is known (``own_videos``), then they exchange."""
     everything = range(len(index.items))
     if not ranks.group:
         return probe_index(index, everything, device, progress=progress)
-    mine = everything[ranks.rank::ranks.world]
-    found = ranks.gather(probe_videos([index.items[i].path for i in mine], device,
-                                      on_error="skip", progress=progress))
+    found = ranks.gather(probe_videos([index.items[i].path for i in own_videos(
+        len(everything), ranks, shard_size)], device, on_error="skip", progress=progress))
     infos = [info for part, _ in found for info in part]
     failed = [f for _, part in found for f in part]
     return index_probed(index, everything, infos, failed)
+
+
+def own_videos(count: int, ranks: Ranks, shard_size: int) -> list[int]:
+    """Index positions of this rank's shards when every video decodes: its files, which it
+    then decodes (read once on this node, unless a failure moves a shard's start)."""
+    return [i for i in range(count) if ranks.owns(i // shard_size)]
 
 
 def exchange(state: CacheState, ranks: Ranks, out: Path) -> None:

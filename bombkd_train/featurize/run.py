@@ -44,8 +44,8 @@ from bombkd_io.video import ClipLoader, parse_device
 from bombkd_train.backbones import Backbone, create_backbone
 from bombkd_train.featurize.estimate import DiskEstimate, check_free_space, estimate_bytes
 from bombkd_train.config import FeaturizeConfig
-from bombkd_train.featurize.ranks import (Plan, Ranks, exchange, join_ranks, probe_shared,
-                                          shard_plan, write_manifest, written)
+from bombkd_train.featurize.ranks import (Plan, Ranks, exchange, join_ranks, own_videos,
+                                          probe_shared, shard_plan, write_manifest, written)
 from bombkd_train.featurize.sample import student_members
 from bombkd_train.featurize.state import CacheState, load_state, remove_stale_temps, save_progress
 from bombkd_train.runtime import model_threads, parity_settings
@@ -283,12 +283,14 @@ class _Run:
         start = time.perf_counter()
         # the video package maps "cpu" / "cuda[:N]" to its decoder device itself
         self.ok, self.infos, failed = probe_shared(  # ok pos -> index pos, and their infos
-            self.index, self.config.device, self.ranks, self.config.progress)
+            self.index, self.config.device, self.ranks, self.state.config.shard_size,
+            self.config.progress)
         warned = [(info.path, list(info.warnings)) for info in self.infos if info.warnings]
         self.state.set_probe(self.ok, failed, warned)
-        # under torchrun, the share this process probed (probe_shared)
-        own = self.index.items[self.ranks.rank::self.ranks.world] if self.ranks.group else None
-        mine = None if own is None else {item.path for item in own}
+        mine = None  # under torchrun, the videos this process probed (probe_shared)
+        if self.ranks.group:
+            mine = {self.index.items[i].path for i in own_videos(
+                len(self.index.items), self.ranks, self.state.config.shard_size)}
         self.stats.found_failed += sum(1 for path, _ in failed if mine is None or path in mine)
         self.loaders: dict[Need, ClipLoader] = {}
         self.stats.probe_s = time.perf_counter() - start

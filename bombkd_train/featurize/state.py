@@ -19,8 +19,6 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from bombkd_io.atomic import atomic_path, remove_temps
 from bombkd_io.datasets import VideoIndex
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
