@@ -250,10 +250,13 @@ def _unfinished_message(root: Path, split: str, dataset: str | None, wanted: str
     found = (progress or shards)[0].name
     if not dataset and progress:
         dataset = found[:found.rindex(f"-{split}.")]
+    command = (f"`bombkd featurize --dataset {dataset or '<dataset>'} --split {split} --out "
+               f"{root} --resume`")
+    if ".rank" in found:  # several processes wrote it: the manifest may be all that is missing
+        command += " (or `--finalize` once every rank is done)"
     return (f"{root}: the featurize run into this folder is unfinished ({found} is there, the "
-            f"manifest {wanted} is not); finish it with `bombkd featurize --dataset "
-            f"{dataset or '<dataset>'} --split {split} --out {root} --resume` and the first "
-            "run's other arguments (--root, --student, --teachers)")
+            f"manifest {wanted} is not); finish it with {command} and the first run's other "
+            "arguments (--root, --student, --teachers)")
 
 
 def read_manifest(path: str | Path) -> Manifest:

@@ -51,10 +51,12 @@ def inspect(
 
 def _splits(root: Path) -> list[str]:
     """Every split with a manifest in ``root`` (``{dataset}-{split}.index.json``), or with a
-    featurize run still to finish (``{dataset}-{split}.progress.json``: its load says so)."""
+    featurize run still to finish (``{dataset}-{split}[.rank{R}].progress.json``: its load says
+    so)."""
     from bombkd_io.shards.manifest import MANIFEST_SUFFIX, PROGRESS_SUFFIX, load_manifest
 
-    found = sorted({p.name[:-len(suffix)].rsplit("-", 1)[-1]
+    # names have no dots: what follows one in the stem is a rank's (".rank1")
+    found = sorted({p.name[:-len(suffix)].split(".")[0].rsplit("-", 1)[-1]
                     for suffix in (MANIFEST_SUFFIX, PROGRESS_SUFFIX)
                     for p in root.glob(f"*-*{suffix}")})
     if not found:

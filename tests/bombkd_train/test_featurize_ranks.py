@@ -92,6 +92,8 @@ def test_job_array_then_finalize(child, small_root, reference, tmp_path):
     assert not (out / "ucf101-train.index.json").exists()
     assert sorted(p.name for p in out.glob("*.json")) == [  # each task its own record
         f"ucf101-train.rank{r}.progress.json" for r in range(3)]
+    unfinished = CliRunner().invoke(app, ["inspect", str(out)])
+    assert unfinished.exit_code == 2 and "--finalize" in unfinished.output, unfinished.output
     # the planned shards 1..3 started before the video the decoder refuses was known
     early = bombkd(child, small_root, out, "--finalize")
     message = early.stderr + early.stdout
@@ -106,8 +108,10 @@ def test_job_array_then_finalize(child, small_root, reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_rank_that_never_ran_is_named_and_resume_writes_only_its_shards(child, small_root,
-                                                                          reference, tmp_path):
+@pytest.mark.parametrize("world", [0, 2])  # --resume as one process, or under torchrun
+def test_a_rank_that_never_ran_is_named_and_resume_writes_only_its_shards(world, child,
+                                                                          small_root, reference,
+                                                                          tmp_path):
     out = tmp_path / "cache"
     for rank in (0, 2):
         assert bombkd(child, small_root, out, "--rank", str(rank), "--world-size", "3",
@@ -116,7 +120,7 @@ def test_a_rank_that_never_ran_is_named_and_resume_writes_only_its_shards(child,
     message = missing.stderr + missing.stdout
     assert missing.returncode == 2 and "ucf101-train-tiny-vivit-000001.tar" in message
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    proc = bombkd(child, small_root, out, "--resume")  # one process, no torchrun
+    proc = bombkd(child, small_root, out, "--resume", world=world)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert files(out) == reference
     # rank 2 read rank 0's record (--resume): it knew of the failed decode, so only shard 1
