@@ -133,7 +133,7 @@ def write_manifest(state: CacheState, plan: Plan, *, verify: bool) -> Manifest:
     bad = [(role, k) for role in state.all_roles() for k in range(len(plan))
            if (role, k) not in stale and not _on_disk(out, state.done[role][k], verify)]
     if stale or bad:
-        raise ConfigError(_missing_message(cfg, stale + bad, plan))
+        raise ConfigError(_missing_message(cfg, stale + bad, len(plan) * len(state.models)))
     for role in state.all_roles():
         for k in [k for k in state.done.get(role, {}) if k >= len(plan)]:
             state.done[role].pop(k)
@@ -153,16 +153,16 @@ def _on_disk(out: Path, entry, verify: bool) -> bool:
     return os.path.isfile(path) and os.path.getsize(path) == entry.bytes
 
 
-def _missing_message(cfg: FeaturizeConfig, missing: list[tuple[str, int]], plan: Plan) -> list:
+def _missing_message(cfg: FeaturizeConfig, missing: list[tuple[str, int]], needed: int) -> list:
     names = [shard_name(cfg.dataset, cfg.split, role, k) for role, k in sorted(missing)]
     shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
     ks = sorted({k for _, k in missing})
-    return [f"--out {cfg.out}: {len(names)} shard file(s) the manifest needs ({len(plan)} per "
-            f"model) are missing, do not verify, or were planned before a video was found to "
-            f"fail: {shown} (shard numbers {ks[:12]}{' ...' if len(ks) > 12 else ''})",
-            "write them with the run's command and --resume: with any --world-size (each "
-            "--rank R writes the shards k with k % W == R; without --rank/--world-size one "
-            "process writes them all), then run --finalize again"]
+    return [f"--out {cfg.out}: {len(names)} of the {needed} shard files "
+            f"the manifest needs are missing, do not verify, or were planned before a video was "
+            f"found to fail: {shown} (shard numbers {ks[:12]}{' ...' if len(ks) > 12 else ''})",
+            "write them with the run's command and --resume, as one process or as a job array "
+            "of any size (--rank R --world-size W writes the shards k with k % W == R), then "
+            "run --finalize again"]
 
 
 def finalize_featurize(config: FeaturizeConfig) -> Manifest:
