@@ -18,6 +18,7 @@ so each probes every video (it reads packets, not frames) to know where its shar
 """
 from __future__ import annotations
 
+import glob
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -137,13 +138,23 @@ def write_manifest(state: CacheState, plan: Plan, *, verify: bool) -> Manifest:
     for role in state.all_roles():
         for k in [k for k in state.done.get(role, {}) if k >= len(plan)]:
             state.done[role].pop(k)
-            locate(str(out), shard_name(cfg.dataset, cfg.split, role, k)).unlink(missing_ok=True)
+        _remove_past(out, cfg.dataset, cfg.split, role, len(plan))
     state.layout, state.final = [count for _, count in plan], True
     manifest = state.manifest()
     save_manifest(manifest, out)
     state.drop_progress()
     remove_stale_temps(out, cfg.dataset, cfg.split, state.all_roles())
     return manifest
+
+
+def _remove_past(out: Path, dataset: str, split: str, role: str, shards: int) -> None:
+    """Remove the shard files of ``role`` numbered ``shards`` or more (written from a plan made
+    before a failure was known; a killed rank may not have recorded one): exactly those names."""
+    for path in out.glob(f"{glob.escape(dataset)}-{glob.escape(split)}-{glob.escape(role)}-*.tar"):
+        number = path.name[:-len(".tar")].rsplit("-", 1)[-1]
+        if number.isdigit() and int(number) >= shards and \
+                path.name == shard_name(dataset, split, role, int(number)):
+            path.unlink(missing_ok=True)
 
 
 def _on_disk(out: Path, entry, verify: bool) -> bool:

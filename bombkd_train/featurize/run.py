@@ -117,6 +117,7 @@ class _Run:
         self.labelled = index.labelled  # else the student's samples have no .cls
         self.checked: dict[tuple[str, int], ShardEntry] = {}  # shards known to verify
         self.clips: dict[int, int] = {}  # shard k -> samples this process wrote in it
+        self.planned: tuple[int, Plan] = (-1, [])  # (failures known, the plan made from them)
 
     def execute(self) -> Manifest | None:
         """The manifest; None for a job array's task (``--finalize`` writes it)."""
@@ -188,8 +189,10 @@ class _Run:
 
     def _plan(self) -> Plan:
         """Every shard's (start, samples), from the failures known now; a finished cache's
-        layout is fixed."""
+        layout is fixed. Made again only when a failure was added (failures are never removed)."""
         state = self.state
+        if self.planned[0] == len(state.failed):
+            return self.planned[1]
         plan = shard_plan(len(self.index.items), state.failed, state.config.shard_size)
         if state.final:
             if [count for _, count in plan[:len(state.layout)]] != state.layout:
@@ -197,6 +200,7 @@ class _Run:
                                    "per shard; the videos now give others (the dataset "
                                    "changed: featurize into a new --out)")
             plan = plan[:len(state.layout)]
+        self.planned = (len(state.failed), plan)
         return plan
 
     def _todo(self, plan: Plan, roles: list[str]) -> list[tuple[int, list[str]]]:
