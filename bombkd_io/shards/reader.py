@@ -1,10 +1,13 @@
 """Read one shard back into arrays: ``read_shard`` -> ``ShardData`` (the cached loader's hot path).
 
-A local shard is opened as a file; a shard under a URL root the user typed goes through
-``webdataset.gopen`` (``file:``, ``pipe:``, ``http(s)`` through curl, ...); its location comes
-from ``bombkd_io.names.locate``, never from a name read from a file alone. ``read_shard``:
+A local shard is opened as a file; a shard under a remote root (``s3://``, ``gs://``,
+``https://``...) through ``bombkd_io.storage`` (fsspec), read whole in one large ranged read and
+retried on transient errors; a ``file:`` or ``pipe:`` root the user typed through
+``webdataset.gopen``. Its location comes from ``bombkd_io.names.locate``, never from a name read
+from a file alone. ``read_shard``:
   _load_shard     the shard's bytes, no more than the manifest lists (checked before allocating),
-                  in large reads into one buffer (``BufferPool`` reuses them across shards)
+                  in large reads into one buffer (``BufferPool`` reuses them across shards);
+                  a remote one retried (``storage.retrying``) then a ShardError naming it
   read_regular    (tar.py) all samples at once, when the shard is regular (what the writer makes)
   _walk           else tar.iter_samples decoded sample by sample, naming the first bad one
   _check_labels   labels outside [0, classes) make their samples bad ones
@@ -29,16 +32,27 @@ from bombkd_io.names import is_url
 from bombkd_io.shards.codec import DTYPES, decode_label, decode_meta, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
 from bombkd_io.shards.tar import iter_samples, read_into, read_regular
+from bombkd_io.storage import is_remote, open_remote, retrying
 
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 REPAIR = "`bombkd featurize --resume` rewrites shards that do not verify"  # said on a skip
 
 
+def fetched(url, read):
+    """``read()``; for a remote ``url`` retried on transient errors (``storage.retrying``)."""
+    return retrying(read, str(url)) if is_remote(url) else read()
+
+
 @contextlib.contextmanager
 def open_shard(url) -> Iterator:
-    """A shard opened as a local file (a ``Path``, or a string without a URL scheme), else
-    through ``webdataset.gopen`` (a URL the user typed as the root: ``file:``, ``pipe:``,
-    ``http(s)``, ...); I/O errors become ShardError naming it."""
+    """A shard opened as a local file (a ``Path``, or a string without a URL scheme), through
+    fsspec (a remote URL: its errors are ``storage.retrying``'s to sort), else through
+    ``webdataset.gopen`` (``file:``, ``pipe:`` typed by the user); I/O errors become ShardError
+    naming it."""
+    if is_remote(url):
+        with open_remote(url) as f:
+            yield f
+        return
     try:
         with (wds.gopen(url, "rb") if is_url(url) else open(url, "rb")) as f:
             yield f
@@ -79,7 +93,7 @@ def read_shard(url: str | Path, entry: ShardEntry, model: ModelEntry, *, labels:
     policy = policy if policy is not None else ErrorPolicy()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
     try:
-        buf, complete = _load_shard(url, entry, buffer)
+        buf, complete = fetched(url, lambda: _load_shard(url, entry, buffer))
     except ShardError as exc:
         policy.handle(exc, entry.count, fix=REPAIR)
         return _empty(entry.count, shape, dtype, labels)
@@ -99,6 +113,8 @@ def _load_shard(url, entry: ShardEntry, buffer: np.ndarray | None) -> tuple[np.n
     listed size (bounded by ``check_manifest``) before the bytes are there."""
     _check_local_size(url, entry)
     with open_shard(url) as f:
+        if getattr(f, "size", entry.bytes) != entry.bytes:  # a remote object's, before reading
+            raise ShardError(url, f"{f.size} bytes, the manifest lists {entry.bytes}")
         fits = buffer is not None and len(buffer) >= entry.bytes
         buf = buffer[:entry.bytes] if fits else np.empty(entry.bytes, np.uint8)
         filled = read_into(f, memoryview(buf))
