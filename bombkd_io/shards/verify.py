@@ -22,7 +22,7 @@ from bombkd_io.shards.tar import CHUNK, iter_samples
 def verify_shard(path, entry: ShardEntry) -> bool:
     """True when ``path`` is exactly ``entry``: size, sha256 (when recorded) and sample count."""
     try:
-        if fetched(path, lambda: _hash_problem(path, entry)):
+        if fetched(path, lambda: hash_problem(path, entry)):
             return False
         count = fetched(path, lambda: _count(path))
     except (ShardError, OSError):
@@ -49,7 +49,7 @@ def verify_cache(root: str | Path, manifest: Manifest, *, progress: bool = True)
             entry = model.shards[k]
             path = locate(str(root), entry.name)
             try:
-                if problem := fetched(path, lambda: _hash_problem(path, entry)):
+                if problem := fetched(path, lambda: hash_problem(path, entry)):
                     problems.append(problem)
                 labelled = name == "student" and manifest.labels
                 data = read_shard(path, entry, model, labels=labelled,
@@ -64,7 +64,7 @@ def verify_cache(root: str | Path, manifest: Manifest, *, progress: bool = True)
     return problems
 
 
-def _hash_problem(path, entry: ShardEntry) -> str | None:
+def hash_problem(path, entry: ShardEntry) -> str | None:
     """Why the file at ``path`` is not the one ``entry`` lists (its size, or its sha256 when
     recorded), or None; the whole file is read in big chunks."""
     digest, size = hashlib.sha256(), 0

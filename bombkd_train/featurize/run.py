@@ -35,6 +35,7 @@ from bombkd_io.errors import DatasetError, VideoError
 from bombkd_io.lock import lock_folder
 from bombkd_io.names import locate
 from bombkd_io.shards.manifest import Manifest, save_manifest
+from bombkd_io.shards.publish import Remote, staged_out
 from bombkd_io.shards.verify import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_io.video import ClipLoader, parse_device, probe_index
@@ -104,14 +105,17 @@ def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -
     config.validate()
     config = replace(config, device=parse_device(config.device))  # torch's name for "auto", "gpu"
     index = index_dataset(config.dataset, config.root, config.split)
-    # one run per (dataset, split) in --out; with the lock, temporary files are a killed run's
-    with lock_folder(config.out, argument="--out", name=f"{config.dataset}-{config.split}"):
+    # a remote --out: written into a local stage, each finished piece published (shards.publish)
+    with staged_out(config.out, config.dataset, config.split) as (out, remote), \
+            lock_folder(out, argument="--out", name=f"{config.dataset}-{config.split}"):
+        # one run per (dataset, split) in --out; with the lock, temporary files are a killed run's
+        config = replace(config, out=out)
         state = load_state(config, index)
         remove_stale_temps(Path(config.out), config.dataset, config.split, state.all_roles())
         # the backbones run as video mode's student does: full fp32, deterministic kernels
         with model_threads(config.device, config.decode_threads) as threads, parity_settings():
             stats.threads = threads
-            manifest = _Run(config, index, state, stats).execute()
+            manifest = _Run(config, index, state, stats, remote).execute()
     stats.total_s = time.perf_counter() - start
     return manifest
 
@@ -123,7 +127,8 @@ def estimate_featurize(config: FeaturizeConfig) -> DiskEstimate:
     """
     config.validate()
     index = index_dataset(config.dataset, config.root, config.split)
-    state = load_state(config, index, dry_run=True)
+    with staged_out(config.out, config.dataset, config.split) as (out, _):
+        state = load_state(replace(config, out=out), index, dry_run=True)
     roles = state.roles_to_run(config) if not config.resume else list(config.roles())
     for role in roles:  # dims and token counts come from the models themselves
         entry = state.models[role]
@@ -137,9 +142,10 @@ class _Run:
     """One featurize run: plan the shards, decode per need, run the models, write."""
 
     def __init__(self, config: FeaturizeConfig, index: VideoIndex, state: CacheState,
-                 stats: FeaturizeStats):
+                 stats: FeaturizeStats, remote: Remote | None = None):
         self.config, self.index, self.state, self.stats = config, index, state, stats
         self.out = Path(config.out)
+        self.remote = remote  # a remote --out: the stage's finished pieces go there
         self.labelled = index.labelled  # else the student's samples have no .cls
 
     def execute(self) -> Manifest:
@@ -154,7 +160,9 @@ class _Run:
                 loader.close()
         state.final = True
         manifest = state.manifest()
-        save_manifest(manifest, self.out)
+        path = save_manifest(manifest, self.out)
+        if self.remote:
+            self.remote.finish(path, state.progress_path)
         state.drop_progress()
         self.stats.failed = len(manifest.failed)
         self.stats.failed_videos, self.stats.suspect_videos = manifest.failed, manifest.suspect
@@ -215,7 +223,8 @@ class _Run:
             return True
         if not self.config.resume:
             return False
-        return not verify_shard(locate(str(self.out), entry.name), entry)
+        where = self.remote.root if self.remote else str(self.out)
+        return not verify_shard(locate(where, entry.name), entry)
 
     def _new_shards(self) -> None:
         k, pos = len(self.state.layout), self.state.frontier()
@@ -331,6 +340,8 @@ class _Run:
         self.stats.write_s += time.perf_counter() - start
         if kept == 0:
             return
+        if self.remote:  # finished and verified: uploaded, the local copy deleted
+            self.remote.shards([entry for entry, in entries.values()])
         for role, (entry,) in entries.items():
             self.state.record_shard(role, k, entry)
             self.stats.shards += 1
@@ -339,6 +350,8 @@ class _Run:
             self.state.layout.append(kept)
         self.stats.clips += kept
         save_progress(self.state, self.out)
+        if self.remote:
+            self.remote.record(self.state.progress_path)
 
     def _need(self, role: str) -> Need:
         bb = self.backbones[role]
