@@ -85,15 +85,21 @@ def filesystem(url: str):
     with needs_extra(extra):
         importlib.import_module(module)
         from fsspec.core import url_to_fs
-    return url_to_fs(url, **_options(scheme(url)))
+    fs, path = url_to_fs(url, **_options(scheme(url)))
+    if extra == "s3":
+        fs.retries = 1  # s3fs's own retries off: ``retrying`` is the one bound (see _options)
+    return fs, path
 
 
 def _options(name: str) -> dict:
     """Options for the engine: none beyond its own defaults, so credentials and endpoints come
     from where it looks (``AWS_ENDPOINT_URL`` is read by botocore itself); the listing cache
-    off, so what another process wrote is seen. fsspec keeps one instance per process."""
-    return {"use_listings_cache": False} if name in (
-        "s3", "s3a", "gs", "gcs", "az", "abfs") else {}
+    off, so what another process wrote is seen; for S3 botocore's retries off, so a failing
+    store is retried ``RETRIES`` times in all, not that times botocore's and s3fs's. fsspec keeps
+    one instance per process."""
+    if name in ("s3", "s3a"):
+        return {"use_listings_cache": False, "config_kwargs": {"retries": {"max_attempts": 1}}}
+    return {"use_listings_cache": False} if name in ("gs", "gcs", "az", "abfs") else {}
 
 
 def credential_source(url: str) -> str:

@@ -96,5 +96,7 @@ def s3(s3_server, monkeypatch):
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     fsspec.get_filesystem_class("s3").clear_instance_cache()  # credentials of an earlier test
     s3_server.proxy.reset()
+    s3_server.proxy.cut_after(0, 0)
     yield s3_server
+    s3_server.proxy.cut_after(0, 0)
     fsspec.get_filesystem_class("s3").clear_instance_cache()
