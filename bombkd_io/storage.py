@@ -155,11 +155,13 @@ def is_denied(exc: BaseException) -> bool:
                for e in _chain(exc))
 
 
-def retrying(call: Callable[[], T], url: str, *, retries: int = RETRIES,
-             backoff_s: float = BACKOFF_S) -> T:
+def retrying(call: Callable[[], T], url: str, *, retries: int | None = None,
+             backoff_s: float | None = None) -> T:
     """``call()``, tried again after a transient error (``retries`` times, waits doubling from
     ``backoff_s``); then a ShardError naming ``url`` and the attempts. Access errors and
     missing objects are not retried: ``DatasetError`` / ``ShardError`` naming the URL."""
+    retries = RETRIES if retries is None else retries
+    backoff_s = BACKOFF_S if backoff_s is None else backoff_s
     for attempt in range(retries + 1):
         try:
             return call()
