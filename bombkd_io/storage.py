@@ -11,6 +11,7 @@ name). The engines are optional extras: a missing one is a ``MissingExtraError``
     filesystem       (fsspec filesystem, path) of a URL; credentials from the engine's usual
                      places (env vars, config files, instance roles); none are logged
     open_remote      a remote object for reading, as a file (large sequential reads)
+    read_head        a remote object's first bytes (a whole shard) in one GET
     list_names       the file names directly under a root (local or remote)
     read_bytes       a small file (a manifest) under a root, refused above a size limit
     upload / remove  write side (s3, gs, az): ``bombkd featurize --out URL``
@@ -190,6 +191,14 @@ def open_remote(url: str) -> Iterator:
     fs, path = filesystem(url)
     with fs.open(path, "rb", block_size=READ_BLOCK, cache_type="none") as f:
         yield f
+
+
+def read_head(url: str, limit: int) -> bytes:
+    """At most the first ``limit`` bytes of a remote object, in one GET (as a plain download
+    of it would be): a shard is read this way, whole, with a bound on what a stranger's object
+    can make us hold."""
+    fs, path = filesystem(url)
+    return fs.cat_file(path, start=0, end=limit)
 
 
 def list_names(root) -> list[str]:

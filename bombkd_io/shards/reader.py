@@ -7,7 +7,8 @@ retried on transient errors; a ``file:`` or ``pipe:`` root the user typed throug
 from a file alone. ``read_shard``:
   _load_shard     the shard's bytes, no more than the manifest lists (checked before allocating),
                   in large reads into one buffer (``BufferPool`` reuses them across shards);
-                  a remote one retried (``storage.retrying``) then a ShardError naming it
+                  a remote one in one GET (``storage.read_head``), retried
+                  (``storage.retrying``), then a ShardError naming it
   read_regular    (tar.py) all samples at once, when the shard is regular (what the writer makes)
   _walk           else tar.iter_samples decoded sample by sample, naming the first bad one
   _check_labels   labels outside [0, classes) make their samples bad ones
@@ -32,7 +33,7 @@ from bombkd_io.names import is_url
 from bombkd_io.shards.codec import DTYPES, decode_label, decode_meta, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
 from bombkd_io.shards.tar import iter_samples, read_into, read_regular
-from bombkd_io.storage import is_remote, open_remote, retrying
+from bombkd_io.storage import is_remote, open_remote, read_head, retrying
 
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 REPAIR = "`bombkd featurize --resume` rewrites shards that do not verify"  # said on a skip
@@ -111,19 +112,28 @@ def _load_shard(url, entry: ShardEntry, buffer: np.ndarray | None) -> tuple[np.n
     """The shard's bytes, and whether they are exactly the size the manifest lists (else they
     are what arrived: shorter, or up to ``TAIL`` longer). Nothing is allocated beyond the
     listed size (bounded by ``check_manifest``) before the bytes are there."""
-    _check_local_size(url, entry)
-    with open_shard(url) as f:
-        if getattr(f, "size", entry.bytes) != entry.bytes:  # a remote object's, before reading
-            raise ShardError(url, f"{f.size} bytes, the manifest lists {entry.bytes}")
-        fits = buffer is not None and len(buffer) >= entry.bytes
-        buf = buffer[:entry.bytes] if fits else np.empty(entry.bytes, np.uint8)
-        filled = read_into(f, memoryview(buf))
-        rest = f.read(TAIL)
-        if len(rest) == TAIL and f.read(1):
-            raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
+    if is_remote(url):  # one GET of at most the listed size + TAIL + 1 bytes
+        data = read_head(str(url), entry.bytes + TAIL + 1)
+        filled, rest = min(len(data), entry.bytes), data[entry.bytes:]
+        buf = _shard_buffer(buffer, entry.bytes)
+        buf[:filled] = np.frombuffer(data, np.uint8, filled)
+    else:
+        _check_local_size(url, entry)
+        with open_shard(url) as f:
+            buf = _shard_buffer(buffer, entry.bytes)
+            filled = read_into(f, memoryview(buf))
+            rest = f.read(TAIL + 1)
+    if len(rest) > TAIL:
+        raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
     if rest:
         return np.frombuffer(buf[:filled].tobytes() + rest, np.uint8), False
     return buf[:filled], filled == len(buf)
+
+
+def _shard_buffer(buffer: np.ndarray | None, nbytes: int) -> np.ndarray:
+    """``buffer`` (from a ``BufferPool``) when it holds ``nbytes``, else a fresh one."""
+    fits = buffer is not None and len(buffer) >= nbytes
+    return buffer[:nbytes] if fits else np.empty(nbytes, np.uint8)
 
 
 class BufferPool:
