@@ -1,4 +1,5 @@
-"""A cache written to a remote ``--out`` (``bombkd featurize --out s3://bucket/feats``).
+"""A cache written to a remote ``--out`` (``bombkd featurize --out s3://bucket/feats``, and
+``bombkd import-cache --out URL``).
 
 Featurize writes into a local staging folder exactly as into a local ``--out`` (each shard under
 a temporary name, renamed when complete); ``Remote`` moves each finished piece to the remote
@@ -12,6 +13,7 @@ root, so the remote holds only whole, verified objects and the manifest comes la
                       size checked, the local copy deleted
     Remote.record     the progress record, after every shard (kept in the stage too)
     Remote.finish     the manifest (last), then the remote progress record is removed
+    Remote.cache      a whole cache of the stage, shards then manifest (``import-cache``)
 
 ``--resume`` checks each recorded shard on the remote (``verify_shard`` reads URLs: size,
 sha256, sample count) and rewrites the ones that do not verify. Two runs into one remote ``--out``
@@ -25,11 +27,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bombkd_io.errors import ShardError
+from bombkd_io.errors import ConfigError, ShardError
 from bombkd_io.names import manifest_name
-from bombkd_io.shards.manifest import PROGRESS_SUFFIX, ShardEntry
+from bombkd_io.shards.manifest import PROGRESS_SUFFIX, Manifest, ShardEntry
 from bombkd_io.shards.verify import hash_problem
-from bombkd_io.storage import check_root, exists, filesystem, is_remote, read_bytes, remove, upload
+from bombkd_io.storage import (check_root, exists, filesystem, is_remote, list_names, read_bytes,
+                               remove, upload)
 
 MAX_RECORD_BYTES = 256 << 20  # a progress record or manifest pulled from the remote
 
@@ -70,11 +73,26 @@ class Remote:
         upload(manifest, self.url(manifest.name))
         remove(self.url(progress.name))
 
+    def cache(self, manifest: Manifest) -> None:
+        """Publish a whole cache written into the stage (``import-cache --out URL``): every
+        shard, then the manifest; refused if the remote already holds that (dataset, split)."""
+        ours = f"{manifest.dataset}-{manifest.split}"
+        taken = [n for n in list_names(self.root) if n.startswith(ours + "-") or
+                 n.startswith(ours + ".")]
+        if taken:
+            raise ConfigError(f"--out {self.root}: already holds {taken[0]} of a {ours} cache; "
+                              "choose another --out (nothing is overwritten)")
+        for model in manifest.models.values():
+            self.shards(model.shards)
+        name = manifest_name(manifest.dataset, manifest.split)
+        upload(self.stage / name, self.url(name))
+
 
 @contextlib.contextmanager
-def staged_out(out: str, dataset: str, split: str) -> Iterator[tuple[str, Remote | None]]:
-    """(the folder featurize writes into, the ``Remote`` to publish to, or None for a local
-    ``out``)."""
+def staged_out(out: str, dataset: str | None = None,
+               split: str | None = None) -> Iterator[tuple[str, Remote | None]]:
+    """(the folder to write into, the ``Remote`` to publish to, or None for a local ``out``);
+    with ``dataset`` and ``split``, their remote record and manifest are pulled first."""
     if not is_remote(out):
         yield out, None
         return
@@ -82,7 +100,8 @@ def staged_out(out: str, dataset: str, split: str) -> Iterator[tuple[str, Remote
     stage = Path(tempfile.mkdtemp(prefix="bombkd-featurize-"))
     try:
         remote = Remote(out, stage)
-        remote.pull(dataset, split)
+        if dataset and split:
+            remote.pull(dataset, split)
         yield str(stage), remote
     finally:
         shutil.rmtree(stage, ignore_errors=True)  # our own temporary folder, nothing else

@@ -66,7 +66,8 @@ def _splits(root: str) -> list[str]:
 
 def import_cache(
     src: Annotated[Path, typer.Argument(help="TC-BombKD index .json, .pkl, or directory")],
-    out: Annotated[Path, typer.Option("--out", help="bombkd cache directory to write")],
+    out: Annotated[str, typer.Option("--out", help="bombkd cache directory to write, or a URL "
+                                     "(s3://, gs://, az://: written locally, then uploaded)")],
     split: Annotated[Optional[str], typer.Option("--split", help="split name (default: from "
                                                  "the index or file name)")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="dataset name (default: "

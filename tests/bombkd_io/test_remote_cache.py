@@ -188,3 +188,23 @@ def test_transient_errors_are_classified():
     assert not storage.is_transient(FileNotFoundError("bucket/x.tar"))
     assert not storage.is_transient(PermissionError("AccessDenied"))
     assert np.isfinite(storage.BACKOFF_S)
+
+
+def test_import_cache_to_s3(s3, tmp_path):
+    from test_import_cache import write_tc
+
+    src = write_tc(tmp_path / "tc", "npy_dir")
+    url = f"s3://{s3.bucket()}/imported"
+    local = CliRunner().invoke(app, ["import-cache", str(src), "--out", str(tmp_path / "out"),
+                                     "--quiet"])
+    remote = CliRunner().invoke(app, ["import-cache", str(src), "--out", url, "--quiet"])
+    assert (local.exit_code, remote.exit_code) == (0, 0), remote.output
+    bucket, prefix = url[5:].split("/", 1)
+    client = s3.client()
+    objects = {k: client.get_object(Bucket=bucket, Key=f"{prefix}/{k}")["Body"].read()
+               for k in s3.keys(url)}
+    assert objects == {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()
+                       if not p.name.startswith(".")}
+    again = CliRunner().invoke(app, ["import-cache", str(src), "--out", url, "--quiet"])
+    assert again.exit_code == 2 and "nothing is overwritten" in again.output
+    assert load_manifest(url, "train").count == 7  # the imported cache reads from the bucket
