@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+SLOW_DOWN = b"503"  # a Proxy cut that answers 503 SlowDown instead of forwarding
 MADE_UP = {"AWS_ACCESS_KEY_ID": "AKIDBOOTSTRAP", "AWS_SECRET_ACCESS_KEY": "bootstrap-secret"}
 
 
@@ -57,6 +58,11 @@ class Proxy:
         with self.lock:
             self._cuts = [n] * times
 
+    def throttle(self, times: int) -> None:
+        """The next ``times`` connections get S3's 503 SlowDown answer to their request."""
+        with self.lock:
+            self._cuts = [SLOW_DOWN] * times
+
     def _accept(self) -> None:
         while True:
             try:
@@ -65,6 +71,9 @@ class Proxy:
                 return
             with self.lock:
                 cut = self._cuts.pop(0) if self._cuts else None
+            if cut is SLOW_DOWN:
+                threading.Thread(target=_slow_down, args=(client,), daemon=True).start()
+                continue
             server = socket.create_connection(("127.0.0.1", self.target))
             threading.Thread(target=self._pipe, args=(client, server, False, None),
                              daemon=True).start()
@@ -97,6 +106,19 @@ class Proxy:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _slow_down(client: socket.socket) -> None:
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>'
+            b'Please reduce your request rate.</Message></Error>')
+    try:
+        client.recv(1 << 16)
+        client.sendall(b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+                       b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    except OSError:
+        pass
+    finally:
+        client.close()
 
 
 class S3Server:

@@ -65,7 +65,15 @@ def open_shard(url) -> Iterator:
 
 def read_meta(url) -> Iterator[tuple[str, dict]]:
     """(key, its ``KEY.json`` object) for each sample of a student shard that has one, in tar
-    order; ShardError naming the shard and sample for a bad archive or member."""
+    order; ShardError naming the shard and sample for a bad archive or member. A remote shard
+    is read whole first (retried like ``read_shard``)."""
+    if is_remote(url):
+        yield from fetched(url, lambda: list(_meta(url)))
+    else:
+        yield from _meta(url)
+
+
+def _meta(url) -> Iterator[tuple[str, dict]]:
     with open_shard(url) as f:
         for key, fields in iter_samples(f, str(url)):
             if "json" in fields:

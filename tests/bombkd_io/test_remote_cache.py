@@ -208,3 +208,21 @@ def test_import_cache_to_s3(s3, tmp_path):
     again = CliRunner().invoke(app, ["import-cache", str(src), "--out", url, "--quiet"])
     assert again.exit_code == 2 and "nothing is overwritten" in again.output
     assert load_manifest(url, "train").count == 7  # the imported cache reads from the bucket
+
+
+def test_read_meta_from_s3(s3, remote, local_cache):
+    """Video mode's --cache reads the student shards' KEY.json: from a URL as from a folder."""
+    from bombkd_io.shards.reader import read_meta
+
+    name = load_manifest(remote, "train").models["student"].shards[2].name
+    assert list(read_meta(f"{remote}/{name}")) == list(read_meta(local_cache / name))
+    assert len(list(read_meta(local_cache / name))) == 16
+
+
+def test_throttling_is_retried_then_reported(s3, remote, local_cache, fast_retries):
+    loader = loader_of(remote, num_workers=0)
+    s3.proxy.throttle(3)  # 503 SlowDown three times: retried
+    assert epochs(loader, epochs=(0,)) == epochs(local_cache, epochs=(0,), num_workers=0)
+    s3.proxy.throttle(10_000)
+    with pytest.raises(ShardError, match=r"-00000\d\.tar: failed 5 times with transient errors"):
+        epochs(loader, epochs=(0,))
