@@ -21,7 +21,7 @@ from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import DatasetError, FormatError
 from bombkd_io.names import (MANIFEST_SUFFIX, check_name, is_url, locate, manifest_name,
                              name_problem, name_problems, shard_name)
-from bombkd_io.storage import is_remote, list_names, read_bytes
+from bombkd_io.storage import exists, is_remote, list_names, read_bytes
 from bombkd_io.sampling import shard_ranges
 from bombkd_io.shards.codec import DTYPES
 
@@ -186,11 +186,13 @@ def save_manifest(manifest: Manifest, root: str | Path) -> Path:
 def load_manifest(root: str | Path, split: str, dataset: str | None = None) -> Manifest:
     """Find and read ``{dataset}-{split}.index.json`` under ``root`` (a folder or a URL, read
     with ``bombkd_io.storage``; any dataset if not given)."""
+    check_name(split, "split")
+    if dataset is not None and is_remote(root) and exists(manifest_path(root, dataset, split)):
+        return read_manifest(manifest_path(root, dataset, split))  # no listing (plain HTTP)
     names = list_names(root)
     if is_remote(root) and not names:
         raise DatasetError(f"{root}: nothing under this URL (no cache; make one with `bombkd "
                            "featurize --out URL`)")
-    check_name(split, "split")
     if dataset is not None:
         wanted = manifest_name(check_name(dataset, "dataset"), split)
         found = [n for n in names if n == wanted]

@@ -226,3 +226,25 @@ def test_throttling_is_retried_then_reported(s3, remote, local_cache, fast_retri
     s3.proxy.throttle(10_000)
     with pytest.raises(ShardError, match=r"-00000\d\.tar: failed 5 times with transient errors"):
         epochs(loader, epochs=(0,))
+
+
+def test_http_root_is_read_only_and_reads(local_cache, tmp_path):
+    """A cache served over plain HTTP (python's http.server on 127.0.0.1): read, not written."""
+    import functools
+    import http.server
+    import threading
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(local_cache))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        for kw in ({}, {"dataset": "synth"}):  # found through the listing page, or by name
+            assert epochs(url, epochs=(0,), num_workers=0, **kw) == \
+                epochs(local_cache, epochs=(0,), num_workers=0)
+        result = CliRunner().invoke(app, ["import-cache", str(tmp_path), "--out", url])
+        assert result.exit_code == 2 and "is read only" in result.output
+    finally:
+        server.shutdown()
