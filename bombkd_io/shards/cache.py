@@ -9,14 +9,16 @@ remote. Each remote root gets its own subfolder (a hash of its URL), so two cach
 shard names never meet. Several ranks of one node may share the folder: a shard is downloaded
 under a lock of its own (the others wait, then find it there), and the eviction runs under a
 lock of the folder. Eviction is least recently used (a hit touches the file's mtime) and keeps
-the total under the limit; it never removes the shard just fetched. A reader whose shard was
-evicted between ``fetch`` and its open gets it again with ``fetch``.
+the total under the limit, but never removes a shard used in the last ``IN_USE_S`` seconds:
+``fetch`` returns a path that this or another rank is about to open, so for that while the
+folder may hold more than the limit.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import time
 from pathlib import Path
 
 from bombkd_io.atomic import discard, temp_path
@@ -29,6 +31,7 @@ from bombkd_io.storage import open_remote, retrying
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
 DOWNLOAD_BLOCK = 16 << 20  # bytes per read (one ranged GET each) while downloading
+IN_USE_S = 60.0  # a shard fetched or hit this recently may be being read: never evicted
 
 
 def parse_size(text: str, argument: str = "--shard-cache-limit") -> int:
@@ -82,17 +85,20 @@ class ShardCache:
         finally:
             discard(tmp)
 
-    def evict(self, keep: Path | None = None) -> list[Path]:
-        """Remove the least recently used shards until the total fits the limit; the removed."""
+    def evict(self, keep: Path | None = None, in_use_s: float | None = None) -> list[Path]:
+        """Remove the least recently used shards until the total fits the limit, but none used
+        in the last ``in_use_s`` seconds (default ``IN_USE_S``), nor ``keep``; the removed."""
+        in_use_s = IN_USE_S if in_use_s is None else in_use_s
         removed: list[Path] = []
         with waiting_lock(self.folder / ".evict.lock"):
             files = [(st.st_mtime, st.st_size, p) for p in self.folder.glob("*/*.tar")
                      if (st := _stat(p)) is not None]
             total = sum(size for _, size, _ in files)
-            for _, size, path in sorted(files):
+            now = time.time()
+            for mtime, size, path in sorted(files):
                 if total <= self.limit:
                     break
-                if path == keep:
+                if path == keep or now - mtime < in_use_s:
                     continue
                 with waiting_lock(path.parent / f".{path.name}.lock"):
                     path.unlink(missing_ok=True)

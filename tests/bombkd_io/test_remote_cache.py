@@ -3,6 +3,7 @@ loader, the shard cache, inspect, and the remote faults (a missing object, a wro
 connections dropped mid-shard, a tampered object)."""
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 import bombkd_io.storage as storage
 from bombkd_io.errors import ConfigError, DatasetError, MissingExtraError, ShardError
 from bombkd_io.loaders.cached import make_cached_loader
+import bombkd_io.shards.cache as cache_module
 from bombkd_io.shards.cache import ShardCache, parse_size
 from bombkd_io.shards.manifest import load_manifest
 from bombkd_train.cli.main import app
@@ -80,19 +82,26 @@ def test_shard_cache_epoch_two_reads_nothing_remote(s3, remote, local_cache, tmp
     assert (s3.proxy.requests, s3.proxy.bytes_down) == (0, 0)
 
 
-def test_shard_cache_evicts_least_recently_used(s3, remote, tmp_path):
+def test_shard_cache_evicts_least_recently_used(s3, remote, tmp_path, monkeypatch):
     m = load_manifest(remote, "train")
     shards = m.models["student"].shards
     cache = ShardCache(tmp_path / "sc", limit=2 * shards[0].bytes)
+    monkeypatch.setattr(cache_module, "IN_USE_S", 0.0)  # nothing is being read meanwhile
     for entry in shards:  # 0, 1, then 2 pushes out 0 (the oldest)
         cache.fetch(f"{remote}/{entry.name}", entry)
+        time.sleep(0.01)  # distinct mtimes
     assert sorted(p.name for p in (tmp_path / "sc").glob("*/*.tar")) == \
         [shards[1].name, shards[2].name]
     cache.fetch(f"{remote}/{shards[1].name}", shards[1])  # a hit: 1 is now the newest
+    time.sleep(0.01)
     cache.fetch(f"{remote}/{shards[0].name}", shards[0])  # pushes out 2
     assert sorted(p.name for p in (tmp_path / "sc").glob("*/*.tar")) == \
         [shards[0].name, shards[1].name]
     assert cache.downloads == 4
+    # a shard used within IN_USE_S seconds is never evicted: the folder may go over the limit
+    monkeypatch.setattr(cache_module, "IN_USE_S", 3600.0)
+    cache.fetch(f"{remote}/{shards[2].name}", shards[2])
+    assert len(list((tmp_path / "sc").glob("*/*.tar"))) == 3
 
 
 def test_shard_cache_refuses_an_object_that_does_not_verify(s3, remote, tmp_path):
