@@ -175,8 +175,10 @@ class _Run:
         run = {r for _, _, _, redo in todo for r in redo} | (
             set() if state.final else set(state.all_roles()))
         self.backbones = {r: self._backbone(r) for r in state.all_roles() if r in run}
-        check_free_space(self.out, estimate_bytes(cfg, self.index, state, {
-            r: state.models[r] for r in self.backbones}).total)
+        need = estimate_bytes(cfg, self.index, state, {r: state.models[r] for r in self.backbones})
+        # a remote --out: the local stage holds one shard of each model at a time
+        check_free_space(self.out, -(-need.total // max(1, need.shards)) if self.remote
+                         else need.total)
         total = sum(count for _, _, count, _ in todo) + (0 if state.final else state.remaining())
         with tqdm(total=total, unit="clips", desc=f"featurize {cfg.dataset}-{cfg.split}",
                   disable=not cfg.progress, dynamic_ncols=True) as self.bar:

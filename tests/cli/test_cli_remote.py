@@ -1,6 +1,7 @@
 """The commands against a cache on S3 (moto's server on loopback): featurize --out s3://
 (byte-identical to a local run, --dry-run, killed then --resume), train / eval from s3:// with
-the shard cache, and 2 ranks under torchrun reading one remote cache."""
+the shard cache, train-converters from s3://, and 2 ranks under torchrun reading one remote
+cache."""
 from __future__ import annotations
 
 import json
@@ -129,7 +130,7 @@ def train_args(root: str, conv: Path, save_dir: Path) -> list[str]:
             "--epochs", "2", "--save-dir", str(save_dir), "--device", "cpu", "--quiet"]
 
 
-def test_train_and_eval_from_s3_with_the_shard_cache(s3, synth, tmp_path):
+def test_train_eval_and_converters_from_s3(s3, synth, tmp_path):
     root, conv = synth
     url = s3.upload(root, f"s3://{s3.bucket()}/feats")
     local = CliRunner().invoke(app, train_args(str(root), conv, tmp_path / "local"))
@@ -147,6 +148,13 @@ def test_train_and_eval_from_s3_with_the_shard_cache(s3, synth, tmp_path):
                                       "--quiet"]) for i, r in enumerate((str(root), url))]
     assert [e.exit_code for e in evals] == [0, 0], evals[1].output
     assert evals[0].output.splitlines()[0] == evals[1].output.splitlines()[0]  # same top-1/5
+    fitted = [CliRunner().invoke(app, ["train-converters", "--root", r, "--split", "train",
+                                       "--teachers", ",".join(TEACHERS), "--epochs", "1",
+                                       "--save-dir", str(tmp_path / f"conv{i}"), "--device",
+                                       "cpu", "--quiet"]) for i, r in enumerate((str(root), url))]
+    assert [f.exit_code for f in fitted] == [0, 0], fitted[1].output
+    cosines = [[line for line in f.output.splitlines() if line.startswith("  ")] for f in fitted]
+    assert cosines[0] == cosines[1] and len(cosines[0]) == len(TEACHERS)  # same fit
     bad = CliRunner().invoke(app, train_args(url, conv, tmp_path / "bad") + [
         "--shard-cache-limit", "lots"])
     assert bad.exit_code == 2 and "--shard-cache-limit" in bad.output
