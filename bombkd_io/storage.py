@@ -14,7 +14,8 @@ name). The engines are optional extras: a missing one is a ``MissingExtraError``
     read_head        a remote object's first bytes (a whole shard) in one GET
     list_names       the file names directly under a root (local or remote)
     read_bytes       a small file (a manifest) under a root, refused above a size limit
-    upload / remove  write side (s3, gs, az): ``bombkd featurize --out URL``
+    exists           whether a file or object is there
+    upload / remove  write side (s3, gs, az): ``featurize`` / ``import-cache --out URL``
     retrying         a call retried with backoff on transient errors (connection reset, 5xx,
                      throttling); then a ``ShardError`` naming the object
     access_error     an error naming the URL and the credential source tried (never the secret)
