@@ -9,6 +9,7 @@ a run's settings contradict in a feature cache it reads or adds to.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from bombkd_io.atomic import folder_problem
 from bombkd_io.datasets import DATASETS
 from bombkd_io.errors import ConfigError, ErrorPolicy
 from bombkd_io.names import name_problem, role_name
+from bombkd_io.storage import check_root, is_remote
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.shards.codec import DTYPES
+from bombkd_io.shards.cache import parse_size
 from bombkd_io.shards.manifest import ModelEntry
 from bombkd_io.video.route import is_cuda, parse_device
 from bombkd_train.backbones import POOLS, check_backbone_name
@@ -125,9 +128,16 @@ class DataConfig(_Checked):
     device: str = "auto"
     on_error: str = "raise"        # wds: a corrupt shard stops the run ("raise") or is skipped
     revision: str | None = None    # dali: the student's hub revision (default: the cache's)
+    shard_cache: str | None = None  # wds, remote root: local folder keeping its shards
+    shard_cache_limit: str | None = None  # most bytes it keeps ("50G"); None: no limit
 
     def problems(self) -> list[str]:
         out = _one_of("--loader", self.loader, LOADERS)
+        out += _raised(check_root, self.root, "--root") if self.loader == "wds" else []
+        if self.shard_cache_limit is not None:
+            out += (_raised(parse_size, self.shard_cache_limit) if self.shard_cache else
+                    ["--shard-cache-limit: needs --shard-cache (the folder it limits)"])
+        out += _folder(self.shard_cache, "--shard-cache")
         if self.loader == "dali" and not self.dataset:
             out.append(f"--dataset: required with --loader dali ({', '.join(DATASETS)})")
         if self.loader == "dali" and not self.student:
@@ -235,7 +245,9 @@ class FeaturizeConfig(_Checked):
                      "each teacher needs a distinct name")
         if self.root and not Path(self.root).exists():
             p.append(f"--root {self.root}: no such directory")
-        return p + _folder(self.out or None, "--out")
+        if is_remote(self.out):  # written through a local staging folder (shards.publish)
+            return p + _raised(functools.partial(check_root, write=True), self.out, "--out")
+        return p + _folder(self.out or None, "--out") + _raised(check_root, self.out, "--out")
 
     def roles(self) -> dict[str, str]:
         """role -> backbone name: "student" and one role per teacher."""

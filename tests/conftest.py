@@ -87,3 +87,29 @@ def edit_list_mp4(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpu_videos(tmp_path_factory) -> dict[str, Path]:
     return make_codec_clips(tmp_path_factory.mktemp("gpu_codecs"), GPU_CODECS, 176, 144)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (a child process), behind a counting proxy; stopped after."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server, with this process's AWS settings pointing at it alone."""
+    import fsspec
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # credentials of an earlier test
+    s3_server.proxy.reset()
+    s3_server.proxy.cut_after(0, 0)
+    yield s3_server
+    s3_server.proxy.cut_after(0, 0)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()

@@ -28,7 +28,9 @@ def featurize_command(
     root: Annotated[Path, typer.Option(help="dataset root (videos and split files)")],
     split: Annotated[str, typer.Option(help=DATASET_SPLITS)],
     student: Annotated[str, typer.Option(help=f"student backbone: {BACKBONES}")],
-    out: Annotated[Path, typer.Option(help="cache directory (created if missing)")],
+    out: Annotated[str, typer.Option(help="cache directory (created if missing), or a URL "
+                                     "(s3://, gs://, az://): shards are uploaded as they finish, "
+                                     "the manifest last")],
     teachers: Annotated[Optional[list[str]], typer.Option(
         help="teacher backbones, space- or comma-separated (A B C or A,B,C), each like "
              "--student (NAME@REV pins a hub revision); adding one to an existing cache "

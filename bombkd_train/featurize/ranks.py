@@ -15,11 +15,13 @@ rank 0 once the ranks are done under torchrun, by ``bombkd featurize --finalize`
 Probing: under torchrun each rank probes the videos of its own shards (as planned before any
 failure is known) and the ranks exchange what they found; a job array's tasks cannot exchange,
 so each probes every video (it reads packets, not frames) to know where its shards start.
+
+A remote ``--out`` (a URL, ``shards.publish``) is written by one process only: several ranks
+with a URL are refused (``refuse_remote``); featurize into a folder every rank can write, then
+copy the finished cache to the bucket (shards first, the manifest last).
 """
 from __future__ import annotations
 
-import glob
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -30,7 +32,9 @@ from bombkd_io.errors import ConfigError
 from bombkd_io.lock import lock_folder
 from bombkd_io.names import locate, shard_name
 from bombkd_io.shards.manifest import Manifest, save_manifest
+from bombkd_io.shards.publish import Remote
 from bombkd_io.shards.verify import verify_shard
+from bombkd_io.storage import is_remote, list_names, remove, size
 from bombkd_io.video import index_probed, probe_index, probe_videos
 from bombkd_train.config import FeaturizeConfig
 from bombkd_train.featurize.state import CacheState, load_state, remove_stale_temps
@@ -65,6 +69,8 @@ class Ranks:
 def join_ranks(config: FeaturizeConfig) -> tuple[FeaturizeConfig, Ranks]:
     """The config with its device, rank and world size; joins torchrun's process group (one
     device per rank: ``cuda:LOCAL_RANK`` where there are GPUs, gloo on the CPU)."""
+    if launch_world() > 1 or config.world_size > 1:
+        refuse_remote(config, "torchrun" if launch_world() > 1 else "--rank/--world-size")
     if launch_world() > 1:
         if config.world_size > 1:
             raise ConfigError("--rank/--world-size are for job arrays; under torchrun the rank "
@@ -73,6 +79,18 @@ def join_ranks(config: FeaturizeConfig) -> tuple[FeaturizeConfig, Ranks]:
         return replace(config, device=device, rank=rank, world_size=world), \
             Ranks(rank, world, group=True)
     return config, Ranks(config.rank, config.world_size)
+
+
+def refuse_remote(config: FeaturizeConfig, how: str) -> None:
+    """``ConfigError`` for a URL ``--out`` written by several processes (``how``): each would
+    publish from its own stage, and none could check the others' objects before the manifest."""
+    if is_remote(config.out):
+        raise ConfigError(
+            f"--out {config.out}: a URL is written by one featurize process, not by several "
+            f"({how}); either run one process with this --out, or featurize into a folder "
+            "every rank can write (a shared filesystem) and copy the finished cache to "
+            f"{config.out} (the shards first, the {config.dataset}-{config.split}.index.json "
+            "manifest last)")
 
 
 def shard_plan(count: int, failed, shard_size: int) -> Plan:
@@ -125,43 +143,51 @@ def written(state: CacheState, role: str, k: int, start: int, count: int) -> boo
     return entry is not None and entry.count == count and began == start
 
 
-def write_manifest(state: CacheState, plan: Plan, *, verify: bool) -> Manifest:
+def write_manifest(state: CacheState, plan: Plan, *, verify: bool,
+                   remote: Remote | None = None) -> Manifest:
     """The manifest, once every planned shard of every model is written and verifies (size,
     and with ``verify`` the sha256 and count); shards past the plan's end (planned before a
-    failure was known) are removed, and so are the progress records."""
+    failure was known) are removed, and so are the progress records. With ``remote`` (one
+    process's URL ``--out``) the shards are checked and removed there, and the manifest is
+    uploaded last (``Remote.finish``, the one place that publishes it)."""
     cfg, out = state.config, Path(state.config.out)
+    where = remote.root if remote else str(out)  # where the shards are
     stale = stale_shards(state, plan, state.all_roles())
     bad = [(role, k) for role in state.all_roles() for k in range(len(plan))
-           if (role, k) not in stale and not _on_disk(out, state.done[role][k], verify)]
+           if (role, k) not in stale and not _on_disk(where, state.done[role][k], verify)]
     if stale or bad:
         raise ConfigError(_missing_message(cfg, stale + bad, len(plan) * len(state.models)))
     for role in state.all_roles():
         for k in [k for k in state.done.get(role, {}) if k >= len(plan)]:
             state.done[role].pop(k)
-        _remove_past(out, cfg.dataset, cfg.split, role, len(plan))
+        _remove_past(where, cfg.dataset, cfg.split, role, len(plan))
     state.layout, state.final = [count for _, count in plan], True
     manifest = state.manifest()
-    save_manifest(manifest, out)
+    path = save_manifest(manifest, out)
+    if remote:
+        remote.finish(path, state.progress_path)
     state.drop_progress()
     remove_stale_temps(out, cfg.dataset, cfg.split, state.all_roles())
     return manifest
 
 
-def _remove_past(out: Path, dataset: str, split: str, role: str, shards: int) -> None:
-    """Remove the shard files of ``role`` numbered ``shards`` or more (written from a plan made
-    before a failure was known; a killed rank may not have recorded one): exactly those names."""
-    for path in out.glob(f"{glob.escape(dataset)}-{glob.escape(split)}-{glob.escape(role)}-*.tar"):
-        number = path.name[:-len(".tar")].rsplit("-", 1)[-1]
-        if number.isdigit() and int(number) >= shards and \
-                path.name == shard_name(dataset, split, role, int(number)):
-            path.unlink(missing_ok=True)
+def _remove_past(root: str, dataset: str, split: str, role: str, shards: int) -> None:
+    """Remove the shard files of ``role`` numbered ``shards`` or more under ``root`` (a folder
+    or a URL; written from a plan made before a failure was known; a killed rank may not have
+    recorded one): exactly those names."""
+    prefix = f"{dataset}-{split}-{role}-"
+    for name in list_names(root):
+        number = name[len(prefix):-len(".tar")]
+        if name.startswith(prefix) and name.endswith(".tar") and number.isdigit() and \
+                int(number) >= shards and name == shard_name(dataset, split, role, int(number)):
+            remove(locate(root, name))
 
 
-def _on_disk(out: Path, entry, verify: bool) -> bool:
-    path = locate(str(out), entry.name)
+def _on_disk(root: str, entry, verify: bool) -> bool:
+    path = locate(root, entry.name)
     if verify:
         return verify_shard(path, entry)
-    return os.path.isfile(path) and os.path.getsize(path) == entry.bytes
+    return size(path) == entry.bytes
 
 
 def _missing_message(cfg: FeaturizeConfig, missing: list[tuple[str, int]], needed: int) -> list:
@@ -180,6 +206,7 @@ def finalize_featurize(config: FeaturizeConfig) -> Manifest:
     """``featurize --finalize``: the manifest of a cache the tasks of a job array wrote, from
     their progress records, once every shard exists and verifies (sha256); any machine."""
     config.validate()
+    refuse_remote(config, "--finalize")
     index = index_dataset(config.dataset, config.root, config.split)
     with lock_folder(config.out, argument="--out", name=f"{config.dataset}-{config.split}"):
         state = load_state(replace(config, resume=True), index)

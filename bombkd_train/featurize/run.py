@@ -38,6 +38,7 @@ from bombkd_io.errors import ConfigError, DatasetError, VideoError
 from bombkd_io.lock import lock_folder
 from bombkd_io.names import locate
 from bombkd_io.shards.manifest import Manifest, ShardEntry
+from bombkd_io.shards.publish import Remote, staged_out
 from bombkd_io.shards.verify import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_io.video import ClipLoader, parse_device
@@ -73,16 +74,19 @@ def featurize(config: FeaturizeConfig, *,
     config, ranks = join_ranks(config)
     index = index_dataset(config.dataset, config.root, config.split)
     # one run per (dataset, split) in --out (one per rank of a run over several processes);
-    # with the lock, temporary files of what it owns are a killed run's
+    # with the lock, temporary files of what it owns are a killed run's. A remote --out: written
+    # into a local stage, each finished piece published (shards.publish; one process only)
     name = f"{config.dataset}-{config.split}" + (f".rank{ranks.rank}" if ranks.world > 1 else "")
-    with lock_folder(config.out, argument="--out", name=name):
+    with staged_out(config.out, config.dataset, config.split) as (out, remote), \
+            lock_folder(out, argument="--out", name=name):
+        config = replace(config, out=out)
         state = load_state(config, index)
         if ranks.world == 1:  # several ranks: at the end, once none is writing
             remove_stale_temps(Path(config.out), config.dataset, config.split, state.all_roles())
         # the backbones run as video mode's student does: full fp32, deterministic kernels
         with model_threads(config.device, config.decode_threads) as threads, parity_settings():
             stats.threads = threads
-            manifest = _Run(config, index, state, stats, ranks).execute()
+            manifest = _Run(config, index, state, stats, ranks, remote).execute()
     stats.total_s = time.perf_counter() - start
     if ranks.world > 1:
         gather_stats(stats, ranks)
@@ -96,7 +100,8 @@ def estimate_featurize(config: FeaturizeConfig) -> DiskEstimate:
     """
     config.validate()
     index = index_dataset(config.dataset, config.root, config.split)
-    state = load_state(config, index, dry_run=True)
+    with staged_out(config.out, config.dataset, config.split) as (out, _):
+        state = load_state(replace(config, out=out), index, dry_run=True)
     roles = state.roles_to_run(config) if not config.resume else list(config.roles())
     for role in roles:  # dims and token counts come from the models themselves
         entry = state.models[role]
@@ -110,10 +115,11 @@ class _Run:
     """One featurize run: plan the shards, decode per need, run the models, write."""
 
     def __init__(self, config: FeaturizeConfig, index: VideoIndex, state: CacheState,
-                 stats: FeaturizeStats, ranks: Ranks):
+                 stats: FeaturizeStats, ranks: Ranks, remote: Remote | None = None):
         self.config, self.index, self.state, self.stats = config, index, state, stats
         self.ranks = ranks
         self.out = Path(config.out)
+        self.remote = remote  # a remote --out: the stage's finished pieces go there
         self.labelled = index.labelled  # else the student's samples have no .cls
         self.checked: dict[tuple[str, int], ShardEntry] = {}  # shards known to verify
         self.clips: dict[int, int] = {}  # shard k -> samples this process wrote in it
@@ -150,7 +156,7 @@ class _Run:
         error = None
         if ranks.rank == 0:
             try:
-                write_manifest(self.state, plan, verify=False)
+                write_manifest(self.state, plan, verify=False, remote=self.remote)
             except ConfigError as exc:
                 error = exc
         if ranks.group and (error := ranks.gather(error)[0]) is None:
@@ -168,8 +174,10 @@ class _Run:
         todo = self._todo(plan, roles)
         run = {r for _, redo in todo for r in redo} | (set() if state.final else set(roles))
         self.backbones = {r: self._backbone(r) for r in state.all_roles() if r in run}
-        check_free_space(self.out, estimate_bytes(cfg, self.index, state, {
-            r: state.models[r] for r in self.backbones}).total)
+        need = estimate_bytes(cfg, self.index, state, {r: state.models[r] for r in self.backbones})
+        # a remote --out: the local stage holds one shard of each model at a time
+        check_free_space(self.out, -(-need.total // max(1, need.shards)) if self.remote
+                         else need.total)
         total = sum(plan[k][1] for k, _ in todo)
         desc = " ".join(filter(None, (f"featurize {cfg.dataset}-{cfg.split}", self.ranks.label)))
         with tqdm(total=total, unit="clips", desc=desc, position=self.ranks.rank,
@@ -218,7 +226,8 @@ class _Run:
         entry = self.state.done[role][k]
         if not self.config.resume or self.checked.get((role, k)) == entry:
             return True
-        if verify_shard(locate(str(self.out), entry.name), entry):
+        where = self.remote.root if self.remote else str(self.out)  # --resume: the remote's
+        if verify_shard(locate(where, entry.name), entry):
             self.checked[role, k] = entry
             return True
         return False
@@ -357,6 +366,8 @@ class _Run:
         self.stats.write_s += time.perf_counter() - began
         if kept == 0:
             return
+        if self.remote:  # finished and verified: uploaded, the local copy deleted
+            self.remote.shards([entry for entry, in entries.values()])
         for role, (entry,) in entries.items():
             self.state.record_shard(role, k, entry, start)
             self.checked[role, k] = entry
@@ -367,6 +378,8 @@ class _Run:
         self.stats.clips += kept
         self.clips[k] = kept
         save_progress(self.state, self.out)
+        if self.remote:
+            self.remote.record(self.state.progress_path)
 
     def _written_prefix(self) -> list[int]:
         layout = []
