@@ -11,8 +11,10 @@ The data path, one module (or package) per stage, in data-flow order:
 
 Beside the path: ``errors.py`` (errors, the raise-or-skip policy, the message naming a missing
 extra), ``names.py`` (the one name grammar), ``atomic.py`` (temporary name, then rename),
-``lock.py`` (one run per output folder), ``workers.py`` (loader workers end with their parent),
-``lazy.py`` (the names below, imported on first use), ``sample_data.py`` (the demo's videos).
+``storage.py`` (where a cache lives: a folder or a URL through fsspec, retries, access errors),
+``lock.py`` (one run per output folder; the shard cache's waiting locks), ``workers.py``
+(loader workers end with their parent), ``lazy.py`` (the names below, imported on first use),
+``sample_data.py`` (the demo's videos).
 
 The public API, importable from ``bombkd_io`` itself (``from bombkd_io import make_cached_loader``):
 

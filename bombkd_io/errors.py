@@ -76,6 +76,14 @@ EXTRAS = {
     "dali": ("video mode", "NVIDIA DALI", ("nvidia",),
              "pip install 'bombkd[dali-cu12]' (CUDA 12) or 'bombkd[dali-cu13]' (CUDA 13)"),
     "plot": ("confusion.png", "matplotlib", ("matplotlib",), "pip install 'bombkd[plot]'"),
+    "s3": ("a cache on s3://", "s3fs", ("s3fs", "fsspec", "aiobotocore", "botocore"),
+           "pip install 'bombkd[s3]'"),
+    "gcs": ("a cache on gs://", "gcsfs", ("gcsfs", "fsspec"), "pip install 'bombkd[gcs]'"),
+    "azure": ("a cache on az://", "adlfs", ("adlfs", "fsspec"), "pip install 'bombkd[azure]'"),
+    "http": ("a cache on http(s)://", "fsspec's HTTP engine (aiohttp)", ("fsspec", "aiohttp"),
+             "pip install 'bombkd[http]'"),
+    "hf": ("a cache on hf://", "huggingface_hub", ("huggingface_hub", "fsspec"),
+           "pip install 'bombkd[video]' (it brings huggingface_hub)"),
 }
 
 

@@ -9,14 +9,19 @@ is removed again if the run left it empty.
 
 While it holds the lock, a run owns its kind of files in the folder: temporary files of those
 kinds (``bombkd_io.atomic.remove_temps``) are leftovers of a killed run, never a live write.
+``waiting_lock(path)`` is the other kind: a short critical section that several processes take
+in turn (the shard cache's download of one shard, its eviction), waiting for each other.
+
 A forked child shares its parent's lock; bombkd's loader workers die with their parent
 (``bombkd_io.workers``), so none keeps a killed run's lock.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from bombkd_io.atomic import folder_problem
@@ -153,3 +158,22 @@ def _holder(fd: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str | Path) -> Iterator[None]:
+    """Hold ``fcntl.flock`` on ``path`` (created if missing, never removed: removing it would
+    let two processes lock two different files) for the block, waiting while another holds it."""
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                raise
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock

@@ -10,6 +10,7 @@ to.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from bombkd_io.atomic import folder_problem
 from bombkd_io.datasets import DATASETS
 from bombkd_io.errors import ConfigError, ErrorPolicy
 from bombkd_io.names import name_problem, role_name
+from bombkd_io.storage import check_root, is_remote
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE
 from bombkd_io.shards.codec import DTYPES
+from bombkd_io.shards.cache import parse_size
 from bombkd_io.shards.manifest import ModelEntry
 from bombkd_io.video.route import is_cuda, parse_device
 from bombkd_train.backbones import POOLS, check_backbone_name
@@ -126,9 +129,16 @@ class DataConfig(_Checked):
     device: str = "auto"
     on_error: str = "raise"        # wds: a corrupt shard stops the run ("raise") or is skipped
     revision: str | None = None    # dali: the student's hub revision (default: the cache's)
+    shard_cache: str | None = None  # wds, remote root: local folder keeping its shards
+    shard_cache_limit: str | None = None  # most bytes it keeps ("50G"); None: no limit
 
     def problems(self) -> list[str]:
         out = _one_of("--loader", self.loader, LOADERS)
+        out += _raised(check_root, self.root, "--root") if self.loader == "wds" else []
+        if self.shard_cache_limit is not None:
+            out += (_raised(parse_size, self.shard_cache_limit) if self.shard_cache else
+                    ["--shard-cache-limit: needs --shard-cache (the folder it limits)"])
+        out += _folder(self.shard_cache, "--shard-cache")
         if self.loader == "dali" and not self.dataset:
             out.append(f"--dataset: required with --loader dali ({', '.join(DATASETS)})")
         if self.loader == "dali" and not self.student:
@@ -214,6 +224,8 @@ class FeaturizeConfig(_Checked):
     strict: bool = False         # videos decoded with warnings are left out (failed), not cached
     revision: str | None = None  # the student's hub revision (None: the default branch)
     progress: bool = True
+    rank: int = 0                # this process writes shards k with k % world_size == rank
+    world_size: int = 1          # processes writing the cache together (torchrun or a job array)
 
     def problems(self) -> list[str]:
         p = [f"--{name} is required" for name in ("dataset", "root", "split", "student", "out")
@@ -227,7 +239,10 @@ class FeaturizeConfig(_Checked):
               + _one_of("--pool", self.pooling, POOLS))
         p += _at_least(1, ("--shard-size", self.shard_size), ("--batch", self.batch_size),
                        ("--workers", self.decode_threads), ("--frames", self.frames),
-                       ("--size", self.size))
+                       ("--size", self.size), ("--world-size", self.world_size))
+        if not 0 <= self.rank < max(self.world_size, 1):
+            p.append(f"--rank {self.rank}: must be in 0 .. --world-size - 1 "
+                     f"({self.world_size - 1}); ranks are numbered from 0")
         p += _device_problems(self.device)
         names = [self.student, *(pinned(t)[0] for t in self.teachers)]
         p += [problem for name in names if name and (problem := check_backbone_name(name))]
@@ -237,7 +252,9 @@ class FeaturizeConfig(_Checked):
                      "each teacher needs a distinct name")
         if self.root and not Path(self.root).exists():
             p.append(f"--root {self.root}: no such directory")
-        return p + _folder(self.out or None, "--out")
+        if is_remote(self.out):  # written through a local staging folder (shards.publish)
+            return p + _raised(functools.partial(check_root, write=True), self.out, "--out")
+        return p + _folder(self.out or None, "--out") + _raised(check_root, self.out, "--out")
 
     def roles(self) -> dict[str, str]:
         """role -> backbone name: "student" and one role per teacher."""

@@ -75,11 +75,14 @@ def open_source(cfg: DataConfig, split: str, *, rank: int = 0,
 
 def _cached(cfg: DataConfig, split: str, rank: int, world_size: int) -> FeatureSource:
     from bombkd_io.loaders.cached import make_cached_loader
+    from bombkd_io.shards.cache import parse_size
 
+    limit = parse_size(cfg.shard_cache_limit) if cfg.shard_cache_limit is not None else None
     loader = make_cached_loader(cfg.root, split, models=("student",), batch_size=cfg.batch_size,
                                 seed=cfg.seed, num_workers=cfg.loader_workers, rank=rank,
                                 world_size=world_size, dataset=cfg.dataset,
-                                on_error=cfg.on_error)
+                                on_error=cfg.on_error, shard_cache=cfg.shard_cache,
+                                shard_cache_limit=limit)
     manifest = loader.manifest
     entry = manifest.models["student"]
     _check_cache(cfg, manifest, cfg.root)

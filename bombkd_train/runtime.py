@@ -2,11 +2,11 @@
 CPU threads torch may use beside our own, and the precision and determinism the backbones and
 the trainer run with (``parity_settings``).
 
-``torchrun`` describes the process group in the environment (``WORLD_SIZE``, ``LOCAL_RANK``);
-``init_distributed`` joins it once. Everything else asks ``is_distributed`` and sums across
-ranks with ``all_reduce_sum`` (or collects one row per rank with ``all_gather_rows``).
-(``bombkd_io`` never imports this package; its loader asks torch.distributed for the rank
-itself.)
+``torchrun`` describes the process group in the environment (``WORLD_SIZE``, ``LOCAL_RANK``):
+``launch_world`` / ``launch_rank`` read it, ``init_distributed`` joins it once. Everything else
+asks ``is_distributed`` and sums across ranks with ``all_reduce_sum`` (or collects one row per
+rank with ``all_gather_rows``). (``bombkd_io`` never imports this package; its loader asks
+torch.distributed for the rank itself.)
 
 ``stop_signals`` turns SIGTERM, SIGINT and SIGUSR1 (what schedulers send before they preempt a
 job) into a request the training loop reads after each step; a second one ends the process at
@@ -41,12 +41,17 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def launch_world() -> int:
+    """How many processes ``torchrun`` started (``WORLD_SIZE``); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def launch_rank() -> int:
     """This process's rank, before or after ``init_distributed``: the process group's, else the
     one ``torchrun`` gave it (``RANK``), else 0."""
     if is_distributed():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    return int(os.environ.get("RANK", "0")) if launch_world() > 1 else 0
 
 
 def init_distributed(device: str) -> tuple[str, int, int]:
@@ -54,7 +59,7 @@ def init_distributed(device: str) -> tuple[str, int, int]:
     ``torchrun`` describes (one GPU per rank: ``cuda:LOCAL_RANK``)."""
     device = parse_device(device)
     cuda = is_cuda(device)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+    if launch_world() > 1 and not is_distributed():
         if cuda:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)

@@ -2,6 +2,8 @@
 
 - ``sample_root``   Path: ``make_sample_data(tmp, classes=6, per_class=3, codec="vp9", seed=0)``,
                     18 VP9 clips in UCF101 layout (train 12 / test 6 of split 1).
+- ``small_root``    Path: 3 classes x 4 VP9 clips in UCF101 layout; the train split has 9, the
+                    one at index position ``BROKEN`` overwritten with garbage (featurize tests).
 - ``codec_videos``  dict codec -> Path: one clip per codec sample-data writes
                     (vp9 .webm, h264 .mp4, mpeg4 .avi, mjpeg .avi), 24 frames, 160x120.
 - ``bad_videos``    dict kind -> Path: ``missing``, ``empty``, ``text`` (not a video),
@@ -21,14 +23,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bombkd_io.datasets import index_dataset
 from bombkd_io.sample_data import (CODECS, GPU_CODECS, encode_video, make_codec_clips,
                                    make_sample_data, spinning_clip)
+
+BROKEN = 4  # small_root: index position (train split) of the video overwritten with garbage
 
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory) -> Path:
     return make_sample_data(tmp_path_factory.mktemp("sample") / "ucf", classes=6, per_class=3,
                             codec="vp9", seed=0)
+
+
+@pytest.fixture(scope="session")
+def small_root(tmp_path_factory) -> Path:
+    root = make_sample_data(tmp_path_factory.mktemp("videos"), classes=3, per_class=4, seed=0)
+    broken = Path(index_dataset("ucf101", root, "train").items[BROKEN].path)
+    broken.write_bytes(b"\x1aE\xdf\xa3 this is not a video" * 10)
+    return Path(root)
 
 
 @pytest.fixture(scope="session")
@@ -74,3 +87,29 @@ def edit_list_mp4(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def gpu_videos(tmp_path_factory) -> dict[str, Path]:
     return make_codec_clips(tmp_path_factory.mktemp("gpu_codecs"), GPU_CODECS, 176, 144)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (a child process), behind a counting proxy; stopped after."""
+    from s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """The S3 server, with this process's AWS settings pointing at it alone."""
+    import fsspec
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()  # credentials of an earlier test
+    s3_server.proxy.reset()
+    s3_server.proxy.cut_after(0, 0)
+    yield s3_server
+    s3_server.proxy.cut_after(0, 0)
+    fsspec.get_filesystem_class("s3").clear_instance_cache()

@@ -44,11 +44,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, ShardError
 from bombkd_io.loaders.handover import ShardSlots, populate
 from bombkd_io.loaders.state import EpochCursor
-from bombkd_io.names import locate
+from bombkd_io.names import is_url, locate
 from bombkd_io.sampling import check_streams, plan_inputs, shard_order, shard_ranges, stream_plan
 from bombkd_io.shards.codec import DTYPES
-from bombkd_io.shards.manifest import Manifest, load_manifest, manifest_path
+from bombkd_io.shards.cache import ShardCache
+from bombkd_io.shards.manifest import Manifest, ShardEntry, load_manifest, manifest_path
 from bombkd_io.shards.reader import BufferPool, ShardData, read_shard
+from bombkd_io.storage import check_root, is_remote
 from bombkd_io.workers import DieWithParent
 
 BATCH_BUFFERS = 4  # reused batch buffers (more are allocated while batches are held)
@@ -113,7 +115,7 @@ class CachedFeatureDataset(IterableDataset):
     def __init__(self, root: str | Path, split: str, *, models: Sequence[str] = ("student",),
                  batch_size: int = 8, seed: int = 0, dataset: str | None = None,
                  rank: int | None = None, world_size: int | None = None,
-                 on_error: str = "raise"):
+                 on_error: str = "raise", shard_cache: ShardCache | None = None):
         rank, world_size = _dist_rank_world(rank, world_size)
         models = list(models)
         problems = []
@@ -130,7 +132,10 @@ class CachedFeatureDataset(IterableDataset):
                             f"plus any teachers; got {models}")
         if problems:
             raise ConfigError(problems)
-        self.root, self.manifest = Path(root), load_manifest(root, split, dataset)
+        check_root(root, "root")
+        self.root = root if is_url(root) else Path(root)  # a URL stays a string (storage.py)
+        self.manifest = load_manifest(self.root, split, dataset)
+        self.shard_cache = shard_cache if is_remote(root) else None  # local: read in place
         if not self.manifest.labels:
             path = manifest_path(root, self.manifest.dataset, split)
             raise DatasetError(f"{path}: split {split!r} has no labels in this cache, so it "
@@ -280,7 +285,7 @@ class CachedFeatureDataset(IterableDataset):
     def _read_one(self, k: int, buffer: Callable[[str, int], np.ndarray]) -> dict[str, ShardData]:
         """Shard k of every model, each read into ``buffer(model, nbytes)``: the one place a
         shard is opened."""
-        data = {name: read_shard(self._url(entry.shards[k].name), entry.shards[k], entry,
+        data = {name: read_shard(self._source(entry.shards[k]), entry.shards[k], entry,
                                  labels=name == "student", classes=self.classes,
                                  policy=self.policy,
                                  buffer=buffer(name, entry.shards[k].bytes))
@@ -296,6 +301,19 @@ class CachedFeatureDataset(IterableDataset):
 
     def _url(self, name: str):
         return locate(str(self.root), name)
+
+    def _source(self, shard: ShardEntry):
+        """Where shard ``shard`` is read from: its URL, or its verified local copy in the shard
+        cache (downloaded now if it is not there; a failed download goes to the policy)."""
+        url = self._url(shard.name)
+        if self.shard_cache is None:
+            return url
+        try:
+            return self.shard_cache.fetch(url, shard)
+        except ShardError:
+            if not self.policy.skips:
+                raise
+            return url  # read_shard fails on it the same way, and records the skip
 
     def _pack(self, pieces: list[Piece], alloc) -> dict:
         """One batch dict: each model's rows copied once, from the shard buffers into memory
@@ -504,7 +522,8 @@ def make_cached_loader(root: str | Path, split: str, *, models: Sequence[str] = 
                        batch_size: int = 8, seed: int = 0, num_workers: int = 1,
                        rank: int | None = None, world_size: int | None = None,
                        pin_memory: bool | None = None, on_error: str = "raise",
-                       dataset: str | None = None) -> CachedLoader:
+                       dataset: str | None = None, shard_cache: str | Path | None = None,
+                       shard_cache_limit: int | None = None) -> CachedLoader:
     """The cached-mode loader: ``loader.set_epoch(e)``, then iterate batch dicts.
 
     ``root`` is the cache folder (or URL) holding ``{dataset}-{split}.index.json`` (``dataset``:
@@ -514,10 +533,14 @@ def make_cached_loader(root: str | Path, split: str, *, models: Sequence[str] = 
     (``.to(device).float()``). ``pin_memory`` defaults to ``torch.cuda.is_available()``;
     ``rank``/``world_size`` default to torch.distributed's when it is initialised. ``on_error``:
     ``"raise"`` on a bad shard or sample, or ``"skip"`` it with a warning (``loader.skipped``).
+    A remote ``root`` (``s3://``, ``gs://``, ``az://``, ``https://``, ``hf://``: see
+    ``bombkd_io.storage``) is streamed; ``shard_cache`` (a local folder) keeps its shards for
+    later epochs, verified once, at most ``shard_cache_limit`` bytes (least recently used out).
     """
+    cache = ShardCache(shard_cache, shard_cache_limit) if shard_cache is not None else None
     ds = CachedFeatureDataset(root, split, models=models, batch_size=batch_size, seed=seed,
                               dataset=dataset, rank=rank, world_size=world_size,
-                              on_error=on_error)
+                              on_error=on_error, shard_cache=cache)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     return CachedLoader(ds, num_workers=num_workers, pin_memory=pin_memory)

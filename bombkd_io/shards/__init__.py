@@ -7,4 +7,6 @@ manifest.py   {dataset}-{split}.index.json: what the cache holds, each model's r
 tar.py        tar headers, member and archive sizes, the member walk, the regular-shard fast path
 reader.py     one shard -> ShardData ([N, T', D] features, keys, labels), local or by URL
 verify.py     does a shard (featurize --resume), or a cache (inspect --verify), match its manifest
+publish.py    a cache written to a URL: a local stage, each finished shard uploaded, manifest last
+cache.py      the local shard cache of a remote cache (--shard-cache): verified once, LRU
 """

@@ -56,6 +56,7 @@ from bombkd_io.shards.manifest import Manifest, ModelEntry, manifest_path, save_
 from bombkd_io.shards.tc_shards import (TC_FILE_RE, Record, file_kind, is_ragged, shard_records,
                                         teacher_role)
 from bombkd_io.shards.writer import ShardSetWriter
+from bombkd_io.storage import is_remote
 
 TC_NAME_RE = re.compile(  # features_{dataset}_{split}[_shard_NNNNN](.index.json|.pkl)
     r"^features_(?P<dataset>.+)_(?P<split>[^_]+?)(?:_shard_\d+)?(?:\.index\.json|\.pkl)$")
@@ -80,8 +81,18 @@ class Source:
 def import_tc_cache(src: str | Path, out: str | Path, *, split: str | None = None, dataset: str | None = None,
                     trust_pickle: bool = False, shard_size: int = DEFAULT_SHARD_SIZE,
                     dtype: str | None = None, progress: bool = False) -> Manifest:
-    """Convert ``src`` into ``{dataset}-{split}`` format-1 shards under ``out``; its manifest.
+    """Convert ``src`` into ``{dataset}-{split}`` format-1 shards under ``out`` (a folder, or a
+    URL: written into a local stage, then uploaded, the manifest last); its manifest.
     ``progress``: a bar of samples on stderr."""
+    if is_remote(out):
+        from bombkd_io.shards.publish import staged_out
+
+        with staged_out(out) as (stage, remote):
+            manifest = import_tc_cache(src, stage, split=split, dataset=dataset,
+                                       trust_pickle=trust_pickle, shard_size=shard_size,
+                                       dtype=dtype, progress=progress)
+            remote.cache(manifest)
+        return manifest
     out = Path(out)
     problems = [f"--{what}: {p}" for value, what in ((dataset, "dataset"), (split, "split"))
                 if value is not None and (p := name_problem(value, what))]

@@ -11,6 +11,8 @@ limits below, checked without allocating in proportion to what the file claims.
 """
 from __future__ import annotations
 
+import fnmatch
+import glob
 import hashlib
 import json
 from collections.abc import Iterable
@@ -19,8 +21,9 @@ from pathlib import Path
 
 from bombkd_io.atomic import atomic_path
 from bombkd_io.errors import DatasetError, FormatError
-from bombkd_io.names import (MANIFEST_SUFFIX, check_name, locate, manifest_name, name_problem,
-                             name_problems, shard_name)
+from bombkd_io.names import (MANIFEST_SUFFIX, check_name, is_url, locate, manifest_name,
+                             name_problem, name_problems, shard_name)
+from bombkd_io.storage import exists, is_remote, list_names, read_bytes
 from bombkd_io.sampling import shard_ranges
 from bombkd_io.shards.codec import DTYPES
 
@@ -158,11 +161,12 @@ class Manifest:
         return out
 
 
-def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
-    """``root/{dataset}-{split}.index.json``; ``ConfigError`` for a dataset or split that is not
-    a valid name (``--split ../x`` must not reach outside ``root``)."""
+def manifest_path(root: str | Path, dataset: str, split: str) -> str | Path:
+    """``root/{dataset}-{split}.index.json`` (a ``Path`` under a local root, a URL under a URL);
+    ``ConfigError`` for a dataset or split that is not a valid name (``--split ../x`` must not
+    reach outside ``root``)."""
     name = manifest_name(check_name(dataset, "dataset"), check_name(split, "split"))
-    return Path(locate(str(root), name))
+    return locate(root if is_url(root) else str(root), name)
 
 
 def manifest_sha256(manifest: Manifest) -> str:
@@ -173,8 +177,23 @@ def manifest_sha256(manifest: Manifest) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def progress_path(root: str | Path, dataset: str, split: str) -> Path:
-    return Path(root) / f"{dataset}-{split}{PROGRESS_SUFFIX}"
+def progress_path(root: str | Path, dataset: str, split: str, rank: int | None = None) -> Path:
+    """One process's progress file; ``rank``: that of one of several processes writing the
+    cache together (``{dataset}-{split}.rank{R}.progress.json``)."""
+    own = "" if rank is None else f".rank{int(rank)}"
+    return Path(root) / f"{dataset}-{split}{own}{PROGRESS_SUFFIX}"
+
+
+def rank_progress_paths(root: str | Path, dataset: str, split: str) -> dict[int, Path]:
+    """rank -> progress file, for every rank's file in ``root`` (names matched exactly)."""
+    found = {}
+    for path in Path(root).glob(f"{glob.escape(dataset)}-{glob.escape(split)}.rank*"
+                                f"{PROGRESS_SUFFIX}"):
+        rank = path.name[len(f"{dataset}-{split}.rank"):-len(PROGRESS_SUFFIX)]
+        if rank.isascii() and rank.isdigit() and path.name == progress_path(
+                root, dataset, split, int(rank)).name:
+            found[int(rank)] = path
+    return dict(sorted(found.items()))
 
 
 def save_manifest(manifest: Manifest, root: str | Path) -> Path:
@@ -190,72 +209,77 @@ def save_manifest(manifest: Manifest, root: str | Path) -> Path:
 
 
 def load_manifest(root: str | Path, split: str, dataset: str | None = None) -> Manifest:
-    """Find and read ``{dataset}-{split}.index.json`` under ``root`` (any dataset if not given)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"{root}: no such cache directory (make one with `bombkd featurize`)")
+    """Find and read ``{dataset}-{split}.index.json`` under ``root`` (a folder or a URL, read
+    with ``bombkd_io.storage``; any dataset if not given)."""
     check_name(split, "split")
+    if dataset is not None and is_remote(root) and exists(manifest_path(root, dataset, split)):
+        return read_manifest(manifest_path(root, dataset, split))  # no listing (plain HTTP)
+    names = list_names(root)
+    if is_remote(root) and not names:
+        raise DatasetError(f"{root}: nothing under this URL (no cache; make one with `bombkd "
+                           "featurize --out URL`)")
     if dataset is not None:
-        found = [manifest_path(root, dataset, split)]
-        found = [p for p in found if p.is_file()]
+        wanted = manifest_name(check_name(dataset, "dataset"), split)
+        found = [n for n in names if n == wanted]
     else:
-        found = sorted(root.glob(f"*-{split}{MANIFEST_SUFFIX}"))
+        found = fnmatch.filter(names, f"*-{split}{MANIFEST_SUFFIX}")
     if not found:
-        raise DatasetError(_missing_message(root, split, dataset))
+        raise DatasetError(_missing_message(root, names, split, dataset))
     if len(found) > 1:
-        names = [p.name for p in found]
-        raise DatasetError(f"{root}: several caches for split {split!r} ({names}); pass --dataset")
-    return read_manifest(found[0])
+        raise DatasetError(f"{root}: several caches for split {split!r} ({found}); pass --dataset")
+    return read_manifest(locate(root if is_url(root) else str(root), found[0]))
 
 
-def _missing_message(root: Path, split: str, dataset: str | None) -> str:
+def _missing_message(root, names: list[str], split: str, dataset: str | None) -> str:
     wanted = f"{dataset or '<dataset>'}-{split}{MANIFEST_SUFFIX}"
-    unfinished = _unfinished_message(root, split, dataset, wanted)
+    unfinished = _unfinished_message(root, names, split, dataset, wanted)
     if unfinished:
         return unfinished
-    splits = sorted(p.name[:-len(MANIFEST_SUFFIX)] for p in root.glob(f"*-*{MANIFEST_SUFFIX}"))
+    splits = [n[:-len(MANIFEST_SUFFIX)] for n in fnmatch.filter(names, f"*-*{MANIFEST_SUFFIX}")]
     if splits:  # a cache without this split: name the ones it has, not its shards
         have = ", ".join(s.rsplit("-", 1)[-1] + ("" if dataset else f" ({s.rsplit('-', 1)[0]})")
                          for s in splits if not dataset or s.startswith(f"{dataset}-"))
         return (f"{root}: no split {split!r} in this cache (no {wanted}); it has "
                 f"{have or 'no split of ' + str(dataset)}; pass one of them as --split, or "
                 f"featurize split {split!r} into it")
-    entries = sorted(p.name for p in root.iterdir())
-    listing = ", ".join(entries[:20])
-    if len(entries) > 20:
-        listing += f", ... ({len(entries)} entries)"
+    listing = ", ".join(names[:20])
+    if len(names) > 20:
+        listing += f", ... ({len(names)} entries)"
     hint = "run `bombkd featurize` first"
     if any(n.startswith("features_") and (n.endswith(".index.json") or n.endswith(".pkl"))
-           for n in entries):
+           for n in names):
         hint = "this looks like a TC-BombKD cache: convert it with `bombkd import-cache`"
     return f"{root}: no manifest {wanted}; the directory holds [{listing or 'nothing'}]; {hint}"
 
 
-def _unfinished_message(root: Path, split: str, dataset: str | None, wanted: str) -> str | None:
+def _unfinished_message(root, names: list[str], split: str, dataset: str | None,
+                        wanted: str) -> str | None:
     """What to do about a featurize run into ``root`` that has not written its manifest (it
     left a progress file or shards); None if there is no sign of one."""
     pattern = f"{dataset or '*'}-{split}"
-    progress = sorted(root.glob(pattern + PROGRESS_SUFFIX))
-    shards = sorted(root.glob(pattern + "-*.tar")) + sorted(root.glob(pattern + "-*.tar.tmp"))
+    progress = (fnmatch.filter(names, pattern + PROGRESS_SUFFIX)
+                + fnmatch.filter(names, pattern + ".rank*" + PROGRESS_SUFFIX))
+    shards = (fnmatch.filter(names, pattern + "-*.tar")
+              + fnmatch.filter(names, pattern + "-*.tar.tmp"))
     if not progress and not shards:
         return None
-    found = (progress or shards)[0].name
+    found = (progress or shards)[0]
     if not dataset and progress:
-        dataset = found[:-len(f"-{split}{PROGRESS_SUFFIX}")]
+        dataset = found[:found.rindex(f"-{split}.")]
+    command = (f"`bombkd featurize --dataset {dataset or '<dataset>'} --split {split} --out "
+               f"{root} --resume`")
+    if ".rank" in found:  # several processes wrote it: the manifest may be all that is missing
+        command += " (or `--finalize` once every rank is done)"
     return (f"{root}: the featurize run into this folder is unfinished ({found} is there, the "
-            f"manifest {wanted} is not); finish it with `bombkd featurize --dataset "
-            f"{dataset or '<dataset>'} --split {split} --out {root} --resume` and the first "
-            "run's other arguments (--root, --student, --teachers)")
+            f"manifest {wanted} is not); finish it with {command} and the first run's other "
+            "arguments (--root, --student, --teachers)")
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Parse and check one manifest file; ``FormatError`` naming the file and the problem."""
-    path = Path(path)
+    """Parse and check one manifest file (a path or a URL); ``FormatError`` naming the file and
+    the problem."""
     try:
-        if path.stat().st_size > MAX_MANIFEST_BYTES:
-            raise ValueError(f"{path.stat().st_size} bytes, over the limit of "
-                             f"{MAX_MANIFEST_BYTES}")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_bytes(path, MAX_MANIFEST_BYTES).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         raise FormatError(f"{path}: not a readable JSON manifest ({why}); bombkd writes it "

@@ -1,10 +1,14 @@
 """Read one shard back into arrays: ``read_shard`` -> ``ShardData`` (the cached loader's hot path).
 
-A local shard is opened as a file; a shard under a URL root the user typed goes through
-``webdataset.gopen`` (``file:``, ``pipe:``, ``http(s)`` through curl, ...); its location comes
-from ``bombkd_io.names.locate``, never from a name read from a file alone. ``read_shard``:
+A local shard is opened as a file; a shard under a remote root (``s3://``, ``gs://``,
+``https://``...) through ``bombkd_io.storage`` (fsspec), read whole in one large ranged read and
+retried on transient errors; a ``file:`` or ``pipe:`` root the user typed through
+``webdataset.gopen``. Its location comes from ``bombkd_io.names.locate``, never from a name read
+from a file alone. ``read_shard``:
   _load_shard     the shard's bytes, no more than the manifest lists (checked before allocating),
-                  in large reads into one buffer (``BufferPool`` reuses them across shards)
+                  in large reads into one buffer (``BufferPool`` reuses them across shards);
+                  a remote one in one GET (``storage.read_head``), retried
+                  (``storage.retrying``), then a ShardError naming it
   read_regular    (tar.py) all samples at once, when the shard is regular (what the writer makes)
   _walk           else tar.iter_samples decoded sample by sample, naming the first bad one
   _check_labels   labels outside [0, classes) make their samples bad ones
@@ -29,16 +33,27 @@ from bombkd_io.names import is_url
 from bombkd_io.shards.codec import DTYPES, decode_label, decode_meta, decode_tensor
 from bombkd_io.shards.manifest import ModelEntry, ShardEntry
 from bombkd_io.shards.tar import iter_samples, read_into, read_regular
+from bombkd_io.storage import is_remote, open_remote, read_head, retrying
 
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 REPAIR = "`bombkd featurize --resume` rewrites shards that do not verify"  # said on a skip
 
 
+def fetched(url, read):
+    """``read()``; for a remote ``url`` retried on transient errors (``storage.retrying``)."""
+    return retrying(read, str(url)) if is_remote(url) else read()
+
+
 @contextlib.contextmanager
 def open_shard(url) -> Iterator:
-    """A shard opened as a local file (a ``Path``, or a string without a URL scheme), else
-    through ``webdataset.gopen`` (a URL the user typed as the root: ``file:``, ``pipe:``,
-    ``http(s)``, ...); I/O errors become ShardError naming it."""
+    """A shard opened as a local file (a ``Path``, or a string without a URL scheme), through
+    fsspec (a remote URL: its errors are ``storage.retrying``'s to sort), else through
+    ``webdataset.gopen`` (``file:``, ``pipe:`` typed by the user); I/O errors become ShardError
+    naming it."""
+    if is_remote(url):
+        with open_remote(url) as f:
+            yield f
+        return
     try:
         with (wds.gopen(url, "rb") if is_url(url) else open(url, "rb")) as f:
             yield f
@@ -50,7 +65,15 @@ def open_shard(url) -> Iterator:
 
 def read_meta(url) -> Iterator[tuple[str, dict]]:
     """(key, its ``KEY.json`` object) for each sample of a student shard that has one, in tar
-    order; ShardError naming the shard and sample for a bad archive or member."""
+    order; ShardError naming the shard and sample for a bad archive or member. A remote shard
+    is read whole first (retried like ``read_shard``)."""
+    if is_remote(url):
+        yield from fetched(url, lambda: list(_meta(url)))
+    else:
+        yield from _meta(url)
+
+
+def _meta(url) -> Iterator[tuple[str, dict]]:
     with open_shard(url) as f:
         for key, fields in iter_samples(f, str(url)):
             if "json" in fields:
@@ -79,7 +102,7 @@ def read_shard(url: str | Path, entry: ShardEntry, model: ModelEntry, *, labels:
     policy = policy if policy is not None else ErrorPolicy()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
     try:
-        buf, complete = _load_shard(url, entry, buffer)
+        buf, complete = fetched(url, lambda: _load_shard(url, entry, buffer))
     except ShardError as exc:
         policy.handle(exc, entry.count, fix=REPAIR)
         return _empty(entry.count, shape, dtype, labels)
@@ -97,17 +120,28 @@ def _load_shard(url, entry: ShardEntry, buffer: np.ndarray | None) -> tuple[np.n
     """The shard's bytes, and whether they are exactly the size the manifest lists (else they
     are what arrived: shorter, or up to ``TAIL`` longer). Nothing is allocated beyond the
     listed size (bounded by ``check_manifest``) before the bytes are there."""
-    _check_local_size(url, entry)
-    with open_shard(url) as f:
-        fits = buffer is not None and len(buffer) >= entry.bytes
-        buf = buffer[:entry.bytes] if fits else np.empty(entry.bytes, np.uint8)
-        filled = read_into(f, memoryview(buf))
-        rest = f.read(TAIL)
-        if len(rest) == TAIL and f.read(1):
-            raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
+    if is_remote(url):  # one GET of at most the listed size + TAIL + 1 bytes
+        data = read_head(str(url), entry.bytes + TAIL + 1)
+        filled, rest = min(len(data), entry.bytes), data[entry.bytes:]
+        buf = _shard_buffer(buffer, entry.bytes)
+        buf[:filled] = np.frombuffer(data, np.uint8, filled)
+    else:
+        _check_local_size(url, entry)
+        with open_shard(url) as f:
+            buf = _shard_buffer(buffer, entry.bytes)
+            filled = read_into(f, memoryview(buf))
+            rest = f.read(TAIL + 1)
+    if len(rest) > TAIL:
+        raise ShardError(url, f"larger than the manifest lists ({entry.bytes} bytes)")
     if rest:
         return np.frombuffer(buf[:filled].tobytes() + rest, np.uint8), False
     return buf[:filled], filled == len(buf)
+
+
+def _shard_buffer(buffer: np.ndarray | None, nbytes: int) -> np.ndarray:
+    """``buffer`` (from a ``BufferPool``) when it holds ``nbytes``, else a fresh one."""
+    fits = buffer is not None and len(buffer) >= nbytes
+    return buffer[:nbytes] if fits else np.empty(nbytes, np.uint8)
 
 
 class BufferPool:

@@ -1,4 +1,5 @@
 """Verification: does a shard, or a whole cache, hold exactly what its manifest lists?
+A local file or a remote object alike (remote reads retried like the loader's).
 
 ``verify_shard`` (``featurize --resume``: keep a finished shard, or write it again) checks the
 size, the sha256 and the sample count; ``verify_cache`` (``bombkd inspect --verify``) also
@@ -14,20 +15,24 @@ from tqdm import tqdm
 from bombkd_io.errors import ShardError
 from bombkd_io.names import locate
 from bombkd_io.shards.manifest import Manifest, ShardEntry
-from bombkd_io.shards.reader import open_shard, read_shard
+from bombkd_io.shards.reader import fetched, open_shard, read_shard
 from bombkd_io.shards.tar import CHUNK, iter_samples
 
 
 def verify_shard(path, entry: ShardEntry) -> bool:
     """True when ``path`` is exactly ``entry``: size, sha256 (when recorded) and sample count."""
     try:
-        if _hash_problem(path, entry):
+        if fetched(path, lambda: hash_problem(path, entry)):
             return False
-        with open_shard(path) as f:
-            count = sum(1 for _ in iter_samples(f, str(path)))
+        count = fetched(path, lambda: _count(path))
     except (ShardError, OSError):
         return False
     return count == entry.count
+
+
+def _count(path) -> int:
+    with open_shard(path) as f:
+        return sum(1 for _ in iter_samples(f, str(path)))
 
 
 def verify_cache(root: str | Path, manifest: Manifest, *, progress: bool = True) -> list[str]:
@@ -35,7 +40,7 @@ def verify_cache(root: str | Path, manifest: Manifest, *, progress: bool = True)
 
     Memory: one shard per model at a time.
     """
-    root, problems = Path(root), []
+    problems = []
     student = manifest.models["student"]
     for k in tqdm(range(len(student.shards)), desc="verify shards", unit="shard",
                   disable=not progress):
@@ -44,7 +49,7 @@ def verify_cache(root: str | Path, manifest: Manifest, *, progress: bool = True)
             entry = model.shards[k]
             path = locate(str(root), entry.name)
             try:
-                if problem := _hash_problem(path, entry):
+                if problem := fetched(path, lambda: hash_problem(path, entry)):
                     problems.append(problem)
                 labelled = name == "student" and manifest.labels
                 data = read_shard(path, entry, model, labels=labelled,
@@ -59,7 +64,7 @@ def verify_cache(root: str | Path, manifest: Manifest, *, progress: bool = True)
     return problems
 
 
-def _hash_problem(path, entry: ShardEntry) -> str | None:
+def hash_problem(path, entry: ShardEntry) -> str | None:
     """Why the file at ``path`` is not the one ``entry`` lists (its size, or its sha256 when
     recorded), or None; the whole file is read in big chunks."""
     digest, size = hashlib.sha256(), 0

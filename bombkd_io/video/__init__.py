@@ -6,7 +6,8 @@ In data-flow order:
   NVDEC row of the GPU's compute capability, ``nvdec_caps``), the stream -> decoder rule
   (``route_for``, pure: codec, container, pixel format, size, capabilities -> route and reason),
   the file check.
-- ``probe.py``:  ``probe_video`` / ``probe_videos`` / ``probe_index`` (PyAV): codec, container,
+- ``probe.py``:  ``probe_video`` / ``probe_videos`` / ``probe_index`` (``index_probed``: its
+  answer from files probed elsewhere, e.g. by several processes) (PyAV): codec, container,
   size, frame count as DALI counts it, route and its reason for each file.
 - ``clips.py``:  ``ClipLoader`` (background-thread batches, failures recorded, each clip's
   decoder and device in ``ClipBatch.decoded_by``) and ``decode_clip``.
@@ -27,6 +28,6 @@ from bombkd_io.lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "route": ("DECODED_BY", "DecodeCaps", "Route", "cuda_index", "dali_device", "device_caps", "is_cuda",
               "nvdec_caps", "parse_device", "route_for"),
-    "probe": ("VideoInfo", "probe_index", "probe_video", "probe_videos"),
+    "probe": ("VideoInfo", "index_probed", "probe_index", "probe_video", "probe_videos"),
     "clips": ("BACKENDS", "ClipBatch", "ClipLoader", "decode_clip", "decoder_of"),
 })

@@ -135,6 +135,14 @@ def probe_index(index: VideoIndex, positions: Sequence[int], device: str | None 
     infos, and ``(path, reason)`` of the others. DatasetError when none can be read."""
     infos, failed = probe_videos([index.items[i].path for i in positions], device,
                                  on_error="skip", progress=progress)
+    return index_probed(index, positions, infos, failed)
+
+
+def index_probed(index: VideoIndex, positions: Sequence[int], infos: list[VideoInfo],
+                 failed: list[tuple[str, str]]) -> tuple[list[int], list[VideoInfo],
+                                                         list[tuple[str, str]]]:
+    """``probe_index``'s answer from what ``probe_videos`` found for those ``positions`` (in
+    any order: probed by several processes)."""
     by_path = {info.path: info for info in infos}
     ok = [i for i in positions if index.items[i].path in by_path]
     if not ok:

@@ -22,7 +22,8 @@ when loaded: they are read only with --trust-pickle."""
 
 
 def inspect(
-    root: Annotated[Path, typer.Argument(help="cache directory (holds *.index.json)")],
+    root: Annotated[str, typer.Argument(help="cache directory (holds *.index.json), or its URL "
+                                        "(s3://, gs://, az://, https://, hf://)")],
     split: Annotated[Optional[str], typer.Option(
         "--split", help="split; default: every split")] = None,
     dataset: Annotated[Optional[str], typer.Option(
@@ -49,14 +50,17 @@ def inspect(
         raise fail("bad shards:\n" + "\n".join(f"  {p}" for p in bad))
 
 
-def _splits(root: Path) -> list[str]:
+def _splits(root: str) -> list[str]:
     """Every split with a manifest in ``root`` (``{dataset}-{split}.index.json``), or with a
-    featurize run still to finish (``{dataset}-{split}.progress.json``: its load says so)."""
+    featurize run still to finish (``{dataset}-{split}[.rank{R}].progress.json``: its load says
+    so)."""
     from bombkd_io.shards.manifest import MANIFEST_SUFFIX, PROGRESS_SUFFIX, load_manifest
+    from bombkd_io.storage import list_names
 
-    found = sorted({p.name[:-len(suffix)].rsplit("-", 1)[-1]
+    # names have no dots: what follows one in the stem is a rank's (".rank1")
+    found = sorted({name[:-len(suffix)].split(".")[0].rsplit("-", 1)[-1]
                     for suffix in (MANIFEST_SUFFIX, PROGRESS_SUFFIX)
-                    for p in root.glob(f"*-*{suffix}")})
+                    for name in list_names(root) if name.endswith(suffix) and "-" in name})
     if not found:
         load_manifest(root, "<split>")  # raises the error listing what the directory holds
     return found
@@ -64,7 +68,8 @@ def _splits(root: Path) -> list[str]:
 
 def import_cache(
     src: Annotated[Path, typer.Argument(help="TC-BombKD index .json, .pkl, or directory")],
-    out: Annotated[Path, typer.Option("--out", help="bombkd cache directory to write")],
+    out: Annotated[str, typer.Option("--out", help="bombkd cache directory to write, or a URL "
+                                     "(s3://, gs://, az://: written locally, then uploaded)")],
     split: Annotated[Optional[str], typer.Option("--split", help="split name (default: from "
                                                  "the index or file name)")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="dataset name (default: "

@@ -59,6 +59,12 @@ OnError = Annotated[Literal[ON_ERROR], typer.Option(
 Teachers = Annotated[list[str], typer.Option(
     "--teachers", help="teachers, space- or comma-separated (A B C or A,B,C): names of models "
     "in the feature cache, as featurize stored them (bombkd inspect ROOT lists them)")]
+ShardCacheDir = Annotated[Optional[str], typer.Option(
+    "--shard-cache", "--shard_cache", help="wds with a remote --root (s3://, gs://, ...): keep its "
+    "shards in this local folder for epochs 2+ (verified once; ranks of a node may share it)")]
+ShardCacheLimit = Annotated[Optional[str], typer.Option(
+    "--shard-cache-limit", "--shard_cache_limit", help="most bytes --shard-cache keeps (50G, "
+    "800M; least recently used shards go first); default: no limit")]
 SaveDir = Annotated[str, typer.Option(
     "--save-dir", "--save_dir", help="folder for the checkpoints (created if missing)")]
 
@@ -146,6 +152,7 @@ def train_cmd(
     ] = None,
     workers: Workers = 0, shard_size: ShardSize = None, cache: Cache = None,
     revision: Revision = None, on_error: OnError = "raise", device: Device = "auto",
+    shard_cache: ShardCacheDir = None, shard_cache_limit: ShardCacheLimit = None,
     quiet: Quiet = False,
 ) -> None:
     """Train the fusion head on cached features (--loader wds) or on videos (--loader dali).
@@ -158,7 +165,8 @@ def train_cmd(
     data = DataConfig(loader=loader_of(loader, use_cached_features), root=root, dataset=dataset,
                       student=student, frames=frames, size=size, batch_size=batch,
                       loader_workers=workers, seed=seed, shard_size=shard_size, cache=cache,
-                      revision=revision, device=device, on_error=on_error)
+                      revision=revision, device=device, on_error=on_error,
+                      shard_cache=shard_cache, shard_cache_limit=shard_cache_limit)
     with user_errors():
         result = train(TrainConfig(
             data=data, split=split, teachers=names(teachers), converters=converters,
@@ -198,7 +206,9 @@ def eval_cmd(
     = None,
     dataset: Dataset = None, student: Student = None, frames: Frames = None, size: Size = None,
     batch: Batch = 32, workers: Workers = 0, cache: Cache = None, revision: Revision = None,
-    on_error: OnError = "raise", device: Device = "auto", quiet: Quiet = False,
+    on_error: OnError = "raise", device: Device = "auto",
+    shard_cache: ShardCacheDir = None, shard_cache_limit: ShardCacheLimit = None,
+    quiet: Quiet = False,
 ) -> None:
     """Top-1, top-5, per-class accuracy and a confusion matrix (eval.json, confusion.png)."""
     from bombkd_io.errors import extra_hint
@@ -208,7 +218,8 @@ def eval_cmd(
     data = DataConfig(loader=loader_of(loader, use_cached_features), root=root, dataset=dataset,
                       student=student, frames=frames, size=size, batch_size=batch,
                       loader_workers=workers, cache=cache, revision=revision, device=device,
-                      on_error=on_error)
+                      on_error=on_error, shard_cache=shard_cache,
+                      shard_cache_limit=shard_cache_limit)
     with user_errors():
         result, path = evaluate(EvalConfig(data=data, split=split, fusion=fusion,
                                            converters=converters, out=out,

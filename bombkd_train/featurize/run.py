@@ -4,8 +4,9 @@ The stages, in order (each clip is decoded once per distinct (frames, size) the 
 and the student and every teacher run on that one decode):
 
     index_dataset        VideoIndex, items in split order
-    probe_index          the decodable items (the "ok list"); unreadable ones are recorded
-    shard plan           shard k starts where shard k-1 ended and takes S decoded samples
+    probe_shared         the decodable items (the "ok list"); unreadable ones are recorded
+    shard plan           shard k starts after shard k-1's last sample and takes S decoded
+                         samples (ranks.shard_plan; again after each shard, as failures appear)
     ClipLoader.batches   uint8 clips per need, decoded in a background thread, with warnings
     Backbone             features [B, T', D] per model
     ShardSetWriter       shard k of every model: same samples, order and keys
@@ -13,7 +14,8 @@ and the student and every teacher run on that one decode):
 
 Shard k of a run is a pure function of where it starts: its batches are consecutive chunks of
 ``batch_size`` from that position (one more round per failed video), so a shard can be redone
-alone (``--resume``, or a teacher added later) and comes out byte-identical.
+alone (``--resume``, or a teacher added later) and comes out byte-identical, and so can a shard
+that another process writes (``ranks.py``: shard k by rank k % W).
 
 A video that probes or decodes with warnings (libav messages, fewer frames than its header
 claims, frames repeated although others were asked for: ``bombkd_io.video.health``) is cached
@@ -22,97 +24,72 @@ and listed in the manifest's ``suspect``; with ``--strict`` it is left out and l
 """
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from bombkd_io.datasets import VideoIndex, index_dataset, item_key
-from bombkd_io.errors import DatasetError, VideoError
+from bombkd_io.errors import ConfigError, DatasetError, VideoError
 from bombkd_io.lock import lock_folder
 from bombkd_io.names import locate
-from bombkd_io.shards.manifest import Manifest, save_manifest
+from bombkd_io.shards.manifest import Manifest, ShardEntry
+from bombkd_io.shards.publish import Remote, staged_out
 from bombkd_io.shards.verify import verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
-from bombkd_io.video import ClipLoader, parse_device, probe_index
+from bombkd_io.video import ClipLoader, parse_device
 from bombkd_train.backbones import Backbone, create_backbone
 from bombkd_train.featurize.estimate import DiskEstimate, check_free_space, estimate_bytes
 from bombkd_train.config import FeaturizeConfig
+from bombkd_train.featurize.ranks import (Plan, Ranks, exchange, join_ranks, own_videos,
+                                          probe_shared, shard_plan, write_manifest, written)
 from bombkd_train.featurize.sample import student_members
 from bombkd_train.featurize.state import CacheState, load_state, remove_stale_temps, save_progress
+from bombkd_train.featurize.stats import FeaturizeStats, gather_stats
 from bombkd_train.runtime import model_threads, parity_settings
 
 Need = tuple[int, int]  # (frames, size) a backbone consumes
 
 
-@dataclass
-class FeaturizeStats:
-    """Where the time went (seconds) and how much was done; filled in by ``featurize``."""
-    clips: int = 0               # samples written (per model set)
-    failed: int = 0              # videos skipped (probe + decode)
-    shards: int = 0              # shard files written
-    bytes: int = 0               # bytes written
-    probe_s: float = 0.0
-    decode_wait_s: float = 0.0   # time the main thread waited for decoded clips
-    infer_s: dict[str, float] = field(default_factory=dict)  # per model
-    write_s: float = 0.0         # encoding + tar writing + hashing
-    total_s: float = 0.0
-    threads: int = 0             # torch intra-op threads the models ran with
-    failed_videos: list[dict] = field(default_factory=list)   # the manifest's {"path", "reason"}
-    suspect_videos: list[dict] = field(default_factory=list)  # cached, decoded with warnings
-
-    @property
-    def clips_per_s(self) -> float:
-        return self.clips / self.total_s if self.total_s else 0.0
-
-    def summary(self, out: str) -> str:
-        """One line of counts and times, then the failed and suspect videos, a few by name."""
-        suspect = f", {len(self.suspect_videos)} suspect" if self.suspect_videos else ""
-        line = (f"featurized {self.clips} clips ({self.failed} failed{suspect}) in "
-                f"{self.total_s:.1f}s ({self.clips_per_s:.1f} clips/s): {self.shards} shards, "
-                f"{self.bytes / 1e6:.1f} MB in {out} (writing {self.write_s:.1f}s, "
-                f"decode wait {self.decode_wait_s:.1f}s, models {sum(self.infer_s.values()):.1f}s)")
-        named = _named("failed", self.failed_videos) + _named("suspect", self.suspect_videos)
-        if not named:
-            return line
-        return "\n".join([line, *named, f"  all of them, with reasons: `bombkd inspect {out}`"])
-
-
-def _named(what: str, videos: list[dict], shown: int = 3, width: int = 160) -> list[str]:
-    """``what: path: reason`` for the first ``shown`` videos (long reasons cut), then a count."""
-    lines = []
-    for v in videos[:shown]:
-        reason = v["reason"] if len(v["reason"]) <= width else v["reason"][:width - 3] + "..."
-        lines.append(f"  {what}: {v['path']}: {reason}")
-    if len(videos) > shown:
-        lines.append(f"  ... and {len(videos) - shown} more {what}")
-    return lines
-
-
-def featurize(config: FeaturizeConfig, *, stats: FeaturizeStats | None = None) -> Manifest:
+def featurize(config: FeaturizeConfig, *,
+              stats: FeaturizeStats | None = None) -> Manifest | None:
     """Write (or complete) the feature cache ``config`` describes; returns its manifest.
 
     A new teacher on an existing cache adds only its shard set; ``resume`` keeps the shards
     that verify and redoes the rest. Refuses a cache in ``out`` made with another student, and
     a second run into ``out`` for the same (dataset, split) while one is going.
+
+    Under torchrun, or with ``config.rank`` / ``config.world_size`` (a job array's task), this
+    process writes its share of the shards (``ranks.py``); a job array's task returns None (the
+    manifest is ``finalize_featurize``'s), torchrun's ranks all return the manifest rank 0 wrote.
     """
     stats = stats if stats is not None else FeaturizeStats()
     start = time.perf_counter()
     config.validate()
     config = replace(config, device=parse_device(config.device))  # torch's name for "auto", "gpu"
+    config, ranks = join_ranks(config)
     index = index_dataset(config.dataset, config.root, config.split)
-    # one run per (dataset, split) in --out; with the lock, temporary files are a killed run's
-    with lock_folder(config.out, argument="--out", name=f"{config.dataset}-{config.split}"):
+    # one run per (dataset, split) in --out (one per rank of a run over several processes);
+    # with the lock, temporary files of what it owns are a killed run's. A remote --out: written
+    # into a local stage, each finished piece published (shards.publish; one process only)
+    name = f"{config.dataset}-{config.split}" + (f".rank{ranks.rank}" if ranks.world > 1 else "")
+    with staged_out(config.out, config.dataset, config.split) as (out, remote), \
+            lock_folder(out, argument="--out", name=name):
+        config = replace(config, out=out)
         state = load_state(config, index)
-        remove_stale_temps(Path(config.out), config.dataset, config.split, state.all_roles())
+        if ranks.world == 1:  # several ranks: at the end, once none is writing
+            remove_stale_temps(Path(config.out), config.dataset, config.split, state.all_roles())
         # the backbones run as video mode's student does: full fp32, deterministic kernels
         with model_threads(config.device, config.decode_threads) as threads, parity_settings():
             stats.threads = threads
-            manifest = _Run(config, index, state, stats).execute()
+            manifest = _Run(config, index, state, stats, ranks, remote).execute()
     stats.total_s = time.perf_counter() - start
+    if ranks.world > 1:
+        gather_stats(stats, ranks)
     return manifest
 
 
@@ -123,7 +100,8 @@ def estimate_featurize(config: FeaturizeConfig) -> DiskEstimate:
     """
     config.validate()
     index = index_dataset(config.dataset, config.root, config.split)
-    state = load_state(config, index, dry_run=True)
+    with staged_out(config.out, config.dataset, config.split) as (out, _):
+        state = load_state(replace(config, out=out), index, dry_run=True)
     roles = state.roles_to_run(config) if not config.resume else list(config.roles())
     for role in roles:  # dims and token counts come from the models themselves
         entry = state.models[role]
@@ -137,12 +115,18 @@ class _Run:
     """One featurize run: plan the shards, decode per need, run the models, write."""
 
     def __init__(self, config: FeaturizeConfig, index: VideoIndex, state: CacheState,
-                 stats: FeaturizeStats):
+                 stats: FeaturizeStats, ranks: Ranks, remote: Remote | None = None):
         self.config, self.index, self.state, self.stats = config, index, state, stats
+        self.ranks = ranks
         self.out = Path(config.out)
+        self.remote = remote  # a remote --out: the stage's finished pieces go there
         self.labelled = index.labelled  # else the student's samples have no .cls
+        self.checked: dict[tuple[str, int], ShardEntry] = {}  # shards known to verify
+        self.clips: dict[int, int] = {}  # shard k -> samples this process wrote in it
+        self.planned: tuple[int, Plan] = (-1, [])  # (failures known, the plan made from them)
 
-    def execute(self) -> Manifest:
+    def execute(self) -> Manifest | None:
+        """The manifest; None for a job array's task (``--finalize`` writes it)."""
         cfg, state = self.config, self.state
         if not state.roles_to_run(cfg) and not cfg.resume:
             return state.manifest()
@@ -152,39 +136,115 @@ class _Run:
         finally:
             for loader in self.loaders.values():  # decode threads and DALI pipelines
                 loader.close()
-        state.final = True
-        manifest = state.manifest()
-        save_manifest(manifest, self.out)
-        state.drop_progress()
-        self.stats.failed = len(manifest.failed)
-        self.stats.failed_videos, self.stats.suspect_videos = manifest.failed, manifest.suspect
+        manifest = self._manifest()
+        # a shard written again from its new start (a failure found by another rank) counts once
+        kept = sum(n for k, n in self.clips.items() if k < len(self._plan()))
+        self.stats.clips, self.stats.again = kept, self.stats.clips - kept
+        if manifest is not None:
+            self.stats.failed = len(manifest.failed)
+            self.stats.failed_videos, self.stats.suspect_videos = manifest.failed, manifest.suspect
         return manifest
 
+    def _manifest(self) -> Manifest | None:
+        """Written once, by rank 0 (every rank returns it); a job array's tasks leave it to
+        ``--finalize``."""
+        ranks, plan = self.ranks, self._plan()
+        if ranks.world > 1 and not ranks.group:
+            save_progress(self.state, self.out)
+            self.stats.failed = len(self.state.failed)
+            return None
+        error = None
+        if ranks.rank == 0:
+            try:
+                write_manifest(self.state, plan, verify=False, remote=self.remote)
+            except ConfigError as exc:
+                error = exc
+        if ranks.group and (error := ranks.gather(error)[0]) is None:
+            self.state.layout, self.state.final = [count for _, count in plan], True
+        if error is not None:
+            raise error
+        return self.state.manifest()
+
     def _write_shards(self) -> None:
-        """Every shard that is missing or (``--resume``) does not verify, then the new ones."""
+        """This rank's shards that are missing, planned from another start, or (``--resume``)
+        do not verify; under torchrun, again until no rank finds a new failure."""
         cfg, state = self.config, self.state
-        todo = self._todo()
-        run = {r for _, _, _, redo in todo for r in redo} | (
-            set() if state.final else set(state.all_roles()))
+        roles = state.roles_to_check(cfg)
+        plan = self._plan()
+        todo = self._todo(plan, roles)
+        run = {r for _, redo in todo for r in redo} | (set() if state.final else set(roles))
         self.backbones = {r: self._backbone(r) for r in state.all_roles() if r in run}
-        check_free_space(self.out, estimate_bytes(cfg, self.index, state, {
-            r: state.models[r] for r in self.backbones}).total)
-        total = sum(count for _, _, count, _ in todo) + (0 if state.final else state.remaining())
-        with tqdm(total=total, unit="clips", desc=f"featurize {cfg.dataset}-{cfg.split}",
+        need = estimate_bytes(cfg, self.index, state, {r: state.models[r] for r in self.backbones})
+        # a remote --out: the local stage holds one shard of each model at a time
+        check_free_space(self.out, -(-need.total // max(1, need.shards)) if self.remote
+                         else need.total)
+        total = sum(plan[k][1] for k, _ in todo)
+        desc = " ".join(filter(None, (f"featurize {cfg.dataset}-{cfg.split}", self.ranks.label)))
+        with tqdm(total=total, unit="clips", desc=desc, position=self.ranks.rank,
                   disable=not cfg.progress, dynamic_ncols=True) as self.bar:
-            for k, start, count, redo in todo:
-                self._shard(k, start, count, redo, known=True)
-            if not state.final:
-                self._new_shards()
+            while True:
+                known = set(state.failed)
+                k = self.ranks.rank
+                while k < len(plan := self._plan()):
+                    if redo := self._redo(plan, k, roles):
+                        self._shard(k, plan[k], redo)
+                    k += self.ranks.world
+                if not self.ranks.group:
+                    return
+                exchange(state, self.ranks, self.out)
+                if set(state.failed) == known:  # the same set on every rank: all stop together
+                    return
+
+    def _plan(self) -> Plan:
+        """Every shard's (start, samples), from the failures known now; a finished cache's
+        layout is fixed. Made again only when a failure was added (failures are never removed)."""
+        state = self.state
+        if self.planned[0] == len(state.failed):
+            return self.planned[1]
+        plan = shard_plan(len(self.index.items), state.failed, state.config.shard_size)
+        if state.final:
+            if [count for _, count in plan[:len(state.layout)]] != state.layout:
+                raise DatasetError(f"the cache in {self.config.out} holds {state.layout} samples "
+                                   "per shard; the videos now give others (the dataset "
+                                   "changed: featurize into a new --out)")
+            plan = plan[:len(state.layout)]
+        self.planned = (len(state.failed), plan)
+        return plan
+
+    def _todo(self, plan: Plan, roles: list[str]) -> list[tuple[int, list[str]]]:
+        return [(k, redo) for k in range(self.ranks.rank, len(plan), self.ranks.world)
+                if (redo := self._redo(plan, k, roles))]
+
+    def _redo(self, plan: Plan, k: int, roles: list[str]) -> list[str]:
+        """The roles whose shard k is missing, written from another start, or (``--resume``)
+        does not verify (size, sha256, count)."""
+        start, count = plan[k]
+        return [r for r in roles if not (written(self.state, r, k, start, count)
+                                         and self._verifies(r, k))]
+
+    def _verifies(self, role: str, k: int) -> bool:
+        entry = self.state.done[role][k]
+        if not self.config.resume or self.checked.get((role, k)) == entry:
+            return True
+        where = self.remote.root if self.remote else str(self.out)  # --resume: the remote's
+        if verify_shard(locate(where, entry.name), entry):
+            self.checked[role, k] = entry
+            return True
+        return False
 
     def _probe(self) -> None:
         start = time.perf_counter()
         # the video package maps "cpu" / "cuda[:N]" to its decoder device itself
-        self.ok, self.infos, failed = probe_index(  # ok pos -> index pos, and their infos
-            self.index, range(len(self.index.items)), self.config.device,
-            progress=self.config.progress)
+        self.ok, self.infos, failed = probe_shared(  # ok pos -> index pos, and their infos
+            self.index, self.config.device, self.ranks, self.state.config.shard_size,
+            self.config.progress)
         warned = [(info.path, list(info.warnings)) for info in self.infos if info.warnings]
         self.state.set_probe(self.ok, failed, warned)
+        mine = None  # under torchrun, the videos this process probed (probe_shared)
+        if self.ranks.group:
+            mine = {self.index.items[i].path for i in own_videos(
+                len(self.index.items), self.ranks, self.state.config.shard_size)}
+        self.stats.found_failed += sum(1 for path, _ in failed if mine is None or path in mine)
         self.loaders: dict[Need, ClipLoader] = {}
         self.stats.probe_s = time.perf_counter() - start
 
@@ -196,45 +256,19 @@ class _Run:
         self.state.fill_model(role, bb)
         return bb
 
-    def _todo(self) -> list[tuple[int, int, int, list[str]]]:
-        """Known shards with at least one model to (re)write: (k, start, count, roles).
+    def _shard(self, k: int, planned: tuple[int, int], roles: list[str]) -> None:
+        """Write shard k of ``roles`` from its planned start (an index position).
 
-        ``--resume`` verifies each existing shard (size, sha256, count) and redoes the bad ones."""
-        state = self.state
-        roles = state.roles_to_check(self.config)
-        todo, starts = [], state.known_starts()
-        for k, count in enumerate(state.layout):
-            redo = [r for r in roles if self._needs_write(r, k)]
-            if redo:
-                todo.append((k, starts[k], count, redo))
-        return todo
-
-    def _needs_write(self, role: str, k: int) -> bool:
-        entry = self.state.done.get(role, {}).get(k)
-        if entry is None:
-            return True
-        if not self.config.resume:
-            return False
-        return not verify_shard(locate(str(self.out), entry.name), entry)
-
-    def _new_shards(self) -> None:
-        k, pos = len(self.state.layout), self.state.frontier()
-        roles = self.state.all_roles()
-        while pos < len(self.ok):
-            pos, count = self._shard(k, pos, self.config.shard_size, roles, known=False)
-            if count == 0:
-                break
-            k += 1
-
-    def _shard(self, k: int, start: int, target: int, roles: list[str],
-               known: bool) -> tuple[int, int]:
-        """Fill shard k of ``roles`` from ok position ``start``; returns (end, samples).
-
-        ``known``: the shard was written before, and must come out with the same samples."""
-        cfg = self.config
+        A shard another model already has must come out with the same samples (``known``);
+        a new one takes the next S videos that decode (fewer at the end)."""
+        cfg, state = self.config, self.state
+        start, count = planned
+        known = state.final or any(written(state, r, k, start, count) for r in state.all_roles()
+                                   if r not in roles)
+        target = count if known else cfg.shard_size
         writers = {r: ShardSetWriter(self.out, cfg.dataset, cfg.split, r, cfg.shard_size,
-                                     self.state.models[r].dtype, start_shard=k) for r in roles}
-        pos, kept = start, 0
+                                     state.models[r].dtype, start_shard=k) for r in roles}
+        pos, kept = bisect.bisect_left(self.ok, start), 0  # ok position of the start
         try:
             while kept < target and pos < len(self.ok):
                 want = min(target - kept, len(self.ok) - pos)
@@ -252,8 +286,7 @@ class _Run:
             raise DatasetError(f"shard {k} held {target} samples when the cache was written; "
                                f"the videos now give {kept} (the dataset changed: featurize "
                                f"into a new --out)")
-        self._finish_shard(k, writers, kept)
-        return pos, kept
+        self._finish_shard(k, writers, kept, start)
 
     def _decode(self, chunks: list[list[int]], roles: list[str],
                 known: bool) -> Iterator[tuple[list[int], dict[Need, torch.Tensor], dict]]:
@@ -300,6 +333,7 @@ class _Run:
             raise VideoError(path, f"decoded when the cache was written but fails now: {why}",
                              fix="featurize into a new --out")
         self.state.add_failure(self.ok[pos], why)
+        self.stats.found_failed += 1
 
     def _infer_and_write(self, writers: dict[str, ShardSetWriter], positions: list[int],
                          clips: dict[Need, torch.Tensor], decoded: dict) -> None:
@@ -325,20 +359,35 @@ class _Run:
         self.stats.write_s += time.perf_counter() - start
         self.bar.update(len(positions))
 
-    def _finish_shard(self, k: int, writers: dict[str, ShardSetWriter], kept: int) -> None:
-        start = time.perf_counter()
+    def _finish_shard(self, k: int, writers: dict[str, ShardSetWriter], kept: int,
+                      start: int) -> None:
+        began = time.perf_counter()
         entries = {role: w.close() for role, w in writers.items()}
-        self.stats.write_s += time.perf_counter() - start
+        self.stats.write_s += time.perf_counter() - began
         if kept == 0:
             return
+        if self.remote:  # finished and verified: uploaded, the local copy deleted
+            self.remote.shards([entry for entry, in entries.values()])
         for role, (entry,) in entries.items():
-            self.state.record_shard(role, k, entry)
+            self.state.record_shard(role, k, entry, start)
+            self.checked[role, k] = entry
             self.stats.shards += 1
             self.stats.bytes += entry.bytes
-        if k >= len(self.state.layout):
-            self.state.layout.append(kept)
+        if not self.state.final:  # the shards every model has, from the start on
+            self.state.layout = self._written_prefix()
         self.stats.clips += kept
+        self.clips[k] = kept
         save_progress(self.state, self.out)
+        if self.remote:
+            self.remote.record(self.state.progress_path)
+
+    def _written_prefix(self) -> list[int]:
+        layout = []
+        for k, (start, count) in enumerate(self._plan()):
+            if not all(written(self.state, r, k, start, count) for r in self.state.all_roles()):
+                break
+            layout.append(count)
+        return layout
 
     def _need(self, role: str) -> Need:
         bb = self.backbones[role]

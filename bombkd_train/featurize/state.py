@@ -6,7 +6,9 @@ What an output directory can hold for one (dataset, split):
 - ``{dataset}-{split}.index.json``: a finished cache; a new teacher is added to it, ``--resume``
   checks every shard (count, sha256) and redoes the ones that do not verify;
 - ``{dataset}-{split}.progress.json``: an unfinished run (written after every shard); only
-  ``--resume`` continues it.
+  ``--resume`` continues it;
+- ``{dataset}-{split}.rank{R}.progress.json``: the same for rank R of a run split over several
+  processes (``ranks.py``); each rank writes its own, and a run reads them all (``merge``).
 A cache made with another student, pooling, dtype or shard size is refused, never overwritten;
 so is a model whose weights, normalisation or clip differ from what the cache records of it
 (``fill_model``).
@@ -17,14 +19,14 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
-
 from bombkd_io.atomic import atomic_path, remove_temps
 from bombkd_io.datasets import VideoIndex
 from bombkd_io.errors import ConfigError, DatasetError, FormatError
-from bombkd_io.names import check_name
+from bombkd_io.names import check_name, locate
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, manifest_path,
-                                       misnamed_shard, progress_path, read_manifest)
+                                       misnamed_shard, progress_path, rank_progress_paths,
+                                       read_manifest)
+from bombkd_io.shards.verify import verify_shard
 from bombkd_io.shards.writer import remove_temp_shards
 from bombkd_train.backbones import Backbone
 from bombkd_train.config import FeaturizeConfig, cache_contradictions
@@ -45,6 +47,9 @@ class CacheState:
     ok: list[int] | None = None                   # ok pos -> index pos, after probing
     # index pos -> {"path", "reason"}: cached, but decoded with warnings (health.py)
     suspect: dict[int, dict] = field(default_factory=dict)
+    # role -> shard k -> index pos it was started from (the plan of ranks.shard_plan then);
+    # absent for shards written in index order (a manifest's, a one-process run's)
+    starts: dict[str, dict[int, int]] = field(default_factory=dict)
 
     @property
     def progress_path(self) -> Path:
@@ -79,8 +84,31 @@ class CacheState:
         new = [r for r in dict.fromkeys(reasons) if r not in entry["reason"]]
         entry["reason"] = "; ".join(([entry["reason"]] if entry["reason"] else []) + new)
 
-    def record_shard(self, role: str, k: int, entry: ShardEntry) -> None:
+    def record_shard(self, role: str, k: int, entry: ShardEntry, start: int) -> None:
         self.done.setdefault(role, {})[k] = entry
+        self.starts.setdefault(role, {})[k] = start
+
+    def merge(self, other: CacheState, out: Path) -> None:
+        """Add what another process's record holds: its models' shapes, finished shards (where
+        both name one, the one the file on disk matches), failed and suspect videos."""
+        for role, entry in other.models.items():
+            if role not in self.models or not self.models[role].dim:
+                self.models[role] = entry
+        for role, shards in other.done.items():
+            for k, entry in shards.items():
+                have = self.done.get(role, {}).get(k)
+                if have is None or (have != entry and not verify_shard(
+                        locate(str(out), have.name), have)):
+                    self.done.setdefault(role, {})[k] = entry
+                    start = other.starts.get(role, {}).get(k)
+                    if start is None:
+                        self.starts.get(role, {}).pop(k, None)
+                    else:
+                        self.starts.setdefault(role, {})[k] = start
+        for i, f in other.failed.items():
+            self.failed.setdefault(i, f)
+        for i, s in other.suspect.items():
+            self.suspect.setdefault(i, s)
 
     def set_probe(self, ok: list[int], probe_failed: list[tuple[str, str]],
                   probe_warned: list[tuple[str, list[str]]] = ()) -> None:
@@ -119,21 +147,6 @@ class CacheState:
         kept = [i for i in sorted(set(ok) | set(newly_failed)) if i not in self.failed]
         return kept[count - 1] if 0 < count <= len(kept) else -1
 
-    def known_starts(self) -> list[int]:
-        """Ok position where each known shard starts (and, last, where the next one would)."""
-        kept = [p for p, i in enumerate(self.ok) if i not in self.failed]
-        if sum(self.layout) > len(kept):
-            raise DatasetError(f"the cache in {self.config.out} holds {sum(self.layout)} samples; "
-                               f"only {len(kept)} videos decode now (the dataset changed)")
-        ends = np.cumsum(self.layout).tolist()
-        return [0] + [kept[e - 1] + 1 for e in ends]
-
-    def frontier(self) -> int:
-        return self.known_starts()[-1]
-
-    def remaining(self) -> int:
-        return max(0, len(self.ok) - self.frontier())
-
     def fill_model(self, role: str, bb: Backbone) -> None:
         """Take the shape and the record (weights, dtype, normalisation, version) from the
         backbone; refuse, naming each difference, if the role has shards made otherwise."""
@@ -164,22 +177,37 @@ class CacheState:
                                  if i not in self.failed])
 
     def drop_progress(self) -> None:
-        self.progress_path.unlink(missing_ok=True)
+        """Remove the progress files of every process (the manifest is written)."""
+        out, ds, split = self.config.out, self.config.dataset, self.config.split
+        for path in [self.progress_path, *rank_progress_paths(out, ds, split).values()]:
+            path.unlink(missing_ok=True)
 
 
 def load_state(config: FeaturizeConfig, index: VideoIndex, *, dry_run: bool = False) -> CacheState:
-    """What ``config.out`` holds for this (dataset, split), checked against ``config``."""
+    """What ``config.out`` holds for this (dataset, split), checked against ``config``: every
+    progress record merged (all ranks'), else the manifest, else nothing."""
     out, ds, split = Path(config.out), config.dataset, config.split
-    progress, manifest = progress_path(out, ds, split), manifest_path(out, ds, split)
-    if progress.is_file():
+    manifest = manifest_path(out, ds, split)
+    records = [p for p in [progress_path(out, ds, split),
+                           *rank_progress_paths(out, ds, split).values()] if p.is_file()]
+    if config.world_size > 1 and not (config.resume or dry_run):
+        # the other ranks' records are this run's, written while it starts (a job array's
+        # tasks start when the scheduler lets them): only a record of this rank's is refused
+        records = [p for p in records if p.name == progress_path(out, ds, split,
+                                                                   config.rank).name
+                   or p.name == progress_path(out, ds, split).name]
+    if records:
         if not (config.resume or dry_run):
-            raise ConfigError(f"{progress}: an unfinished featurize run; pass --resume to finish "
-                              "it, or choose another --out")
-        state = _read_progress(progress, config, index)
+            raise ConfigError(f"{records[0]}: an unfinished featurize run; pass --resume to "
+                              "finish it, or choose another --out")
+        state = _read_progress(records[0], config, index)
+        for path in records[1:]:
+            state.merge(_read_progress(path, config, index), out)
     elif manifest.is_file():
         state = _from_manifest(read_manifest(manifest), config, index)
     else:
-        stray = sorted(out.glob(f"{ds}-{split}-*.tar*")) if out.is_dir() else []
+        stray = [p for p in sorted(out.glob(f"{ds}-{split}-*.tar*")) if out.is_dir()
+                 and _owned(p.name, config)]
         if stray and not (config.resume or dry_run):
             raise ConfigError(f"{out} holds shard files of an unfinished run ({stray[0].name}, "
                               "...) but no manifest; pass --resume to redo them, or choose "
@@ -197,6 +225,12 @@ def load_state(config: FeaturizeConfig, index: VideoIndex, *, dry_run: bool = Fa
     if student.revision is None and config.revision:  # a cache that did not record one
         state.models["student"] = replace(student, revision=config.revision)
     return state
+
+
+def _owned(name: str, config: FeaturizeConfig) -> bool:
+    """Whether shard file ``name`` (``...-{k:06d}.tar[.tmp]``) is this rank's to write."""
+    number = name.split(".")[0].rsplit("-", 1)[-1]
+    return not number.isdigit() or int(number) % config.world_size == config.rank
 
 
 def _check_compatible(state: CacheState, config: FeaturizeConfig, index: VideoIndex) -> None:
@@ -241,17 +275,20 @@ def _from_manifest(m: Manifest, config: FeaturizeConfig, index: VideoIndex) -> C
 
 
 def save_progress(state: CacheState, out: Path) -> None:
-    """Atomically record the finished shards, so ``--resume`` can check and keep them."""
-    models = {role: e.to_json(shards={str(k): asdict(s)
-                                      for k, s in state.done.get(role, {}).items()})
+    """Atomically record the finished shards, so ``--resume`` can check and keep them (each
+    rank of a run over several processes in its own file)."""
+    models = {role: {**e.to_json(shards={str(k): asdict(s)
+                                         for k, s in state.done.get(role, {}).items()}),
+                     "starts": {str(k): i for k, i in state.starts.get(role, {}).items()}}
               for role, e in state.models.items()}
+    rank = state.config.rank if state.config.world_size > 1 else None
     data = {"format": PROGRESS_FORMAT, "version": 1, "dataset": state.config.dataset,
             "split": state.config.split, "classes": list(state.index.classes),
             "shard_size": state.config.shard_size, "final": state.final, "layout": state.layout,
             "failed": [{"index": i, **f} for i, f in sorted(state.failed.items())],
             "suspect": [{"index": i, **s} for i, s in sorted(state.suspect.items())],
             "models": models}
-    with atomic_path(progress_path(out, state.config.dataset, state.config.split)) as tmp:
+    with atomic_path(progress_path(out, state.config.dataset, state.config.split, rank)) as tmp:
         tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
@@ -265,11 +302,12 @@ def _read_progress(path: Path, config: FeaturizeConfig, index: VideoIndex) -> Ca
         if (data["dataset"], data["split"]) != (config.dataset, config.split):
             raise FormatError(f"{path}: is for {data['dataset']!r}-{data['split']!r}, not "
                               f"{config.dataset}-{config.split}")
-        models, done = {}, {}
+        models, done, starts = {}, {}, {}
         for role, m in data["models"].items():
             check_name(role, "model", where=path)
             models[role] = ModelEntry.from_json(role, m)
             done[role] = {int(k): ShardEntry.from_json(s) for k, s in m["shards"].items()}
+            starts[role] = {int(k): int(i) for k, i in m.get("starts", {}).items()}
             if problem := misnamed_shard(config.dataset, config.split, role, done[role].items()):
                 raise FormatError(f"{path}: {problem}")
         failed = {int(f["index"]): {"path": f["path"], "reason": f["reason"]}
@@ -279,7 +317,7 @@ def _read_progress(path: Path, config: FeaturizeConfig, index: VideoIndex) -> Ca
         old = replace(config, shard_size=int(data["shard_size"]))
         return CacheState(old, replace(index, classes=list(data["classes"])), models, done,
                           [int(c) for c in data["layout"]], bool(data["final"]), failed,
-                          suspect=suspect)
+                          suspect=suspect, starts=starts)
     except FormatError:
         raise
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
@@ -294,4 +332,5 @@ def remove_stale_temps(out: Path, dataset: str, split: str, roles: list[str]) ->
     for role in roles:
         remove_temp_shards(out, dataset, split, role)
     remove_temps(out, [manifest_path(out, dataset, split).name,
-                       progress_path(out, dataset, split).name])
+                       progress_path(out, dataset, split).name,
+                       progress_path(out, dataset, split, 0).name.replace(".rank0.", ".rank*.")])

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from bombkd_io.datasets import index_dataset, item_key
 from bombkd_io.errors import ConfigError
-from bombkd_io.sample_data import make_sample_data
 from bombkd_io.shards.manifest import load_manifest, manifest_path
 from bombkd_io.shards.reader import read_shard
 from bombkd_io.video import ClipLoader, probe_videos
@@ -25,20 +24,10 @@ from bombkd_train.config import DataConfig, FeaturizeConfig, pinned
 from bombkd_train.data import open_source
 from bombkd_train.featurize import estimate_featurize, featurize
 from bombkd_train.featurize import run as featurize_run
+from conftest import BROKEN
+from faults import failing_decode
 
 STUDENT, TEACHERS = "tiny-vjepa2", ["tiny-videomae", "tiny-timesformer", "tiny-vivit"]
-BROKEN = 4  # index position of the video overwritten with garbage
-
-
-@pytest.fixture(scope="module")
-def small_root(tmp_path_factory) -> Path:
-    """3 classes x 4 videos (vp9); the train split has 9, one of them unreadable."""
-    root = make_sample_data(tmp_path_factory.mktemp("videos"), classes=3, per_class=4, seed=0)
-    broken = Path(index_dataset("ucf101", root, "train").items[BROKEN].path)
-    broken.write_bytes(b"\x1aE\xdf\xa3 this is not a video" * 10)
-    return Path(root)
-
-
 def config(root: Path, out: Path, teachers=TEACHERS, **kw) -> FeaturizeConfig:
     base = dict(dataset="ucf101", root=str(root), split="train", student=STUDENT, out=str(out),
                 teachers=list(teachers), shard_size=3, batch_size=2, decode_threads=1)
@@ -251,19 +240,7 @@ def test_decode_failure_mid_run_is_skipped_recorded_and_replayed(small_root, tmp
     next video so shards stay full; --resume replays the same plan to the same bytes."""
     index = index_dataset("ucf101", small_root, "train")
     victim = index.items[1].path
-    real = ClipLoader.decode_batch
-
-    def failing(self, positions):  # injected fault: the victim's decode fails on every call
-        batch = real(self, positions)
-        rows = [r for r, p in enumerate(batch.positions) if self.videos[p].path != victim]
-        lost = [(p, "injected decode error") for p in batch.positions
-                if self.videos[p].path == victim]
-        return type(batch)(positions=[batch.positions[r] for r in rows], clips=batch.clips[rows],
-                           frame_indices=[batch.frame_indices[r] for r in rows],
-                           failed=batch.failed + lost,
-                           decoded_by=[batch.decoded_by[r] for r in rows])
-
-    monkeypatch.setattr(ClipLoader, "decode_batch", failing)
+    monkeypatch.setattr(ClipLoader, "decode_batch", failing_decode(victim))
     out = tmp_path / "cache"
     m = featurize(config(small_root, out, teachers=["tiny-vivit"]))
     assert m.count == 7 and [s.count for s in m.models["student"].shards] == [3, 3, 1]
