@@ -28,10 +28,12 @@ process that iterates the loader, also when it is killed (``bombkd_io.workers``)
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -55,6 +57,7 @@ from bombkd_io.workers import DieWithParent
 
 BATCH_BUFFERS = 4  # reused batch buffers (more are allocated while batches are held)
 PREFETCH = 2  # shards a worker sends ahead (DataLoader's prefetch_factor)
+WORKER_GRACE_S = 5.0  # close(): a worker not gone by then is killed
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 Piece = tuple[int, dict[str, ShardData], np.ndarray]  # (shard k, data per model, positions)
 
@@ -357,6 +360,12 @@ def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -
     return torch.from_numpy(view), view
 
 
+def _close_at_exit(ref: weakref.ref) -> None:
+    loader = ref()
+    if loader is not None:
+        loader.close()
+
+
 def _as_is(item):
     return item
 
@@ -411,6 +420,8 @@ class CachedLoader:
         self.cursor = EpochCursor()  # the epoch, and where its next iteration starts
         self._slots = self._new_slots() if num_workers else None  # the persistent workers'
         self.loader = self._data_loader(persistent=True) if num_workers else None
+        if num_workers:  # before multiprocessing's own exit hook, which would join them forever
+            atexit.register(_close_at_exit, weakref.ref(self))
 
     def _new_slots(self) -> ShardSlots:
         workers = self.num_workers
@@ -427,11 +438,22 @@ class CachedLoader:
 
     def close(self) -> None:
         """Stop the worker processes (they persist across epochs); the next iteration starts
-        new ones. Safe to call twice."""
-        if self.loader is not None:
-            self.loader._iterator = None  # its __del__ stops and joins the workers
-            self._slots = self._new_slots()  # the new workers count iterations from 0
-            self.loader = self._data_loader(persistent=True)
+        new ones. Safe to call twice; also called at interpreter exit for a loader not closed.
+
+        The DataLoader asks its workers to stop and then terminates those that did not, with
+        SIGTERM, which they ignore (``bombkd_io.workers``): any still alive after a grace
+        period is killed, so neither this call nor the interpreter's exit can wait forever."""
+        if self.loader is None or self.loader._iterator is None:
+            return
+        workers = list(getattr(self.loader._iterator, "_workers", []))
+        self.loader._iterator = None  # its __del__ asks the workers to stop and joins them
+        for worker in workers:
+            worker.join(timeout=WORKER_GRACE_S)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+        self._slots = self._new_slots()  # the new workers count iterations from 0
+        self.loader = self._data_loader(persistent=True)
 
     def set_epoch(self, epoch: int) -> None:
         """Call before iterating each epoch: the batches of epoch ``epoch`` come next (from the

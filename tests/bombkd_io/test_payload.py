@@ -9,6 +9,8 @@ tokens as they are.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from bombkd_io.shards.reader import BufferPool, read_shard
 from bombkd_io.shards.writer import ShardSetWriter
 from bombkd_train.converters import Converter
 from bombkd_train.fusion import FusionHead, FusionModel, teacher_specs
+from places import child_env
 
 N, S, B = 11, 4, 3  # 3 shards, the last short; batches span shards
 
@@ -255,3 +258,21 @@ def test_workers_persist_across_epochs_until_closed(large):
             os.kill(pid, 0)
     assert [b["index"].tolist() for b in loader] == \
         [p.tolist() for p in epoch_batches(0, 1, N, S, B)]
+
+
+def test_a_process_that_never_closes_its_loader_exits(large):
+    """Workers ignore SIGTERM (a preemption signal must not kill them mid-step), so the
+    interpreter's exit cannot rely on terminating them: the loader closes itself at exit, killing
+    a worker that does not stop. Mid-epoch too: here the workers have shards still to send."""
+    root, _ = large
+    script = (f"from bombkd_io.loaders.cached import make_cached_loader\n"
+              f"loader = make_cached_loader({str(root)!r}, 'train', models=('student', 't'), "
+              f"batch_size={B}, num_workers=2)\n"
+              f"first = next(iter(loader))\n"
+              f"print('pids', *sorted(w.pid for w in loader.loader._iterator._workers))\n")
+    out = subprocess.run([sys.executable, "-c", script], env=child_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for pid in map(int, out.stdout.split()[1:]):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
