@@ -104,9 +104,9 @@ def test_featurize_two_processes(benchmark, ledger, bench_size, bench_dir):
     assert digests[1] == digests[2]  # every file, the manifest included
     for procs, key in ((1, "featurize/1-process"), (2, "featurize/2-processes")):
         ledger.add(key, count=count, seconds=own[procs], unit="clips")
-    command = ledger.ratios("featurize/2-processes-command", "featurize/1-process-command")
+    whole = ledger.ratios("featurize/2-processes-command", "featurize/1-process-command")
     print(f"featurize-2-processes: the whole command, start-up included (not judged): "
-          f"{median(command):.3g}x (rounds {', '.join(f'{r:.3g}' for r in command)}); "
+          f"{median(whole):.3g}x (rounds {', '.join(f'{r:.3g}' for r in whole)}); "
           f"1-minute load before each command: {', '.join(f'{x:.1f}' for x in loads)} on "
           f"{os.cpu_count()} cores")
     ledger.compare("featurize-2-processes", "featurize as 2 processes (torchrun) vs 1:",

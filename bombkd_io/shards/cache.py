@@ -25,7 +25,6 @@ from bombkd_io.atomic import discard, temp_path
 from bombkd_io.errors import ConfigError, ShardError
 from bombkd_io.lock import waiting_lock
 from bombkd_io.shards.manifest import ShardEntry
-from bombkd_io.shards.tar import CHUNK
 from bombkd_io.storage import open_remote, retrying
 
 UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
