@@ -112,7 +112,7 @@ def test_featurize_two_processes(benchmark, ledger, bench_size, bench_dir):
     ledger.compare("featurize-2-processes", "featurize as 2 processes (torchrun) vs 1:",
                    "featurize/2-processes", "featurize/1-process", TWO_PROCESSES_MIN,
                    rate="clips/s", details={"load_1min": loads, "cores": os.cpu_count(),
-                                            "clips": count, "command_ratios": command})
+                                            "clips": count, "command_ratios": whole})
 
 
 def _digests(out: Path) -> dict[str, str]:

@@ -14,16 +14,25 @@ parent decides when to stop; its workers end with it.
 Linux sends the signal when the *thread* that started the worker ends: start the workers
 (iterate the DataLoader) from a thread that lives as long as they are needed, the main thread
 in bombkd.
+
+Because workers ignore SIGTERM, multiprocessing's own exit hook (terminate, then join every
+child) would wait for a worker that is still alive at exit forever: a worker the DataLoader did
+not stop (persistent workers, or an iterator not collected before exit). ``track`` the workers
+a loader starts; at exit those still alive are killed first (they would die with the process a
+moment later anyway).
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import os
 import signal
 import sys
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterable
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_TRACKED: weakref.WeakSet = weakref.WeakSet()  # worker processes to kill at exit if alive
 
 
 def die_with_parent(parent: int) -> None:
@@ -55,3 +64,20 @@ class DieWithParent:
             signal.signal(sig, signal.SIG_IGN)
         if self.then is not None:
             self.then(worker_id)
+
+
+def track(processes: Iterable) -> None:
+    """Kill these worker processes (``multiprocessing.Process``) at exit if they are still
+    alive, before multiprocessing joins them (see the module docstring)."""
+    if not _TRACKED:
+        # registered after multiprocessing's hook (imported by now), so it runs before it
+        atexit.unregister(_kill_tracked)
+        atexit.register(_kill_tracked)
+    _TRACKED.update(processes)
+
+
+def _kill_tracked() -> None:
+    for process in list(_TRACKED):
+        if process.is_alive():
+            process.kill()
+            process.join()

@@ -28,12 +28,10 @@ process that iterates the loader, also when it is killed (``bombkd_io.workers``)
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import math
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,7 +51,7 @@ from bombkd_io.shards.cache import ShardCache
 from bombkd_io.shards.manifest import Manifest, ShardEntry, load_manifest, manifest_path
 from bombkd_io.shards.reader import BufferPool, ShardData, read_shard
 from bombkd_io.storage import check_root, is_remote
-from bombkd_io.workers import DieWithParent
+from bombkd_io.workers import DieWithParent, track
 
 BATCH_BUFFERS = 4  # reused batch buffers (more are allocated while batches are held)
 PREFETCH = 2  # shards a worker sends ahead (DataLoader's prefetch_factor)
@@ -360,12 +358,6 @@ def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -
     return torch.from_numpy(view), view
 
 
-def _close_at_exit(ref: weakref.ref) -> None:
-    loader = ref()
-    if loader is not None:
-        loader.close()
-
-
 def _as_is(item):
     return item
 
@@ -420,8 +412,6 @@ class CachedLoader:
         self.cursor = EpochCursor()  # the epoch, and where its next iteration starts
         self._slots = self._new_slots() if num_workers else None  # the persistent workers'
         self.loader = self._data_loader(persistent=True) if num_workers else None
-        if num_workers:  # before multiprocessing's own exit hook, which would join them forever
-            atexit.register(_close_at_exit, weakref.ref(self))
 
     def _new_slots(self) -> ShardSlots:
         workers = self.num_workers
@@ -438,7 +428,7 @@ class CachedLoader:
 
     def close(self) -> None:
         """Stop the worker processes (they persist across epochs); the next iteration starts
-        new ones. Safe to call twice; also called at interpreter exit for a loader not closed.
+        new ones. Safe to call twice. (Workers of a loader never closed are killed at exit.)
 
         The DataLoader asks its workers to stop and then terminates those that did not, with
         SIGTERM, which they ignore (``bombkd_io.workers``): any still alive after a grace
@@ -501,6 +491,7 @@ class CachedLoader:
             slots.begin(epoch, start)
             self.dataset.slots = slots  # what workers started now inherit
             items = iter(loader)
+            track(items._workers)  # killed at exit if still alive (bombkd_io.workers)
             self.dataset.slots = self._slots
             received = self._received(items, slots, epoch, start)
         batches = self.dataset.batches(epoch, start, received)
