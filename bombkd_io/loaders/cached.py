@@ -460,14 +460,9 @@ class CachedLoader:
         """Resume at ``state``: the next iteration yields its epoch's batches from its
         ``"batch"`` on, reading no shard before it; ``ConfigError`` names every difference of
         plan."""
-        self.cursor.load_state_dict(state, self.dataset.plan_inputs,
+        self.cursor.load_state_dict(state, self.dataset.plan_inputs, self.num_batches,
                                     where=f"cache {self.dataset.root}: loader state")
         self.dataset.set_epoch(self.cursor.epoch)
-        if self.cursor.start > self.num_batches(self.cursor.epoch):
-            raise ConfigError(f"cache {self.dataset.root}: loader state: batch "
-                              f"{self.cursor.start} is past the "
-                              f"{self.num_batches(self.cursor.epoch)} batches of epoch "
-                              f"{self.cursor.epoch}")
 
     def num_batches(self, epoch: int | None = None) -> int:
         """Batches this rank gets in ``epoch`` (default: the current one) before any skip."""

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bombkd_io.datasets import index_dataset, item_key, match_paths
-from bombkd_io.errors import ConfigError, DataWarning
+from bombkd_io.errors import DataWarning
 from bombkd_io.loaders.state import EpochCursor
 from bombkd_io.sampling import DEFAULT_SHARD_SIZE, check_streams, epoch_batches, plan_inputs
 
@@ -124,11 +124,8 @@ class VideoClipLoader:
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state``: the next iteration yields its epoch's batches from its
         ``"batch"`` on, decoding none before; ``ConfigError`` names every difference of plan."""
-        self.cursor.load_state_dict(state, self.plan_inputs, where="video loader state")
-        if self.cursor.start > self.num_batches(self.cursor.epoch):
-            raise ConfigError(f"video loader state: batch {self.cursor.start} is past the "
-                              f"{self.num_batches(self.cursor.epoch)} batches of epoch "
-                              f"{self.cursor.epoch}")
+        self.cursor.load_state_dict(state, self.plan_inputs, self.num_batches,
+                                    where="video loader state")
         self._skipped_before = max(0, self.cursor.skipped - len(self.failed))
 
     def plan(self, epoch: int) -> list[np.ndarray]:

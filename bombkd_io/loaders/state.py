@@ -10,6 +10,8 @@ checked on load so that a state is never replayed over another plan:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from bombkd_io.errors import ConfigError
 from bombkd_io.sampling import check_plan
 
@@ -42,9 +44,11 @@ class EpochCursor:
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch,
                 "plan": dict(plan), "skipped": skipped}
 
-    def load_state_dict(self, state: dict, plan: dict, *, where: str = "") -> None:
+    def load_state_dict(self, state: dict, plan: dict, num_batches: Callable[[int], int], *,
+                        where: str = "") -> None:
         """Check ``state`` against this loader's ``plan`` (``ConfigError`` naming every
-        difference), then start the next iteration at its epoch and batch."""
+        difference) and its batch against ``num_batches(epoch)``, then start the next
+        iteration at its epoch and batch."""
         at = f"{where}: " if where else ""
         missing = [k for k in STATE_KEYS if k not in state]
         if missing:
@@ -58,5 +62,8 @@ class EpochCursor:
         if batch < 0 or epoch < 0:
             raise ConfigError(f"{at}a loader state's epoch and batch are >= 0, got epoch "
                               f"{epoch}, batch {batch}")
+        if batch > num_batches(epoch):
+            raise ConfigError(f"{at}batch {batch} is past the {num_batches(epoch)} batches of "
+                              f"epoch {epoch}")
         self.epoch, self.start, self.batch = epoch, batch, batch
         self.skipped = int(state["skipped"])
