@@ -6,11 +6,14 @@ exactly (and so equal the video loader's), whatever the number of workers. The s
 loader's process (``CachedFeatureDataset.batches``):
 
     plan_units     this rank's shards from the start batch on, each cut at the batch boundaries
-    _read          each shard read whole, the next one in a thread meanwhile, into a reused
-                   buffer (in process); or received from the workers, unit by unit (below)
+    _read          each shard whole, the next one in a thread meanwhile: in process a local
+                   shard is mapped once its pages are in the page cache (``map_local``), a
+                   remote one read into a reused buffer; or received from the workers, unit
+                   by unit (below)
     _permute       the shard's positions in ``shard_order``
     _cut           (batch j, pieces): a batch that spans shards, once all its pieces are there
-    _pack          each model's rows gathered once into the batch tensor (reused or pinned)
+    _pack          each model's rows gathered once into the batch tensor (reused or pinned);
+                   large rows by two threads (``_gather``)
 
 With ``W`` DataLoader workers, the workers only read: unit ``u`` (the ``u``-th shard of the
 stream) is read by worker ``u % W`` into a shared slot (``bombkd_io.loaders.handover``) and
@@ -19,10 +22,12 @@ unit order, so the loader's process cuts and gathers exactly as in process. A lo
 (``state_dict``) starts the stream at its batch: no shard before it is read, no position of its
 shard before it gathered.
 
-Each byte is copied twice: read into a shard buffer, then one gather per model and batch into
-the batch tensor. Batches keep the cache's dtype: the consumer casts on its device
-(``.to(device).float()``), which halves host memory traffic and PCIe bytes for fp16 caches and
-changes no value. Memory is bounded by two shards per model, in process and per worker (the
+In process, each byte of a local shard is copied once: one gather per model and batch, from
+the mapped page cache into the batch tensor (a cold shard is first read into the page cache,
+sequentially, in the read-ahead thread). Workers, and remote shards, copy twice: read into a
+shard buffer, then the same gather. Batches keep the cache's dtype: the consumer casts on its
+device (``.to(device).float()``), which halves host memory traffic and PCIe bytes for fp16
+caches and changes no value. Memory is bounded by two shards per model, in process and per worker (the
 loader's process maps the workers' slots), whatever the split's size. Workers die with the
 process that iterates the loader, also when it is killed (``bombkd_io.workers``).
 """
@@ -49,11 +54,12 @@ from bombkd_io.sampling import check_streams, plan_inputs, shard_order, shard_ra
 from bombkd_io.shards.codec import DTYPES
 from bombkd_io.shards.cache import ShardCache
 from bombkd_io.shards.manifest import Manifest, ShardEntry, load_manifest, manifest_path
-from bombkd_io.shards.reader import BufferPool, ShardData, read_shard
+from bombkd_io.shards.reader import BufferPool, ShardData, local_path, read_shard
 from bombkd_io.storage import check_root, is_remote
 from bombkd_io.workers import DieWithParent, track
 
 BATCH_BUFFERS = 4  # reused batch buffers (more are allocated while batches are held)
+GATHER_HELP_BYTES = 1 << 20  # rows at least this large are gathered by two threads (_gather)
 PREFETCH = 2  # shards a worker sends ahead (DataLoader's prefetch_factor)
 WORKER_GRACE_S = 5.0  # close(): a worker not gone by then is killed
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -228,10 +234,14 @@ class CachedFeatureDataset(IterableDataset):
                 self._read_pooled, pools))         # (k, {model: ShardData}) per unit, one ahead
         stream = self._permute(received, epoch)  # (k, data, positions in shard_order)
         parts = _cut(stream, units, pieces_per_batch(units, self.plan(epoch)[1]))
-        for j, pieces in parts:                  # (j, gathered batch j)
-            batch = self._pack(pieces, alloc)
-            del pieces  # a shard is free once no batch of it waits (see handover)
-            yield j, batch
+        helper = ThreadPoolExecutor(1, thread_name_prefix="bombkd-gather")  # see _gather
+        try:
+            for j, pieces in parts:                  # (j, gathered batch j)
+                batch = self._pack(pieces, alloc, helper)
+                del pieces  # a shard is free once no batch of it waits (see handover)
+                yield j, batch
+        finally:
+            helper.shutdown(wait=True)
 
     def _send(self, worker: int, num_workers: int, i: int) -> Iterator[dict]:
         """A worker's part of the DataLoader's ``i``-th iteration: the shards of units
@@ -252,7 +262,7 @@ class CachedFeatureDataset(IterableDataset):
 
         def read(k: int, urgent: threading.Event) -> tuple[int, dict[str, ShardData]]:
             slot, buffers = slots.take(worker, tag)  # waits for this process to free one
-            return slot, self._read_one(k, lambda name, nbytes: buffers[name])
+            return slot, self._read_one(k, lambda name, nbytes, source: buffers[name])
 
         for (u, _), (k, (slot, data)) in zip(mine, self._read([x.shard for _, x in mine], read)):
             sent = slots.sent(worker, slot, data)
@@ -280,17 +290,24 @@ class CachedFeatureDataset(IterableDataset):
 
     def _read_pooled(self, pools: dict[str, BufferPool], k: int,
                      urgent: threading.Event) -> dict[str, ShardData]:
-        """Shard k, into reused buffers (``BufferPool``): in process."""
-        return self._read_one(k, lambda name, nbytes: pools[name].take(nbytes, urgent))
+        """Shard k in process: a local file mapped (its bytes go from the page cache straight
+        into the batches), a remote one into reused buffers (``BufferPool``)."""
+        def buffer(name: str, nbytes: int, source) -> np.ndarray | None:
+            return None if local_path(source) else pools[name].take(nbytes, urgent)
+        return self._read_one(k, buffer)
 
-    def _read_one(self, k: int, buffer: Callable[[str, int], np.ndarray]) -> dict[str, ShardData]:
-        """Shard k of every model, each read into ``buffer(model, nbytes)``: the one place a
-        shard is opened."""
-        data = {name: read_shard(self._source(entry.shards[k]), entry.shards[k], entry,
-                                 labels=name == "student", classes=self.classes,
-                                 policy=self.policy,
-                                 buffer=buffer(name, entry.shards[k].bytes))
-                for name, entry in self.entries.items()}
+    def _read_one(self, k: int,
+                  buffer: Callable[[str, int, object], np.ndarray | None]) -> dict[str, ShardData]:
+        """Shard k of every model, each read into ``buffer(model, nbytes, source)``, or mapped
+        where that is None: the one place a shard is opened."""
+        data = {}
+        for name, entry in self.entries.items():
+            shard = entry.shards[k]
+            source = self._source(shard)
+            into = buffer(name, shard.bytes, source)
+            data[name] = read_shard(source, shard, entry, labels=name == "student",
+                                    classes=self.classes, policy=self.policy, buffer=into,
+                                    mapped=into is None)
         _check_keys(data, {n: self._url(e.shards[k].name) for n, e in self.entries.items()})
         return data
 
@@ -316,9 +333,10 @@ class CachedFeatureDataset(IterableDataset):
                 raise
             return url  # read_shard fails on it the same way, and records the skip
 
-    def _pack(self, pieces: list[Piece], alloc) -> dict:
-        """One batch dict: each model's rows copied once, from the shard buffers into memory
-        from ``alloc`` (``_in_process``), in the cache dtype.
+    def _pack(self, pieces: list[Piece], alloc,
+              helper: ThreadPoolExecutor | None = None) -> dict:
+        """One batch dict: each model's rows copied once, from the shards into memory from
+        ``alloc`` (``_in_process``), in the cache dtype, by ``_gather`` (with ``helper``).
 
         A row is a whole sample, contiguous in the shard: numpy copies it with one memcpy and no
         thread pool (torch's ``index_select`` on a busy 2-core machine, and numpy's fancy
@@ -330,9 +348,8 @@ class CachedFeatureDataset(IterableDataset):
         batch = {}
         for name, entry in self.entries.items():
             tensor, out = alloc((b, entry.tokens, entry.dim), DTYPES[entry.dtype])  # [B, T', D]
-            rows = (d[name].features[i] for _, d, p in pieces for i in p.tolist())
-            for r, row in enumerate(rows):
-                out[r] = row
+            _gather(out, [d[name].features[i] for _, d, p in pieces for i in p.tolist()],
+                    helper)
             batch[name] = tensor
         labels = [d["student"].labels[p] for _, d, p in pieces]
         batch["label"] = torch.from_numpy(np.concatenate([np.zeros(0, np.int64)] + labels))
@@ -356,6 +373,27 @@ def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -
     nbytes = math.prod(shape) * dtype.itemsize
     view = pool.take(nbytes)[:nbytes].view(dtype).reshape(shape)
     return torch.from_numpy(view), view
+
+
+def _gather(out: np.ndarray, rows: list[np.ndarray],
+            helper: ThreadPoolExecutor | None) -> None:
+    """``out[r] = rows[r]`` for each row. Rows of ``GATHER_HELP_BYTES`` or more are copied by
+    this thread and ``helper``'s together: numpy lets go of the GIL while it copies, and one
+    core alone copied at ~0.8 of a raw read on the 2-core VM where two copy at ~1.1. Each
+    thread takes the next row from one shared iterator, so a thread held up (another process
+    on its core) delays the batch by at most the row it holds, never by half the batch."""
+    pairs = iter(list(zip(out, rows)))  # a list's iterator: safe to share between threads
+
+    def copy() -> None:
+        for dst, src in pairs:
+            dst[...] = src
+
+    if helper is None or not rows or rows[0].nbytes < GATHER_HELP_BYTES:
+        copy()
+        return
+    helping = helper.submit(copy)
+    copy()
+    helping.result()
 
 
 def _as_is(item):

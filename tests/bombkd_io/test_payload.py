@@ -1,9 +1,9 @@
 """Token-level payloads (several hundred KB to MB a sample) through the reader and the loader.
 
-The loader reads each shard into a reused buffer and gathers every batch from it, delivers the
-cache dtype, hands large worker batches over shared memory: these tests check that what comes
-out is exactly what the writer stored, whatever path a batch took, and that a buffer is never
-reused while a batch or a shard still views it. The fusion head and the converters take the
+The loader maps each local shard (in process; workers read it into shared slots), gathers every
+batch from it (large rows by two threads) and delivers the cache dtype: these tests check that
+what comes out is exactly what the writer stored, whatever path a batch took, and that a buffer
+is never reused while a batch or a shard still views it. The fusion head and the converters take the
 tokens as they are.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from bombkd_io.loaders.cached import make_cached_loader
+from bombkd_io.loaders.cached import GATHER_HELP_BYTES, make_cached_loader
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, load_manifest, save_manifest
 from bombkd_io.shards.reader import BufferPool, read_shard
@@ -57,6 +57,13 @@ def large(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def huge(tmp_path_factory):
+    """[512, 1024] fp16, 1 MiB a sample: rows large enough to be gathered by two threads."""
+    root = tmp_path_factory.mktemp("huge")
+    return root, token_cache(root, 512, 1024)
+
+
+@pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """[8, 64] fp16, 1 KiB a sample: batches go through the pipe as bytes."""
     root = tmp_path_factory.mktemp("small")
@@ -72,7 +79,7 @@ def check_exact(batches: list[dict], want: dict, dtype=torch.float16) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("cache", ["large", "small"])
+@pytest.mark.parametrize("cache", ["huge", "large", "small"])
 def test_batches_are_the_stored_bytes_in_plan_order(request, cache, workers):
     root, want = request.getfixturevalue(cache)
     loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B, seed=3,
@@ -151,6 +158,44 @@ def test_stopping_early_leaves_no_reader_thread(large):
     del batches  # the generator closes: its read-ahead thread is joined
     alive = [t.name for t in threading.enumerate() if t.name.startswith("bombkd-shard-read")]
     assert alive == []
+
+
+def shard_mappings(root: Path) -> list[str]:
+    """The files under ``root`` this process has mapped now."""
+    with open("/proc/self/maps") as f:
+        return [line.split()[-1] for line in f if str(root) in line]
+
+
+def test_in_process_shards_are_mapped_and_let_go(large):
+    """In process a local shard is mapped, not read into a buffer; the batches are copies (they
+    outlive the mappings), and no mapping outlives the epoch."""
+    root, want = large
+    loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
+                                num_workers=0)
+    held, mapped = [], []
+    for batch in loader:
+        mapped.append(shard_mappings(root))
+        held.append(batch)
+    assert all(m and all(Path(f).suffix == ".tar" for f in m) for m in mapped)
+    assert shard_mappings(root) == []
+    check_exact(held, want)
+
+
+@pytest.mark.parametrize("cache, helped", [("huge", True), ("large", False)])
+def test_large_rows_are_gathered_by_two_threads(request, cache, helped):
+    """Rows of GATHER_HELP_BYTES or more are copied by a second thread too; it is joined when
+    the iteration stops, also early."""
+    root, want = request.getfixturevalue(cache)
+    assert (want["000000_clip"][0].nbytes >= GATHER_HELP_BYTES) == helped
+    batches = iter(make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
+                                      num_workers=0))
+    first = next(batches)
+    threads = [t.name for t in threading.enumerate()]
+    assert any(name.startswith("bombkd-gather") for name in threads) == helped
+    check_exact([first], want)
+    del batches
+    assert not [name for name in (t.name for t in threading.enumerate())
+                if name.startswith(("bombkd-gather", "bombkd-shard-read"))]
 
 
 @pytest.mark.gpu

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import mmap
+import os
 import shutil
 import sys
 import tarfile
@@ -19,7 +21,7 @@ from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, FormatError
 from bombkd_io.shards.codec import decode_label, decode_tensor
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,
                                        manifest_path, read_manifest, save_manifest)
-from bombkd_io.shards.reader import read_shard
+from bombkd_io.shards.reader import _make_resident, _resident, read_shard
 from bombkd_io.shards.tar import iter_samples, read_regular
 from bombkd_io.shards.verify import verify_cache, verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
@@ -183,11 +185,12 @@ def model_entry(entries, model="student", shape=(3, 4), dtype="float16"):
     return ModelEntry(model, "tiny", shape[1], shape[0], 4, 32, "time", dtype, entries)
 
 
-def test_read_shard_and_urls(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_read_shard_and_urls(tmp_path, mapped):
     entries = write_set(tmp_path, n=3, shard_size=3)
     path = tmp_path / entries[0].name
-    for url in (str(path), f"file:{path}", f"pipe:cat {path}"):
-        data = read_shard(url, entries[0], model_entry(entries), labels=True)
+    for url in (str(path), f"file:{path}", f"pipe:cat {path}"):  # a pipe is read, never mapped
+        data = read_shard(url, entries[0], model_entry(entries), labels=True, mapped=mapped)
         assert data.keys == ["000000_v0", "000001_v1", "000002_v2"]
         assert data.labels.tolist() == [0, 1, 2] and data.present.all()
         np.testing.assert_array_equal(data.features[:, 0, :], [np.arange(4) + i for i in range(3)])
@@ -213,41 +216,45 @@ def corrupt(path: Path, offset: int, data: bytes) -> None:
     path.write_bytes(bytes(raw))
 
 
-def test_truncated_shard_names_shard_and_sample(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_truncated_shard_names_shard_and_sample(tmp_path, mapped):
     (e,) = write_set(tmp_path, n=3, shard_size=3)
     path = tmp_path / e.name
     path.write_bytes(path.read_bytes()[:4000])
-    # a local file is measured before anything is allocated for it
+    # a local file is measured before anything is allocated for it (or mapped)
     with pytest.raises(ShardError, match=f"4000 bytes on disk, the manifest lists {e.bytes}"):
-        read_shard(str(path), e, model_entry([e]), labels=True)
+        read_shard(str(path), e, model_entry([e]), labels=True, mapped=mapped)
     # a stream (no size up front) is read to where it ends
     with pytest.raises(ShardError, match="truncated") as info:
         read_shard(f"pipe:cat {path}", e, model_entry([e]), labels=True)
     assert info.value.shard == f"pipe:cat {path}" and info.value.sample is not None
 
 
-def test_corrupt_member_and_header(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_corrupt_member_and_header(tmp_path, mapped):
     (e,) = write_set(tmp_path, n=3, shard_size=3)
     path = tmp_path / e.name
     good = path.read_bytes()
     # payload of the first sample's .student.mp member: header at 2048, data at 2560
     corrupt(path, 2560, b"\xc1\xc1")
     with pytest.raises(ShardError, match="msgpack") as info:
-        read_shard(str(path), e, model_entry([e]), labels=True)
+        read_shard(str(path), e, model_entry([e]), labels=True, mapped=mapped)
     assert info.value.sample == "000000_v0"
     path.write_bytes(good)
     corrupt(path, 0, b"X")  # first header's name: checksum no longer matches
     with pytest.raises(ShardError, match="checksum"):
-        read_shard(str(path), e, model_entry([e]), labels=True)
+        read_shard(str(path), e, model_entry([e]), labels=True, mapped=mapped)
 
 
-def test_skip_counts_and_warns(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_skip_counts_and_warns(tmp_path, mapped):
     (e,) = write_set(tmp_path, n=3, shard_size=3)
     path = tmp_path / e.name
     corrupt(path, 2560, b"\xc1\xc1")
     policy = ErrorPolicy("skip")
     with pytest.warns(RuntimeWarning, match="skipped 1 sample.*featurize --resume"):
-        data = read_shard(str(path), e, model_entry([e]), labels=True, policy=policy)
+        data = read_shard(str(path), e, model_entry([e]), labels=True, policy=policy,
+                          mapped=mapped)
     assert data.present.tolist() == [False, True, True] and policy.samples == 1
     path.write_bytes(path.read_bytes()[:4000])  # truncated in sample 1: 2 lost
     with pytest.warns(RuntimeWarning):
@@ -258,13 +265,16 @@ def test_skip_counts_and_warns(tmp_path):
     assert policy.fresh() == ErrorPolicy("skip")
 
 
-def test_missing_labels_and_count_mismatch(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_missing_labels_and_count_mismatch(tmp_path, mapped):
     (e,) = write_set(tmp_path, n=2, shard_size=2, model="videomae")
     with pytest.raises(ShardError, match="Cached features do not contain labels"):
-        read_shard(str(tmp_path / e.name), e, model_entry([e], "videomae"), labels=True)
+        read_shard(str(tmp_path / e.name), e, model_entry([e], "videomae"), labels=True,
+                   mapped=mapped)
     wrong = type(e)(e.name, 3, e.bytes, e.sha256)
     with pytest.raises(ShardError, match="holds 2 samples, the manifest lists 3"):
-        read_shard(str(tmp_path / e.name), wrong, model_entry([wrong], "videomae"), labels=False)
+        read_shard(str(tmp_path / e.name), wrong, model_entry([wrong], "videomae"), labels=False,
+                   mapped=mapped)
 
 
 def test_verify_shard(tmp_path):
@@ -426,18 +436,45 @@ def test_read_over_http(tmp_path):
 
 # ---- sizes a stranger's manifest may ask for -----------------------------------------------------
 
-def test_local_shard_size_is_checked_before_allocating(tmp_path):
+@pytest.mark.parametrize("mapped", [False, True])
+def test_local_shard_size_is_checked_before_allocating(tmp_path, mapped):
     (e,) = write_set(tmp_path, n=3, shard_size=3)
     path = str(tmp_path / e.name)
-    huge = type(e)(e.name, 3, 60 << 30, e.sha256)  # would be a 60 GiB buffer
+    huge = type(e)(e.name, 3, 60 << 30, e.sha256)  # would be a 60 GiB buffer (or mapping)
     with pytest.raises(ShardError, match=rf"{e.bytes} bytes on disk, the manifest lists "
                                          rf"{60 << 30} \(truncated\?\)") as info:
-        read_shard(path, huge, model_entry([huge]), labels=True)
+        read_shard(path, huge, model_entry([huge]), labels=True, mapped=mapped)
     assert info.value.shard == path
     small = type(e)(e.name, 3, e.bytes - 512, e.sha256)
     with pytest.raises(ShardError, match=f"{e.bytes} bytes on disk, the manifest lists "
                                          f"{e.bytes - 512};"):
-        read_shard(f"file:{path}", small, model_entry([small]), labels=True)
+        read_shard(f"file:{path}", small, model_entry([small]), labels=True, mapped=mapped)
+
+
+def test_a_mapped_shard_is_the_read_one_and_read_only(tmp_path):
+    """``mapped``: the same arrays as a read, viewing the file (no copy, never written)."""
+    (e,) = write_set(tmp_path, n=8, shard_size=8, shape=(600, 1200))  # 11.5 MB
+    path, model = tmp_path / e.name, model_entry([e], shape=(600, 1200))
+    read = read_shard(path, e, model, labels=True)
+    mapped = read_shard(path, e, model, labels=True, mapped=True)
+    assert mapped.keys == read.keys and (mapped.labels == read.labels).all()
+    np.testing.assert_array_equal(mapped.features, read.features)
+    assert not mapped.features.flags.writeable and not np.shares_memory(mapped.features,
+                                                                        read.features)
+
+
+def test_a_cold_mapping_is_read_into_the_page_cache_first(tmp_path):
+    """Every page of a shard dropped from the page cache is read in before the gather."""
+    (e,) = write_set(tmp_path, n=8, shard_size=8, shape=(600, 1200))
+    path = tmp_path / e.name
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())  # clean pages (written above) can be dropped
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        view = np.frombuffer(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ), np.uint8)
+        if _resident(view).all():
+            pytest.skip(f"the file system of {tmp_path} keeps files in memory (tmpfs?)")
+        _make_resident(str(path), f.fileno(), view)
+        assert _resident(view).all()
 
 
 def test_stream_larger_than_listed_is_refused(tmp_path):
