@@ -7,9 +7,9 @@ loader's process (``CachedFeatureDataset.batches``):
 
     plan_units     this rank's shards from the start batch on, each cut at the batch boundaries
     _read          each shard whole, the next one in a thread meanwhile: in process a local
-                   shard is mapped once its pages are in the page cache (``map_local``), a
-                   remote one read into a reused buffer; or received from the workers, unit
-                   by unit (below)
+                   shard is opened and its headers checked once its pages are in the page
+                   cache (``ShardFile``), a remote one read into a reused buffer; or received
+                   from the workers, unit by unit (below)
     _permute       the shard's positions in ``shard_order``
     _cut           (batch j, pieces): a batch that spans shards, once all its pieces are there
     _pack          each model's rows gathered once into the batch tensor (reused or pinned);
@@ -22,9 +22,9 @@ unit order, so the loader's process cuts and gathers exactly as in process. A lo
 (``state_dict``) starts the stream at its batch: no shard before it is read, no position of its
 shard before it gathered.
 
-In process, each byte of a local shard is copied once: one gather per model and batch, from
-the mapped page cache into the batch tensor (a cold shard is first read into the page cache,
-sequentially, in the read-ahead thread). Workers, and remote shards, copy twice: read into a
+In process, each byte of a local shard is copied once: read from the page cache straight into
+its row of the batch tensor (a cold shard is first read into the page cache, sequentially, in
+the read-ahead thread). Workers, and remote shards, copy twice: read into a
 shard buffer, then the same gather. Batches keep the cache's dtype: the consumer casts on its
 device (``.to(device).float()``), which halves host memory traffic and PCIe bytes for fp16
 caches and changes no value. Memory is bounded by two shards per model, in process and per worker (the
@@ -290,16 +290,17 @@ class CachedFeatureDataset(IterableDataset):
 
     def _read_pooled(self, pools: dict[str, BufferPool], k: int,
                      urgent: threading.Event) -> dict[str, ShardData]:
-        """Shard k in process: a local file mapped (its bytes go from the page cache straight
-        into the batches), a remote one into reused buffers (``BufferPool``)."""
+        """Shard k in process: a local file opened (``ShardFile``: its rows go from the page
+        cache straight into the batches), a remote one read into reused buffers
+        (``BufferPool``)."""
         def buffer(name: str, nbytes: int, source) -> np.ndarray | None:
             return None if local_path(source) else pools[name].take(nbytes, urgent)
         return self._read_one(k, buffer)
 
     def _read_one(self, k: int,
                   buffer: Callable[[str, int, object], np.ndarray | None]) -> dict[str, ShardData]:
-        """Shard k of every model, each read into ``buffer(model, nbytes, source)``, or mapped
-        where that is None: the one place a shard is opened."""
+        """Shard k of every model, each read into ``buffer(model, nbytes, source)``, or opened
+        as a ``ShardFile`` where that is None: the one place a shard is opened."""
         data = {}
         for name, entry in self.entries.items():
             shard = entry.shards[k]
@@ -338,9 +339,9 @@ class CachedFeatureDataset(IterableDataset):
         """One batch dict: each model's rows copied once, from the shards into memory from
         ``alloc`` (``_in_process``), in the cache dtype, by ``_gather`` (with ``helper``).
 
-        A row is a whole sample, contiguous in the shard: numpy copies it with one memcpy and no
+        A row is a whole sample, contiguous in the shard: one read (or one memcpy) and no
         thread pool (torch's ``index_select`` on a busy 2-core machine, and numpy's fancy
-        indexing of strided rows, both ran at a fifth of this), so the loop is per sample,
+        indexing of strided rows, both ran at a fifth of a memcpy), so the loop is per sample,
         never per element."""
         if self.policy.skips:
             pieces = [(k, d, p[_present(d)[p]]) for k, d, p in pieces]
@@ -348,8 +349,7 @@ class CachedFeatureDataset(IterableDataset):
         batch = {}
         for name, entry in self.entries.items():
             tensor, out = alloc((b, entry.tokens, entry.dim), DTYPES[entry.dtype])  # [B, T', D]
-            _gather(out, [d[name].features[i] for _, d, p in pieces for i in p.tolist()],
-                    helper)
+            _gather(out, [(d[name], i) for _, d, p in pieces for i in p.tolist()], helper)
             batch[name] = tensor
         labels = [d["student"].labels[p] for _, d, p in pieces]
         batch["label"] = torch.from_numpy(np.concatenate([np.zeros(0, np.int64)] + labels))
@@ -375,20 +375,21 @@ def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -
     return torch.from_numpy(view), view
 
 
-def _gather(out: np.ndarray, rows: list[np.ndarray],
+def _gather(out: np.ndarray, rows: list[tuple[ShardData, int]],
             helper: ThreadPoolExecutor | None) -> None:
-    """``out[r] = rows[r]`` for each row. Rows of ``GATHER_HELP_BYTES`` or more are copied by
-    this thread and ``helper``'s together: numpy lets go of the GIL while it copies, and one
+    """``out[r]`` = row ``i`` of shard data ``d`` for the r-th ``(d, i)`` (``copy_row``: a read
+    from the page cache for a mapped shard). Rows of ``GATHER_HELP_BYTES`` or more are copied by
+    this thread and ``helper``'s together: reads and numpy copies let go of the GIL, and one
     core alone copied at ~0.8 of a raw read on the 2-core VM where two copy at ~1.1. Each
     thread takes the next row from one shared iterator, so a thread held up (another process
     on its core) delays the batch by at most the row it holds, never by half the batch."""
     pairs = iter(list(zip(out, rows)))  # a list's iterator: safe to share between threads
 
     def copy() -> None:
-        for dst, src in pairs:
-            dst[...] = src
+        for dst, (data, i) in pairs:
+            data.copy_row(i, dst)
 
-    if helper is None or not rows or rows[0].nbytes < GATHER_HELP_BYTES:
+    if helper is None or not rows or out[0].nbytes < GATHER_HELP_BYTES:
         copy()
         return
     helping = helper.submit(copy)

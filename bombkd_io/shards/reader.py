@@ -9,8 +9,9 @@ from a file alone. ``read_shard``:
                   in large reads into one buffer (``BufferPool`` reuses them across shards);
                   a remote one in one GET (``storage.read_head``), retried
                   (``storage.retrying``), then a ShardError naming it; or, with ``mapped``, a
-                  local one mapped read-only (``map_local``) once its pages are in the page
-                  cache (``_make_resident``: the missing ones read in large sequential reads)
+                  local one kept open and mapped read-only (``ShardFile``) once its pages are in
+                  the page cache (``_make_resident``: missing ones read in large sequential
+                  reads); its rows are then read straight into batches (``ShardData.copy_row``)
   read_regular    (tar.py) all samples at once, when the shard is regular (what the writer makes)
   _walk           else tar.iter_samples decoded sample by sample, naming the first bad one
   _check_labels   labels outside [0, classes) make their samples bad ones
@@ -27,6 +28,7 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,8 @@ from bombkd_io.storage import is_remote, open_remote, read_head, retrying
 
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 REPAIR = "`bombkd featurize --resume` rewrites shards that do not verify"  # said on a skip
+SHRUNK, REPAIR_NOW = "became shorter while being read (rewritten in place?)", \
+    "re-run `bombkd featurize --resume` once nothing writes the cache"
 
 
 def fetched(url, read):
@@ -93,6 +97,15 @@ class ShardData:
     features: np.ndarray      # [N, T', D] in the cache dtype
     labels: np.ndarray | None  # int64 [N] (student set), -1 where skipped
     present: np.ndarray       # bool [N]
+    file: ShardFile | None = None  # a mapped local shard: rows are read from it
+
+    def copy_row(self, i: int, out: np.ndarray) -> None:
+        """``out[...] = features[i]``: read from the page cache when the shard is a mapped
+        ``ShardFile``, else copied from memory."""
+        if self.file is None:
+            out[...] = self.features[i]
+        else:
+            self.file.read_row(self.features[i], out)
 
 
 def read_shard(url: str | Path, entry: ShardEntry, model: ModelEntry, *, labels: bool,
@@ -105,33 +118,36 @@ def read_shard(url: str | Path, entry: ShardEntry, model: ModelEntry, *, labels:
     ShardError naming it, or left out and recorded in the policy. ``buffer``: uint8 bytes to
     read the shard into when it holds at least ``entry.bytes`` (``BufferPool.take``); the
     features of a regular shard are a view into it, so it must not be reused while they live.
-    ``mapped``: a local shard is mapped instead (``map_local``): its features are a read-only
-    view of the page cache, so its bytes are copied once, into the batches gathered from it."""
+    ``mapped``: a local shard is opened as a ``ShardFile`` instead: its features are a
+    read-only view of the page cache and ``ShardData.copy_row`` reads a row straight into a
+    batch, so its bytes are copied once."""
     policy = policy if policy is not None else ErrorPolicy()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
+    path = local_path(url) if mapped else None
+    file = None
     try:
-        buf, complete = fetched(url, lambda: _load_shard(url, entry, buffer, mapped))
+        if path is not None:
+            file = ShardFile(url, path, entry)
+            buf, complete = file.view, True
+        else:
+            buf, complete = fetched(url, lambda: _load_shard(url, entry, buffer))
     except ShardError as exc:
         policy.handle(exc, entry.count, fix=REPAIR)
         return _empty(entry.count, shape, dtype, labels)
     fast = read_regular(buf, entry.count, member, shape, dtype, labels) if complete else None
     if fast is not None:
         keys, features, cls = fast
-        data = ShardData(keys, features, cls, np.ones(entry.count, bool))
+        data = ShardData(keys, features, cls, np.ones(entry.count, bool), file)
     else:  # irregular: walk member by member, naming the first bad sample
         data = _walk(memoryview(buf), str(url), entry.count, member,
                      _empty(entry.count, shape, dtype, labels), policy)
     return _check_labels(data, str(url), classes, policy)
 
 
-def _load_shard(url, entry: ShardEntry, buffer: np.ndarray | None,
-                mapped: bool = False) -> tuple[np.ndarray, bool]:
+def _load_shard(url, entry: ShardEntry, buffer: np.ndarray | None) -> tuple[np.ndarray, bool]:
     """The shard's bytes, and whether they are exactly the size the manifest lists (else they
     are what arrived: shorter, or up to ``TAIL`` longer). Nothing is allocated beyond the
     listed size (bounded by ``check_manifest``) before the bytes are there."""
-    path = local_path(url) if mapped else None
-    if path is not None:
-        return map_local(url, path, entry), True
     if is_remote(url):  # one GET of at most the listed size + TAIL + 1 bytes
         data = read_head(str(url), entry.bytes + TAIL + 1)
         filled, rest = min(len(data), entry.bytes), data[entry.bytes:]
@@ -236,27 +252,43 @@ def _check_size(url, size: int, entry: ShardEntry) -> None:
                          + (" (truncated?)" if size < entry.bytes else ""))
 
 
-def map_local(url, path: Path, entry: ShardEntry) -> np.ndarray:
-    """A local shard's bytes, mapped read-only (uint8 ``[entry.bytes]``) once they are all in
-    the page cache (``_make_resident``), so that gathering rows from it never waits on the disk.
+class ShardFile:
+    """A local shard opened for the cached loader: mapped read-only (``view``, uint8
+    ``[entry.bytes]``) once all its pages are in the page cache (``_make_resident``), and kept
+    open so that rows are read from it with ``preadv`` (``read_row``).
 
-    The size is checked on the open file before mapping; the mapping lives while any view of
-    it does. A shard truncated *in place* while mapped would fault (SIGBUS) where a read would
-    come up short: bombkd never writes a shard in place (a temporary name, then a rename, which
-    leaves a mapped file whole); ``bombkd verify`` and ``--on-error`` are for shards damaged
-    at rest.
+    The mapping is for the headers (``read_regular`` checks them through it, touching a few
+    pages a sample); the rows never go through it: a read copies from the page cache straight
+    into the batch, where copying out of the mapping also paid for making and unmaking a page
+    table entry per 4 KiB (a quarter of the gather's time on a 2-core VM). So a shard truncated
+    in place after it was opened gives a ShardError naming it, not a fault; bombkd never writes
+    a shard in place (a temporary name, then a rename). The size is checked on the open file
+    before mapping; the file is closed when nothing refers to it.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise ShardError(url, f"cannot read ({exc})") from exc
-    try:
-        _check_size(url, os.fstat(fd).st_size, entry)
-        view = np.frombuffer(mmap.mmap(fd, entry.bytes, prot=mmap.PROT_READ), np.uint8)
-        _make_resident(url, fd, view)
-    finally:
-        os.close(fd)
-    return view
+
+    def __init__(self, url, path: Path, entry: ShardEntry):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ShardError(url, f"cannot read ({exc})") from exc
+        try:
+            _check_size(url, os.fstat(fd).st_size, entry)
+            self.view = np.frombuffer(mmap.mmap(fd, entry.bytes, prot=mmap.PROT_READ), np.uint8)
+            _make_resident(url, fd, self.view)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.url, self.fd, self._base = url, fd, self.view.ctypes.data
+        weakref.finalize(self, os.close, fd)
+
+    def read_row(self, row: np.ndarray, out: np.ndarray) -> None:
+        """Read ``row`` (a contiguous view of ``view``) into ``out`` (as many bytes)."""
+        into, offset, got = memoryview(out).cast("B"), row.ctypes.data - self._base, 0
+        while got < row.nbytes:
+            n = os.preadv(self.fd, [into[got:]], offset + got)
+            if n <= 0:
+                raise ShardError(self.url, SHRUNK, fix=REPAIR_NOW)
+            got += n
 
 
 def _make_resident(url, fd: int, view: np.ndarray) -> None:
@@ -275,7 +307,7 @@ def _make_resident(url, fd: int, view: np.ndarray) -> None:
         while offset < end:
             n = os.preadv(fd, [scratch[:min(CHUNK, end - offset)]], offset)
             if n <= 0:
-                raise ShardError(url, "became shorter while being read (written in place?)")
+                raise ShardError(url, SHRUNK, fix=REPAIR_NOW)
             offset += n
 
 

@@ -161,14 +161,22 @@ def test_stopping_early_leaves_no_reader_thread(large):
 
 
 def shard_mappings(root: Path) -> list[str]:
-    """The files under ``root`` this process has mapped now."""
+    """The files under ``root`` this process has mapped or open now."""
     with open("/proc/self/maps") as f:
-        return [line.split()[-1] for line in f if str(root) in line]
+        mapped = [line.split()[-1] for line in f if str(root) in line]
+    fds = Path("/proc/self/fd")
+    opened = []
+    for fd in fds.iterdir():
+        try:
+            opened.append(os.readlink(fd))
+        except OSError:  # closed since listed
+            pass
+    return mapped + [f for f in opened if f.startswith(str(root))]
 
 
 def test_in_process_shards_are_mapped_and_let_go(large):
-    """In process a local shard is mapped, not read into a buffer; the batches are copies (they
-    outlive the mappings), and no mapping outlives the epoch."""
+    """In process a local shard is mapped and kept open, not read into a buffer; the batches are
+    copies (they outlive the mappings), and no mapping or open file outlives the epoch."""
     root, want = large
     loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
                                 num_workers=0)

@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import shutil
+import subprocess
 import sys
 import tarfile
 from dataclasses import replace
@@ -25,7 +26,7 @@ from bombkd_io.shards.reader import _make_resident, _resident, read_shard
 from bombkd_io.shards.tar import iter_samples, read_regular
 from bombkd_io.shards.verify import verify_cache, verify_shard
 from bombkd_io.shards.writer import ShardSetWriter
-from places import GOLDEN, REPO
+from places import GOLDEN, REPO, child_env
 
 GOLDEN_KEYS = ["000000_v_jump_g01_c01", "000001_v_run_g01_c01", "000002_v_jump_g02_c01"]
 
@@ -452,15 +453,51 @@ def test_local_shard_size_is_checked_before_allocating(tmp_path, mapped):
 
 
 def test_a_mapped_shard_is_the_read_one_and_read_only(tmp_path):
-    """``mapped``: the same arrays as a read, viewing the file (no copy, never written)."""
+    """``mapped``: the same arrays as a read, viewing the file (no copy, never written), and
+    rows read from the file into a batch are the same bytes."""
     (e,) = write_set(tmp_path, n=8, shard_size=8, shape=(600, 1200))  # 11.5 MB
     path, model = tmp_path / e.name, model_entry([e], shape=(600, 1200))
     read = read_shard(path, e, model, labels=True)
     mapped = read_shard(path, e, model, labels=True, mapped=True)
+    assert read.file is None and mapped.file is not None
     assert mapped.keys == read.keys and (mapped.labels == read.labels).all()
     np.testing.assert_array_equal(mapped.features, read.features)
     assert not mapped.features.flags.writeable and not np.shares_memory(mapped.features,
                                                                         read.features)
+    out = np.zeros((8, 600, 1200), np.float16)
+    for i in (7, 0, 3):
+        mapped.copy_row(i, out[i])
+        np.testing.assert_array_equal(out[i], read.features[i])
+
+
+TRUNCATE_WHILE_OPEN = """
+import os, sys
+import numpy as np
+from bombkd_io.errors import ShardError
+from bombkd_io.shards.reader import read_shard
+from bombkd_io.shards.manifest import ModelEntry, ShardEntry
+path, size = sys.argv[1], os.path.getsize(sys.argv[1])
+entry = ShardEntry(os.path.basename(path), 8, size, "0" * 64)
+model = ModelEntry("student", "tiny", 1200, 600, 4, 32, "time", "float16", [entry])
+data = read_shard(path, entry, model, labels=True, mapped=True)
+os.truncate(path, size // 2)  # rewritten in place by someone else, while it is open
+try:
+    data.copy_row(7, np.empty((600, 1200), np.float16))
+except ShardError as exc:
+    print(exc)
+"""
+
+
+def test_a_shard_truncated_while_open_is_an_error_not_a_fault(tmp_path):
+    """Rows are read, never touched through the mapping: a shard cut short in place after it
+    was opened gives a ShardError naming it (reading the mapping past the end would kill the
+    process with SIGBUS; a child process, so that such a regression cannot take pytest down)."""
+    (e,) = write_set(tmp_path, n=8, shard_size=8, shape=(600, 1200))
+    path = tmp_path / e.name
+    run = subprocess.run([sys.executable, "-c", TRUNCATE_WHILE_OPEN, str(path)],
+                         capture_output=True, text=True, env=child_env(), timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"{path}: became shorter while being read" in run.stdout
 
 
 def test_a_cold_mapping_is_read_into_the_page_cache_first(tmp_path):
