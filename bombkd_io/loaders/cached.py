@@ -22,14 +22,15 @@ unit order, so the loader's process cuts and gathers exactly as in process. A lo
 (``state_dict``) starts the stream at its batch: no shard before it is read, no position of its
 shard before it gathered.
 
-In process, each byte of a local shard is copied once: read from the page cache straight into
-its row of the batch tensor (a cold shard is first read into the page cache, sequentially, in
-the read-ahead thread). Workers, and remote shards, copy twice: read into a
-shard buffer, then the same gather. Batches keep the cache's dtype: the consumer casts on its
-device (``.to(device).float()``), which halves host memory traffic and PCIe bytes for fp16
-caches and changes no value. Memory is bounded by two shards per model, in process and per worker (the
-loader's process maps the workers' slots), whatever the split's size. Workers die with the
-process that iterates the loader, also when it is killed (``bombkd_io.workers``).
+In process, each byte of a local shard of large rows (``LARGE_ROW_BYTES``: token-level
+features) is copied once: read from the page cache straight into its row of the batch tensor
+(a cold shard is first read into the page cache, sequentially, in the read-ahead thread).
+Small rows, workers and remote shards copy twice: read into a shard buffer, then gathered.
+Batches keep the cache's dtype: the consumer casts on its device (``.to(device).float()``),
+which halves host memory traffic and PCIe bytes for fp16 caches and changes no value. Memory
+is bounded by two shards per model, in process and per worker (the loader's process maps the
+workers' slots), whatever the split's size. Workers die with the process that iterates the
+loader, also when it is killed (``bombkd_io.workers``).
 """
 from __future__ import annotations
 
@@ -59,7 +60,12 @@ from bombkd_io.storage import check_root, is_remote
 from bombkd_io.workers import DieWithParent, track
 
 BATCH_BUFFERS = 4  # reused batch buffers (more are allocated while batches are held)
-GATHER_HELP_BYTES = 1 << 20  # rows at least this large are gathered by two threads (_gather)
+# A model whose rows (samples) take at least this many bytes (token-level features) is read in
+# process straight from the open shard into the batches, by two threads (``_read_pooled``,
+# ``_gather``); smaller rows (pooled features) come from the shard read whole into a reused
+# buffer, where a read per row costs more than the copy it saves (on the 2-core VM: 0.78 vs
+# 0.53 of a raw warm read at 512 KiB, even at 128 KiB, half the rate at 24 KiB).
+LARGE_ROW_BYTES = 256 << 10
 PREFETCH = 2  # shards a worker sends ahead (DataLoader's prefetch_factor)
 WORKER_GRACE_S = 5.0  # close(): a worker not gone by then is killed
 TORCH_DTYPES = {"float16": torch.float16, "float32": torch.float32}
@@ -199,6 +205,12 @@ class CachedFeatureDataset(IterableDataset):
         return plan_units(shards, [len(ranges[k]) for k in shards], sizes, start), sizes
 
     @property
+    def row_bytes(self) -> dict[str, int]:
+        """Bytes of one sample of each model."""
+        return {name: e.tokens * e.dim * DTYPES[e.dtype].itemsize
+                for name, e in self.entries.items()}
+
+    @property
     def shard_bytes(self) -> dict[str, int]:
         """Bytes of each model's largest shard: a shard buffer's size."""
         return {name: max(s.bytes for s in e.shards) for name, e in self.entries.items()}
@@ -290,11 +302,13 @@ class CachedFeatureDataset(IterableDataset):
 
     def _read_pooled(self, pools: dict[str, BufferPool], k: int,
                      urgent: threading.Event) -> dict[str, ShardData]:
-        """Shard k in process: a local file opened (``ShardFile``: its rows go from the page
-        cache straight into the batches), a remote one read into reused buffers
+        """Shard k in process: a local file of large rows opened (``ShardFile``: its rows go
+        from the page cache straight into the batches), else read into reused buffers
         (``BufferPool``)."""
         def buffer(name: str, nbytes: int, source) -> np.ndarray | None:
-            return None if local_path(source) else pools[name].take(nbytes, urgent)
+            if local_path(source) and self.row_bytes[name] >= LARGE_ROW_BYTES:
+                return None
+            return pools[name].take(nbytes, urgent)
         return self._read_one(k, buffer)
 
     def _read_one(self, k: int,
@@ -378,7 +392,7 @@ def _in_process(pool: BufferPool, shape: tuple, dtype: np.dtype, *, pin: bool) -
 def _gather(out: np.ndarray, rows: list[tuple[ShardData, int]],
             helper: ThreadPoolExecutor | None) -> None:
     """``out[r]`` = row ``i`` of shard data ``d`` for the r-th ``(d, i)`` (``copy_row``: a read
-    from the page cache for a mapped shard). Rows of ``GATHER_HELP_BYTES`` or more are copied by
+    from the page cache for a mapped shard). Rows of ``LARGE_ROW_BYTES`` or more are copied by
     this thread and ``helper``'s together: reads and numpy copies let go of the GIL, and one
     core alone copied at ~0.8 of a raw read on the 2-core VM where two copy at ~1.1. Each
     thread takes the next row from one shared iterator, so a thread held up (another process
@@ -389,7 +403,7 @@ def _gather(out: np.ndarray, rows: list[tuple[ShardData, int]],
         for dst, (data, i) in pairs:
             data.copy_row(i, dst)
 
-    if helper is None or not rows or out[0].nbytes < GATHER_HELP_BYTES:
+    if helper is None or not rows or out[0].nbytes < LARGE_ROW_BYTES:
         copy()
         return
     helping = helper.submit(copy)

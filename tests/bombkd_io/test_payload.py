@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from bombkd_io.loaders.cached import GATHER_HELP_BYTES, make_cached_loader
+from bombkd_io.loaders.cached import LARGE_ROW_BYTES, make_cached_loader
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, load_manifest, save_manifest
 from bombkd_io.shards.reader import BufferPool, read_shard
@@ -57,13 +57,6 @@ def large(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def huge(tmp_path_factory):
-    """[512, 1024] fp16, 1 MiB a sample: rows large enough to be gathered by two threads."""
-    root = tmp_path_factory.mktemp("huge")
-    return root, token_cache(root, 512, 1024)
-
-
-@pytest.fixture(scope="module")
 def small(tmp_path_factory):
     """[8, 64] fp16, 1 KiB a sample: batches go through the pipe as bytes."""
     root = tmp_path_factory.mktemp("small")
@@ -79,7 +72,7 @@ def check_exact(batches: list[dict], want: dict, dtype=torch.float16) -> None:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("cache", ["huge", "large", "small"])
+@pytest.mark.parametrize("cache", ["large", "small"])
 def test_batches_are_the_stored_bytes_in_plan_order(request, cache, workers):
     root, want = request.getfixturevalue(cache)
     loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B, seed=3,
@@ -160,41 +153,46 @@ def test_stopping_early_leaves_no_reader_thread(large):
     assert alive == []
 
 
-def shard_mappings(root: Path) -> list[str]:
-    """The files under ``root`` this process has mapped or open now."""
+def mapped_files(root: Path) -> list[str]:
+    """The files under ``root`` this process has mapped now."""
     with open("/proc/self/maps") as f:
-        mapped = [line.split()[-1] for line in f if str(root) in line]
-    fds = Path("/proc/self/fd")
+        return [line.split()[-1] for line in f if str(root) in line]
+
+
+def open_files(root: Path) -> list[str]:
+    """The files under ``root`` this process has open now."""
     opened = []
-    for fd in fds.iterdir():
+    for fd in Path("/proc/self/fd").iterdir():
         try:
             opened.append(os.readlink(fd))
         except OSError:  # closed since listed
             pass
-    return mapped + [f for f in opened if f.startswith(str(root))]
+    return [f for f in opened if f.startswith(str(root))]
 
 
-def test_in_process_shards_are_mapped_and_let_go(large):
-    """In process a local shard is mapped and kept open, not read into a buffer; the batches are
-    copies (they outlive the mappings), and no mapping or open file outlives the epoch."""
-    root, want = large
+@pytest.mark.parametrize("cache, mapped", [("large", True), ("small", False)])
+def test_in_process_shards_of_large_rows_are_mapped_and_let_go(request, cache, mapped):
+    """In process a local shard of large rows (LARGE_ROW_BYTES) is mapped and kept open, one
+    of small rows read into a buffer; the batches are copies (they outlive the mappings), and no
+    mapping or open file outlives the epoch."""
+    root, want = request.getfixturevalue(cache)
     loader = make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
                                 num_workers=0)
-    held, mapped = [], []
+    held, seen = [], []
     for batch in loader:
-        mapped.append(shard_mappings(root))
+        seen.append(mapped_files(root))
         held.append(batch)
-    assert all(m and all(Path(f).suffix == ".tar" for f in m) for m in mapped)
-    assert shard_mappings(root) == []
+    assert all(bool(m) == mapped and all(Path(f).suffix == ".tar" for f in m) for m in seen)
+    assert mapped_files(root) == [] and open_files(root) == []
     check_exact(held, want)
 
 
-@pytest.mark.parametrize("cache, helped", [("huge", True), ("large", False)])
+@pytest.mark.parametrize("cache, helped", [("large", True), ("small", False)])
 def test_large_rows_are_gathered_by_two_threads(request, cache, helped):
-    """Rows of GATHER_HELP_BYTES or more are copied by a second thread too; it is joined when
+    """Rows of LARGE_ROW_BYTES or more are copied by a second thread too; it is joined when
     the iteration stops, also early."""
     root, want = request.getfixturevalue(cache)
-    assert (want["000000_clip"][0].nbytes >= GATHER_HELP_BYTES) == helped
+    assert (want["000000_clip"][0].nbytes >= LARGE_ROW_BYTES) == helped
     batches = iter(make_cached_loader(root, "train", models=("student", "t"), batch_size=B,
                                       num_workers=0))
     first = next(batches)
