@@ -156,7 +156,11 @@ def test_token_loader_cold(benchmark, ledger, bench_size, token_cache, token_loa
                  Workload(f"{name}/loader-cold", cold(lambda: _epoch(token_loaders[0])), count),
                  Workload(f"{name}/loader-2w-cold", cold(lambda: _epoch(token_loaders[2])),
                           count)]
-    done = ledger.interleave(benchmark, workloads, rounds=bench_size.rounds + 1, group=name)
+    # twice the warm rounds: this VM's disk has bursts in which any reader runs at a third of
+    # its speed for a second or two (raw-cold alone took 0.39 .. 2.0 s for the same 822 MB,
+    # the loader 0.45 .. 1.44 s); a round is cheap, and the median of 12 is not moved by them
+    done = ledger.interleave(benchmark, workloads, rounds=2 * (bench_size.rounds + 1),
+                             group=name)
     assert set(done.values()) == {count, size}
     check = _check_vs_raw(ledger, bench_size, name, size / count, "cold", COLD_MIN)
     assert check.passed, check.line
