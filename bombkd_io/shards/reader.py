@@ -124,17 +124,18 @@ def read_shard(url: str | Path, entry: ShardEntry, model: ModelEntry, *, labels:
     policy = policy if policy is not None else ErrorPolicy()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
     path = local_path(url) if mapped else None
-    file = None
     try:
         if path is not None:
             file = ShardFile(url, path, entry)
             buf, complete = file.view, True
         else:
-            buf, complete = fetched(url, lambda: _load_shard(url, entry, buffer))
+            file, (buf, complete) = None, fetched(url, lambda: _load_shard(url, entry, buffer))
+        fast = read_regular(buf, entry.count, member, shape, dtype, labels) if complete else None
+        if fast is None and file is not None:  # walked from a read, never through the mapping
+            file, (buf, complete) = None, _load_shard(url, entry, buffer)
     except ShardError as exc:
         policy.handle(exc, entry.count, fix=REPAIR)
         return _empty(entry.count, shape, dtype, labels)
-    fast = read_regular(buf, entry.count, member, shape, dtype, labels) if complete else None
     if fast is not None:
         keys, features, cls = fast
         data = ShardData(keys, features, cls, np.ones(entry.count, bool), file)
@@ -260,10 +261,12 @@ class ShardFile:
     The mapping is for the headers (``read_regular`` checks them through it, touching a few
     pages a sample); the rows never go through it: a read copies from the page cache straight
     into the batch, where copying out of the mapping also paid for making and unmaking a page
-    table entry per 4 KiB (a quarter of the gather's time on a 2-core VM). So a shard truncated
-    in place after it was opened gives a ShardError naming it, not a fault; bombkd never writes
-    a shard in place (a temporary name, then a rename). The size is checked on the open file
-    before mapping; the file is closed when nothing refers to it.
+    table entry per 4 KiB (0.66 of a raw warm read where reads reach 0.79, on a 2-core VM;
+    alternating rounds). So a shard truncated in place once its headers were checked gives a
+    ShardError naming it, not a fault (``read_shard`` walks an irregular shard from a read, not
+    through the mapping); bombkd never writes a shard in place (a temporary name, then a
+    rename). The size is checked on the open file before mapping; the file is closed when
+    nothing refers to it.
     """
 
     def __init__(self, url, path: Path, entry: ShardEntry):

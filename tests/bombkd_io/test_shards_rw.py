@@ -257,6 +257,7 @@ def test_skip_counts_and_warns(tmp_path, mapped):
         data = read_shard(str(path), e, model_entry([e]), labels=True, policy=policy,
                           mapped=mapped)
     assert data.present.tolist() == [False, True, True] and policy.samples == 1
+    assert data.file is None  # an irregular shard is walked from a read, not the mapping
     path.write_bytes(path.read_bytes()[:4000])  # truncated in sample 1: 2 lost
     with pytest.warns(RuntimeWarning):
         data = read_shard(f"pipe:cat {path}", e, model_entry([e]), labels=True, policy=policy)
