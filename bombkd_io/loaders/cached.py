@@ -7,9 +7,9 @@ loader's process (``CachedFeatureDataset.batches``):
 
     plan_units     this rank's shards from the start batch on, each cut at the batch boundaries
     _read          each shard whole, the next one in a thread meanwhile: in process a local
-                   shard is opened and its headers checked once its pages are in the page
-                   cache (``ShardFile``), a remote one read into a reused buffer; or received
-                   from the workers, unit by unit (below)
+                   shard of large rows (``LARGE_ROW_BYTES``) is opened and its headers checked
+                   once its pages are in the page cache (``ShardFile``), any other read into a
+                   reused buffer; or received from the workers, unit by unit (below)
     _permute       the shard's positions in ``shard_order``
     _cut           (batch j, pieces): a batch that spans shards, once all its pieces are there
     _pack          each model's rows gathered once into the batch tensor (reused or pinned);
@@ -55,7 +55,7 @@ from bombkd_io.sampling import check_streams, plan_inputs, shard_order, shard_ra
 from bombkd_io.shards.codec import DTYPES
 from bombkd_io.shards.cache import ShardCache
 from bombkd_io.shards.manifest import Manifest, ShardEntry, load_manifest, manifest_path
-from bombkd_io.shards.reader import BufferPool, ShardData, local_path, read_shard
+from bombkd_io.shards.reader import CAN_MAP, BufferPool, ShardData, local_path, read_shard
 from bombkd_io.storage import check_root, is_remote
 from bombkd_io.workers import DieWithParent, track
 
@@ -306,7 +306,7 @@ class CachedFeatureDataset(IterableDataset):
         from the page cache straight into the batches), else read into reused buffers
         (``BufferPool``)."""
         def buffer(name: str, nbytes: int, source) -> np.ndarray | None:
-            if local_path(source) and self.row_bytes[name] >= LARGE_ROW_BYTES:
+            if CAN_MAP and local_path(source) and self.row_bytes[name] >= LARGE_ROW_BYTES:
                 return None
             return pools[name].take(nbytes, urgent)
         return self._read_one(k, buffer)
@@ -397,10 +397,15 @@ def _gather(out: np.ndarray, rows: list[tuple[ShardData, int]],
     the 2-core VM one thread reading rows reached ~0.55 of a raw warm read, two ~0.85. Each
     thread takes the next row from one shared iterator, so a thread held up (another process
     on its core) delays the batch by at most the row it holds, never by half the batch."""
-    pairs = iter(list(zip(out, rows)))  # a list's iterator: safe to share between threads
+    pairs, lock = iter(list(zip(out, rows))), threading.Lock()
 
     def copy() -> None:
-        for dst, (data, i) in pairs:
+        while True:
+            with lock:  # (a GIL makes next() atomic; a free-threaded build does not)
+                pair = next(pairs, None)
+            if pair is None:
+                return
+            dst, (data, i) = pair
             data.copy_row(i, dst)
 
     if helper is None or not rows or out[0].nbytes < LARGE_ROW_BYTES:

@@ -9,9 +9,10 @@ from a file alone. ``read_shard``:
                   in large reads into one buffer (``BufferPool`` reuses them across shards);
                   a remote one in one GET (``storage.read_head``), retried
                   (``storage.retrying``), then a ShardError naming it; or, with ``mapped``, a
-                  local one kept open and mapped read-only (``ShardFile``) once its pages are in
-                  the page cache (``_make_resident``: missing ones read in large sequential
-                  reads); its rows are then read straight into batches (``ShardData.copy_row``)
+                  local one kept open and mapped read-only (``open_mapped`` -> ``ShardFile``),
+                  its pages not in the page cache read in (``_make_resident``: large
+                  sequential reads); its rows are then read straight into batches
+                  (``ShardData.copy_row``)
   read_regular    (tar.py) all samples at once, when the shard is regular (what the writer makes)
   _walk           else tar.iter_samples decoded sample by sample, naming the first bad one
   _check_labels   labels outside [0, classes) make their samples bad ones
@@ -26,6 +27,7 @@ import ctypes
 import functools
 import mmap
 import os
+import stat
 import sys
 import threading
 import weakref
@@ -45,6 +47,7 @@ from bombkd_io.storage import is_remote, open_remote, read_head, retrying
 
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 REPAIR = "`bombkd featurize --resume` rewrites shards that do not verify"  # said on a skip
+CAN_MAP = hasattr(os, "preadv") and hasattr(mmap, "PROT_READ")  # ShardFile needs both (POSIX)
 SHRUNK, REPAIR_NOW = "became shorter while being read (rewritten in place?)", \
     "re-run `bombkd featurize --resume` once nothing writes the cache"
 
@@ -118,18 +121,20 @@ def read_shard(url: str | Path, entry: ShardEntry, model: ModelEntry, *, labels:
     ShardError naming it, or left out and recorded in the policy. ``buffer``: uint8 bytes to
     read the shard into when it holds at least ``entry.bytes`` (``BufferPool.take``); the
     features of a regular shard are a view into it, so it must not be reused while they live.
-    ``mapped``: a local shard is opened as a ``ShardFile`` instead: its features are a
-    read-only view of the page cache and ``ShardData.copy_row`` reads a row straight into a
-    batch, so its bytes are copied once."""
+    ``mapped``: a local shard is opened as a ``ShardFile`` instead (``open_mapped``; read as
+    above where it cannot be mapped): its features are a read-only view of the page cache and
+    ``ShardData.copy_row`` reads a row straight into a batch, so its bytes are copied once.
+    Such a shard is read after this returns, so a shard changed under the loader from then on
+    is a ShardError from ``copy_row`` whatever the policy."""
     policy = policy if policy is not None else ErrorPolicy()
     shape, dtype, member = (model.tokens, model.dim), DTYPES[model.dtype], f"{model.name}.mp"
-    path = local_path(url) if mapped else None
+    path = local_path(url) if mapped and CAN_MAP else None
     try:
-        if path is not None:
-            file = ShardFile(url, path, entry)
+        file = open_mapped(url, path, entry) if path is not None else None
+        if file is not None:
             buf, complete = file.view, True
         else:
-            file, (buf, complete) = None, fetched(url, lambda: _load_shard(url, entry, buffer))
+            buf, complete = fetched(url, lambda: _load_shard(url, entry, buffer))
         fast = read_regular(buf, entry.count, member, shape, dtype, labels) if complete else None
         if fast is None and file is not None:  # walked from a read, never through the mapping
             file, (buf, complete) = None, _load_shard(url, entry, buffer)
@@ -241,10 +246,12 @@ def _check_local_size(url: str, entry: ShardEntry) -> None:
     if path is None:
         return
     try:
-        size = path.stat().st_size
+        st = path.stat()
     except OSError as exc:
         raise ShardError(url, f"cannot read ({exc})") from exc
-    _check_size(url, size, entry)
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the open, a directory cannot be read
+        raise ShardError(url, "is not a regular file")
+    _check_size(url, st.st_size, entry)
 
 
 def _check_size(url, size: int, entry: ShardEntry) -> None:
@@ -254,9 +261,9 @@ def _check_size(url, size: int, entry: ShardEntry) -> None:
 
 
 class ShardFile:
-    """A local shard opened for the cached loader: mapped read-only (``view``, uint8
-    ``[entry.bytes]``) once all its pages are in the page cache (``_make_resident``), and kept
-    open so that rows are read from it with ``preadv`` (``read_row``).
+    """A local shard opened for the cached loader (``open_mapped``): mapped read-only (``view``,
+    uint8 ``[entry.bytes]``) and kept open, so that rows are read from it with ``preadv``
+    (``read_row``).
 
     The mapping is for the headers (``read_regular`` checks them through it, touching a few
     pages a sample); the rows never go through it: a read copies from the page cache straight
@@ -265,33 +272,53 @@ class ShardFile:
     alternating rounds). So a shard truncated in place once its headers were checked gives a
     ShardError naming it, not a fault (``read_shard`` walks an irregular shard from a read, not
     through the mapping); bombkd never writes a shard in place (a temporary name, then a
-    rename). The size is checked on the open file before mapping; the file is closed when
-    nothing refers to it.
+    rename). The file is closed when nothing refers to it.
     """
 
-    def __init__(self, url, path: Path, entry: ShardEntry):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as exc:
-            raise ShardError(url, f"cannot read ({exc})") from exc
-        try:
-            _check_size(url, os.fstat(fd).st_size, entry)
-            self.view = np.frombuffer(mmap.mmap(fd, entry.bytes, prot=mmap.PROT_READ), np.uint8)
-            _make_resident(url, fd, self.view)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.url, self.fd, self._base = url, fd, self.view.ctypes.data
+    def __init__(self, url, fd: int, view: np.ndarray):
+        self.url, self.fd, self.view, self._base = url, fd, view, view.ctypes.data
         weakref.finalize(self, os.close, fd)
 
     def read_row(self, row: np.ndarray, out: np.ndarray) -> None:
         """Read ``row`` (a contiguous view of ``view``) into ``out`` (as many bytes)."""
+        if out.nbytes != row.nbytes:
+            raise ValueError(f"a row of {row.nbytes} bytes does not fit {out.nbytes}")
         into, offset, got = memoryview(out).cast("B"), row.ctypes.data - self._base, 0
         while got < row.nbytes:
-            n = os.preadv(self.fd, [into[got:]], offset + got)
+            try:
+                n = os.preadv(self.fd, [into[got:]], offset + got)
+            except OSError as exc:
+                raise ShardError(self.url, f"cannot read ({exc})", fix=REPAIR_NOW) from exc
             if n <= 0:
                 raise ShardError(self.url, SHRUNK, fix=REPAIR_NOW)
             got += n
+
+
+def open_mapped(url, path: Path, entry: ShardEntry) -> ShardFile | None:
+    """``path`` as a ``ShardFile``, its pages that are not in the page cache read in first
+    (``_make_resident``), or None where its file system cannot map it (some FUSE mounts: the
+    caller reads the shard instead). It must be a regular file of the size the manifest lists:
+    checked before it is opened (a FIFO would block) and again on the open file, before
+    anything is mapped. Errors are ShardErrors naming the shard."""
+    _check_local_size(url, entry)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise ShardError(url, f"cannot read ({exc})") from exc
+    try:
+        _check_size(url, os.fstat(fd).st_size, entry)  # the file opened is the one checked
+        try:
+            view = np.frombuffer(mmap.mmap(fd, entry.bytes, prot=mmap.PROT_READ), np.uint8)
+        except (OSError, ValueError):
+            os.close(fd)
+            return None
+        _make_resident(url, fd, view)
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise ShardError(url, f"cannot read ({exc})") from exc
+        raise
+    return ShardFile(url, fd, view)
 
 
 def _make_resident(url, fd: int, view: np.ndarray) -> None:

@@ -289,7 +289,8 @@ def read_regular(buf, n: int, member: str, shape: tuple, dtype: np.dtype,
                  labels: bool) -> tuple[list[str], np.ndarray, np.ndarray | None] | None:
     """(keys, features [n, *shape], labels or None) of a regular shard; None if it is not.
 
-    ``buf`` (the whole shard, a writable buffer) stays referenced by the features view.
+    ``buf`` (the whole shard: bytes read into a buffer, or a read-only mapping) stays
+    referenced by the features view.
     """
     buf = memoryview(buf).cast("B")
     first = _first_sample(buf) if n >= 2 else None

@@ -1,10 +1,10 @@
 """Token-level payloads (several hundred KB to MB a sample) through the reader and the loader.
 
-The loader maps each local shard (in process; workers read it into shared slots), gathers every
-batch from it (large rows by two threads) and delivers the cache dtype: these tests check that
-what comes out is exactly what the writer stored, whatever path a batch took, and that a buffer
-is never reused while a batch or a shard still views it. The fusion head and the converters take the
-tokens as they are.
+In process the loader maps each local shard of large rows and reads its rows into the batches
+(by two threads); small rows, and workers, read shards into buffers; batches keep the cache
+dtype. These tests check that what comes out is exactly what the writer stored, whatever path a
+batch took, and that a buffer is never reused while a batch or a shard still views it. The
+fusion head and the converters take the tokens as they are.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from bombkd_io.errors import ConfigError, DatasetError, ErrorPolicy, FormatError
 from bombkd_io.shards.codec import decode_label, decode_tensor
 from bombkd_io.shards.manifest import (Manifest, ModelEntry, ShardEntry, load_manifest,
                                        manifest_path, read_manifest, save_manifest)
+from bombkd_io.shards import reader
 from bombkd_io.shards.reader import _make_resident, _resident, read_shard
 from bombkd_io.shards.tar import iter_samples, read_regular
 from bombkd_io.shards.verify import verify_cache, verify_shard
@@ -192,6 +194,7 @@ def test_read_shard_and_urls(tmp_path, mapped):
     path = tmp_path / entries[0].name
     for url in (str(path), f"file:{path}", f"pipe:cat {path}"):  # a pipe is read, never mapped
         data = read_shard(url, entries[0], model_entry(entries), labels=True, mapped=mapped)
+        assert (data.file is not None) == (mapped and not url.startswith("pipe:"))
         assert data.keys == ["000000_v0", "000001_v1", "000002_v2"]
         assert data.labels.tolist() == [0, 1, 2] and data.present.all()
         np.testing.assert_array_equal(data.features[:, 0, :], [np.arange(4) + i for i in range(3)])
@@ -247,17 +250,26 @@ def test_corrupt_member_and_header(tmp_path, mapped):
         read_shard(str(path), e, model_entry([e]), labels=True, mapped=mapped)
 
 
+def on_a_mapping(array: np.ndarray) -> bool:
+    """Is ``array`` (made by ``np.frombuffer``) a view of a file's mapping?"""
+    base = array.base
+    return isinstance(getattr(base, "obj", base), mmap.mmap)
+
+
 @pytest.mark.parametrize("mapped", [False, True])
-def test_skip_counts_and_warns(tmp_path, mapped):
+def test_skip_counts_and_warns(tmp_path, mapped, monkeypatch):
     (e,) = write_set(tmp_path, n=3, shard_size=3)
     path = tmp_path / e.name
     corrupt(path, 2560, b"\xc1\xc1")
     policy = ErrorPolicy("skip")
+    walked, walk = [], reader._walk  # what the walk of the irregular shard reads from
+    monkeypatch.setattr(reader, "_walk", lambda view, *a: walked.append(view.obj) or walk(view, *a))
     with pytest.warns(RuntimeWarning, match="skipped 1 sample.*featurize --resume"):
         data = read_shard(str(path), e, model_entry([e]), labels=True, policy=policy,
                           mapped=mapped)
     assert data.present.tolist() == [False, True, True] and policy.samples == 1
-    assert data.file is None  # an irregular shard is walked from a read, not the mapping
+    # walked from a read, never through a mapping (which a shard cut short would fault)
+    assert len(walked) == 1 and not on_a_mapping(walked[0])
     path.write_bytes(path.read_bytes()[:4000])  # truncated in sample 1: 2 lost
     with pytest.warns(RuntimeWarning):
         data = read_shard(f"pipe:cat {path}", e, model_entry([e]), labels=True, policy=policy)
@@ -454,17 +466,16 @@ def test_local_shard_size_is_checked_before_allocating(tmp_path, mapped):
 
 
 def test_a_mapped_shard_is_the_read_one_and_read_only(tmp_path):
-    """``mapped``: the same arrays as a read, viewing the file (no copy, never written), and
-    rows read from the file into a batch are the same bytes."""
+    """``mapped``: the same arrays as a read, viewing the file's mapping (no copy), and rows
+    read from the file into a batch are the same bytes."""
     (e,) = write_set(tmp_path, n=8, shard_size=8, shape=(600, 1200))  # 11.5 MB
     path, model = tmp_path / e.name, model_entry([e], shape=(600, 1200))
     read = read_shard(path, e, model, labels=True)
     mapped = read_shard(path, e, model, labels=True, mapped=True)
-    assert read.file is None and mapped.file is not None
+    assert read.file is None and on_a_mapping(mapped.file.view)
+    assert np.shares_memory(mapped.features, mapped.file.view)  # a view of the file, no copy
     assert mapped.keys == read.keys and (mapped.labels == read.labels).all()
     np.testing.assert_array_equal(mapped.features, read.features)
-    assert not mapped.features.flags.writeable and not np.shares_memory(mapped.features,
-                                                                        read.features)
     out = np.zeros((8, 600, 1200), np.float16)
     for i in (7, 0, 3):
         mapped.copy_row(i, out[i])
@@ -499,6 +510,31 @@ def test_a_shard_truncated_while_open_is_an_error_not_a_fault(tmp_path):
                          capture_output=True, text=True, env=child_env(), timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert f"{path}: became shorter while being read" in run.stdout
+
+
+@pytest.mark.parametrize("mapped", [False, True])
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_shard_that_is_not_a_regular_file_is_refused(tmp_path, mapped, kind):
+    """A FIFO would block the open forever, a directory cannot be read: both are refused,
+    naming the shard, before anything is opened (in a thread, so a regression cannot hang)."""
+    (e,) = write_set(tmp_path, n=3, shard_size=3)
+    path = tmp_path / e.name
+    path.unlink()
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    listed = type(e)(e.name, 3, path.stat().st_size, e.sha256)  # the size matches
+    errors = []
+
+    def read():
+        try:
+            read_shard(str(path), listed, model_entry([listed]), labels=True, mapped=mapped)
+        except ShardError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "read_shard blocked"
+    assert len(errors) == 1 and f"{path}: is not a regular file" in str(errors[0])
 
 
 def test_a_cold_mapping_is_read_into_the_page_cache_first(tmp_path):
