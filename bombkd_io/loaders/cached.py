@@ -254,6 +254,10 @@ class CachedFeatureDataset(IterableDataset):
                 yield j, batch
         finally:
             helper.shutdown(wait=True)
+            # closed now, not when collected: an exception's traceback keeps these generators,
+            # and with them the read-ahead thread, alive
+            for stage in (parts, stream, received):
+                stage.close()
 
     def _send(self, worker: int, num_workers: int, i: int) -> Iterator[dict]:
         """A worker's part of the DataLoader's ``i``-th iteration: the shards of units

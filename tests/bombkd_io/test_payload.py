@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from bombkd_io.errors import ShardError
 from bombkd_io.loaders.cached import LARGE_ROW_BYTES, make_cached_loader
 from bombkd_io.sampling import epoch_batches
 from bombkd_io.shards.manifest import Manifest, ModelEntry, load_manifest, save_manifest
@@ -137,11 +138,34 @@ def test_concurrent_iterations_do_not_share_the_slots(large):
     assert len(got) == 2 * len(loader)
 
 
-def test_float32_cache_comes_as_float32(tmp_path):
-    want = token_cache(tmp_path, 16, 32, dtype="float32")
+@pytest.mark.parametrize("tokens, dim", [(16, 32), (256, 256)])  # small rows; 256 KiB rows
+def test_float32_cache_comes_as_float32(tmp_path, tokens, dim):
+    want = token_cache(tmp_path, tokens, dim, dtype="float32")
     batches = list(make_cached_loader(tmp_path, "train", models=("student", "t"), batch_size=B,
                                       num_workers=0))
     check_exact(batches, want, torch.float32)
+
+
+def test_a_shard_cut_short_during_an_epoch_stops_it_cleanly(tmp_path):
+    """A shard truncated in place while its rows are being read into batches: a ShardError
+    naming it comes out of the iteration, and no thread of the loader is left behind."""
+    token_cache(tmp_path, 256, 1024)
+    # a seed whose batches 0 and 1 both take rows of one shard: opened for batch 0, cut short
+    # before batch 1 reads the rest of it
+    seed, k = next((seed, shared.pop()) for seed in range(100)
+                   if (shared := {int(i) // S for i in epoch_batches(seed, 0, N, S, B)[0]}
+                       & {int(i) // S for i in epoch_batches(seed, 0, N, S, B)[1]}))
+    loader = make_cached_loader(tmp_path, "train", batch_size=B, seed=seed, num_workers=0)
+    batches = iter(loader)
+    next(batches)
+    shard = tmp_path / loader.manifest.model("student").shards[k].name
+    os.truncate(shard, 4096)
+    with pytest.raises(ShardError, match="became shorter while being read") as info:
+        for _ in batches:
+            pass
+    assert info.value.shard == str(shard)
+    assert not [t.name for t in threading.enumerate()
+                if t.name.startswith(("bombkd-gather", "bombkd-shard-read"))]
 
 
 def test_stopping_early_leaves_no_reader_thread(large):
