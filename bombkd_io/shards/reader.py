@@ -48,8 +48,8 @@ from bombkd_io.storage import is_remote, open_remote, read_head, retrying
 TAIL = 1 << 20   # bytes read past a remote shard's listed size before calling it too large
 REPAIR = "`bombkd featurize --resume` rewrites shards that do not verify"  # said on a skip
 CAN_MAP = hasattr(os, "preadv") and hasattr(mmap, "PROT_READ")  # ShardFile needs both (POSIX)
-SHRUNK, REPAIR_NOW = "became shorter while being read (rewritten in place?)", \
-    "re-run `bombkd featurize --resume` once nothing writes the cache"
+SHRUNK = "became shorter while being read (rewritten in place?)"  # a shard open for reading
+REPAIR_NOW = "re-run `bombkd featurize --resume` once nothing writes the cache"
 
 
 def fetched(url, read):
@@ -241,7 +241,8 @@ def local_path(url: str) -> Path | None:
 
 
 def _check_local_size(url: str, entry: ShardEntry) -> None:
-    """A local shard must be the size its manifest lists: checked before allocating for it."""
+    """A local shard must be a regular file of the size its manifest lists: checked before it
+    is opened or anything is allocated for it."""
     path = local_path(url)
     if path is None:
         return
