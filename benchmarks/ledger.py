@@ -71,7 +71,8 @@ class BenchSize:
 # reason), where no limit both passes every measured run and fails the regression it guards.
 # Measured 2026-12-02 on the 2-core CI machine (README, "Performance": every figure).
 SMALL_CPU_LIMITS: dict[str, float | None] = {
-    "speedup": 16.0,         # target 5:   runs 19.7 .. 34.9; 3 ms more per cached batch: 13.9
+    "speedup": 10.0,         # target 5:   runs 19.7 .. 34.9 here, 14.7 in CI; 10 ms more per
+                             # cached batch: 8.9 (3 ms more, 13.9, fails cached-loader)
     "cached-loader": 0.75,   # target 0.9: runs 0.83 .. 1.02 (0.9 failed 10 of 20 idle runs)
     "reader-vs-raw": 0.45,   # target 0.3: runs 0.51 .. 0.67; an extra copy + hash per shard: 0.39
     "decode-vp9": 1.5,       # target 0.8: runs 2.00 .. 3.57; 60 ms more per clip batch: 0.90
