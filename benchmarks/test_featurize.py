@@ -17,6 +17,8 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pytest
+
 from benchmarks.ledger import Workload
 from benchmarks.report import median
 from benchmarks.workloads import DATASET, SPLIT, featurize_config, make_videos
@@ -109,8 +111,17 @@ def test_featurize_two_processes(benchmark, ledger, bench_size, bench_dir):
           f"{median(whole):.3g}x (rounds {', '.join(f'{r:.3g}' for r in whole)}); "
           f"1-minute load before each command: {', '.join(f'{x:.1f}' for x in loads)} on "
           f"{os.cpu_count()} cores")
+    limit = bench_size.limit("featurize-2-processes", TWO_PROCESSES_MIN)
+    if limit is None:
+        own_ratios = ledger.ratios("featurize/2-processes", "featurize/1-process")
+        rounds = ", ".join(f"{r:.3g}" for r in own_ratios)
+        print(f"featurize-2-processes: featurize as 2 processes (torchrun) vs 1: median of "
+              f"rounds {median(own_ratios):.3g}x (rounds {rounds})")
+        pytest.skip("featurize-2-processes is checked on a CPU-only machine at --benchmark-size "
+                    "full only: at small size beside one busy process it gives 0.88 .. 0.95, and "
+                    "ranks run one after the other give 0.99; see README, Performance")
     ledger.compare("featurize-2-processes", "featurize as 2 processes (torchrun) vs 1:",
-                   "featurize/2-processes", "featurize/1-process", TWO_PROCESSES_MIN,
+                   "featurize/2-processes", "featurize/1-process", limit,
                    rate="clips/s", details={"load_1min": loads, "cores": os.cpu_count(),
                                             "clips": count, "command_ratios": whole})
 
