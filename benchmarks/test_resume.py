@@ -7,9 +7,10 @@ of an epoch, for both loaders.
     resume-video/P     the video loader (decode only, no student) over the corpus videos
 
 Each round resumes at every point once, in a rotating order, each from a settled loader (see
-``_time_resumes``); the iteration is closed after its first batch, outside the timed part. A resumed epoch reads only the shard that holds its first
-batch and decodes only its own clips, so the check: the first batch at 90% comes within 1.5x of
-the first batch at 0% (rate at 90% / rate at 0% >= 1 / 1.5), the median of the rounds.
+``_time_resumes``); the iteration is closed after its first batch, outside the timed part. A
+resumed epoch reads only the shard that holds its first batch and decodes only its own clips,
+so the check: the first batch at 90% comes within 1.5x of the first batch at 0% (rate at 90% /
+rate at 0% >= 1 / 1.5), the median of the rounds.
 """
 from __future__ import annotations
 
